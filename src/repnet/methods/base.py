@@ -1,0 +1,251 @@
+"""What every transfer-learning method shares.
+
+A :class:`TransferModel` is a frozen :class:`~repnet.backbones.Backbone`, a new classifier
+head, and whatever small trainable modules a method adds. Methods differ in three
+places only, each a method to override:
+
+* ``build()`` - create the method's own modules and attach them to backbone blocks with
+  ``self.attach(block_index, fn)`` (a forward hook: ``fn(x_in, out) -> new out``),
+* ``trainable_backbone_parameters()`` - which backbone tensors train (biases, norms, ...),
+* ``prepare_input(img)`` - anything done to the image before the backbone.
+
+Data flows image -> backbone blocks (hooks add the side outputs) -> pre-logits -> head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..backbones import Backbone
+from ..errors import RepnetError
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A method option: a dataclass field with help text and optional allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class MethodOptions:
+    bn: str = opt("frozen", "backbone norm statistics: frozen (fixed, backward keeps nothing) or batch "
+                  "(batch statistics, as the released Rep-Net code)", ("frozen", "batch"))
+    dropout: float = opt(0.2, "dropout before the new classifier")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise RepnetError(f"option {f.name}={value!r} is not valid; choose from: {', '.join(map(str, choices))}")
+
+
+def parse_options(cls: type[MethodOptions], raw: dict[str, Any], method: str) -> MethodOptions:
+    """Build ``cls`` from ``raw`` (values may be strings from the CLI); unknown keys list valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise RepnetError(f"unknown option '{key}' for method '{method}'; valid options: {', '.join(fields)}")
+        kwargs[key] = _coerce(value, fields[key], key)
+    return cls(**kwargs)
+
+
+def _coerce(value, f: dataclasses.Field, key: str):
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if not isinstance(value, str):
+        return value
+    try:
+        if typ == "bool":
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ == "int":
+            return int(value)
+        if typ == "float":
+            return float(value)
+    except ValueError:
+        raise RepnetError(f"option {key}={value!r}: expected a {typ}") from None
+    return value
+
+
+class TransferModel(nn.Module):
+    """Frozen backbone + method modules + new head. Subclasses register in ``METHODS``."""
+
+    method: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, backbone: Backbone, num_classes: int, image_size: int = 224, options: MethodOptions | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.options = options if options is not None else self.Options()
+        self.head = nn.Sequential(nn.Dropout(self.options.dropout), nn.Linear(backbone.num_features, num_classes))
+        nn.init.normal_(self.head[1].weight, 0, 0.01)
+        nn.init.zeros_(self.head[1].bias)
+        self._block_fns: dict[int, list] = {}
+        self._hook_handles: list = []
+        self._state: dict[str, Any] = {}
+        self.build()
+        self.mark_trainable()
+
+    # ------------------------------------------------------------------ to override
+    def build(self) -> None:
+        """Create the method's modules and attach them to blocks (``self.attach``)."""
+
+    def trainable_backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Backbone tensors this method trains (default: none)."""
+        return iter(())
+
+    def prepare_input(self, img: torch.Tensor) -> torch.Tensor:
+        return img
+
+    def side_modules(self) -> list[nn.Module]:
+        """The method's added modules (trained at ``lr_side``; the head and backbone tensors at ``lr``)."""
+        return [m for n, m in self.named_children() if n not in ("backbone", "head")]
+
+    # ------------------------------------------------------------------ plumbing
+    def attach(self, block_index: int, fn) -> None:
+        """Run ``fn(x_in, out) -> out`` after backbone block ``block_index`` (a forward hook).
+
+        ``fn`` should be a bound method (or a ``functools.partial`` of one) so that
+        ``copy.deepcopy(model)`` rebinds it to the copy.
+        """
+        if block_index not in self._block_fns:
+            block = self.backbone.blocks()[block_index]
+            self._hook_handles.append(block.register_forward_hook(_BlockHook(self, block_index)))
+            self._block_fns[block_index] = []
+        self._block_fns[block_index].append(fn)
+
+    def mark_trainable(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for m in [self.head, *self.side_modules()]:
+            for p in m.parameters():
+                p.requires_grad_(True)
+        for _, p in self.trainable_backbone_parameters():
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            # the frozen backbone never uses dropout / drop-path; its norms use batch
+            # statistics only when asked for (options.bn == "batch")
+            self.backbone.eval()
+            if self.options.bn == "batch":
+                for m in self.backbone.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train()
+        return self
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        self._state = {"image": img}
+        try:
+            x = self.prepare_input(img)
+            fmap = self.backbone.forward_features(x)
+            return self.head(self.backbone.forward_pre_logits(fmap))
+        finally:
+            self._state = {}
+
+    # ------------------------------------------------------------------ PEFT-like surface
+    def trainable_state_keys(self) -> list[str]:
+        """Keys of what training changes: trained tensors, buffers of added modules, and
+        backbone norm statistics when they are updated (bn=batch)."""
+        keys = [n for n, p in self.named_parameters() if p.requires_grad]
+        for name, _ in self.named_buffers():
+            in_backbone = name.startswith("backbone.")
+            if not in_backbone or (self.options.bn == "batch" and ("running_" in name or "num_batches" in name)):
+                keys.append(name)
+        return keys
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = self.state_dict()
+        return {k: sd[k] for k in self.trainable_state_keys()}
+
+    def param_counts(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.param_counts()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
+
+    def param_groups(self, lr: float, lr_side: float | None = None) -> list[dict]:
+        """Optimizer groups: the method's side modules at ``lr_side``; head and backbone tensors at ``lr``."""
+        side_ids = {id(p) for m in self.side_modules() for p in m.parameters()}
+        side = [p for p in self.parameters() if p.requires_grad and id(p) in side_ids]
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in side_ids]
+        groups = [{"params": rest, "lr": lr, "name": "head+backbone"}]
+        if side:
+            groups.append({"params": side, "lr": lr_side if lr_side is not None else lr, "name": "side"})
+        return groups
+
+    def config(self) -> dict:
+        return {
+            "method": self.method,
+            "backbone": self.backbone.name,
+            "backbone_fingerprint": self.backbone.fingerprint,
+            "backbone_weights": self.backbone.weights,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "options": dataclasses.asdict(self.options),
+            "repnet_version": _version(),
+        }
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write only what training changed: ``config.json`` + ``adapter.safetensors`` (atomic)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
+        _atomic_write(os.path.join(directory, "adapter.safetensors"), lambda p: save_file(tensors, p))
+        cfg = json.dumps(self.config(), indent=2)
+        _atomic_write(os.path.join(directory, "config.json"), lambda p: open(p, "w").write(cfg))
+
+
+class _BlockHook:
+    """Forward hook object (deep-copyable, unlike a closure) dispatching to the owner's fns."""
+
+    def __init__(self, owner: TransferModel, index: int):
+        self.owner, self.index = owner, index
+
+    def __call__(self, module, args, out):
+        if not self.owner._state:  # called outside TransferModel.forward: the plain backbone
+            return out
+        for fn in self.owner._block_fns[self.index]:
+            out = fn(args[0], out)
+        return out
+
+
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("repnet")
+    except Exception:  # noqa: BLE001
+        return "unknown"

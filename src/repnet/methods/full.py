@@ -1,0 +1,21 @@
+"""FT-Full: fine-tune every backbone weight (the accuracy / memory upper bound)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import METHODS
+from .base import MethodOptions, TransferModel, opt
+
+
+@dataclass
+class FullOptions(MethodOptions):
+    bn: str = opt("batch", "backbone norm statistics (full fine-tuning uses batch statistics)", ("frozen", "batch"))
+
+
+@METHODS.register("full", help="FT-Full: every weight trains")
+class Full(TransferModel):
+    method = "full"
+    Options = FullOptions
+
+    def trainable_backbone_parameters(self):
+        return self.backbone.named_parameters()

@@ -1,0 +1,129 @@
+"""Rep-Net (Yang, Rakin, Fan, CVPR 2022): a tiny Reprogramming Network beside a frozen backbone.
+
+The idea in one screen:
+
+* Q small modules (``RepNetModule``) sit where the backbone changes resolution or width
+  (``Backbone.stage_starts``; ProxylessNAS-Mobile: blocks 1, 5, 9, 13, 17, 21).
+* Module 1 reads the input image pooled to half size; module j > 1 reads, depending on the
+  connector, the backbone feature entering its block and/or the previous module's output.
+* Features are exchanged through **additive** activation connectors: out = x + p. Addition
+  needs no stored tensor in its backward, so the frozen backbone keeps nothing for the
+  Rep-Net path except what the modules themselves need.
+* Each module's last BatchNorm starts with gamma = 0: at initialisation the model computes
+  exactly the frozen backbone (with the new head).
+
+Connector variants (paper Table 1 / Fig. 3):
+
+=========  ============================  ==================================
+connector  backbone's next block gets    Rep-Net's next module gets
+=========  ============================  ==================================
+none       x                             p (joins the backbone only at the head)
+down       x + p                         p
+up         x                             x + p
+dual       x + p                         x + p (the merged feature; default)
+=========  ============================  ==================================
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import StdConv2d
+from torch import nn
+
+from . import METHODS
+from .bias import backbone_biases
+from .base import MethodOptions, TransferModel, opt
+
+
+def make_divisible8(c: int) -> int:
+    return max(8, int(round(c / 8)) * 8) if c % 8 else c
+
+
+class RepNetModule(nn.Module):
+    """AvgPool(d) -> WS-conv kxk (groups g) -> BN -> ReLU -> WS-conv 1x1 -> BN(gamma=0) -> resize."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, groups: int, mid: int, pool: int):
+        super().__init__()
+        self.pool = pool
+        self.conv1 = StdConv2d(cin, mid, kernel, groups=groups, bias=False, eps=1e-5)
+        self.bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = StdConv2d(mid, cout, 1, bias=False, eps=1e-5)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        for m in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        nn.init.zeros_(self.bn2.weight)  # the network starts as the backbone
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        k = min(self.pool, x.shape[-2], x.shape[-1])
+        if k > 1:
+            x = F.avg_pool2d(x, k)
+        x = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+
+@dataclass
+class RepNetOptions(MethodOptions):
+    connector: str = opt("dual", "feature exchange with the backbone", ("none", "down", "up", "dual"))
+    placement: str = opt("stages", "connectors at stage starts (paper) or at every block", ("stages", "all"))
+    train_bias: bool = opt(True, "also train the backbone's biases (the paper's '+bias' mode)")
+    kernel: int = opt(0, "module kernel size; 0 = SPEC rule (5, or 3 where the connector map is <= 7 px)")
+    groups: int = opt(2, "groups of the kxk conv (module 1 always uses 1)")
+    width: float = opt(1.0, "module width = round8(input channels x width)")
+
+
+@METHODS.register("repnet", help="Rep-Net: tiny reprogramming network + additive connectors (CVPR 2022)")
+class RepNet(TransferModel):
+    method = "repnet"
+    Options = RepNetOptions
+
+    def build(self) -> None:
+        o = self.options
+        infos = self.backbone.describe(self.image_size)
+        starts = self.backbone.stage_starts(self.image_size)
+        if o.placement == "all":
+            starts = [i.index for i in infos if i.index >= starts[0] and not i.identity]
+        self.connectors = starts
+        mods = []
+        for j, b in enumerate(starts):
+            info = infos[b]
+            cin = 3 if j == 0 else info.in_channels
+            mid = make_divisible8(round(cin * o.width))
+            g = 1 if j == 0 or cin % o.groups or mid % o.groups else o.groups
+            k = o.kernel or (3 if max(info.out_size) <= 7 else 5)
+            mods.append(RepNetModule(cin, info.out_channels, k, g, mid, pool=4 if j == 0 else 2))
+        self.repnet = nn.ModuleList(mods)
+        self._last_block = len(infos) - 1
+        for j, b in enumerate(starts):
+            self.attach(b, functools.partial(self._connect, j))
+        if starts[-1] != self._last_block and o.connector in ("none", "up"):
+            self.attach(self._last_block, self._join_at_head)
+
+    def trainable_backbone_parameters(self):
+        return backbone_biases(self) if self.options.train_bias else iter(())
+
+    def _connect(self, j: int, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        c = self.options.connector
+        if j == 0:
+            src = F.avg_pool2d(self._state["image"], 2)
+        elif c in ("none", "down"):
+            src = self._state["p"]
+        elif c == "up":
+            src = x_in + self._state["p"]
+        else:  # dual: the merged feature entering this block
+            src = x_in
+        p = self.repnet[j](src, out.shape[-2:])
+        self._state["p"] = p
+        if c in ("down", "dual"):
+            return out + p
+        if j == len(self.repnet) - 1 and self.connectors[j] == self._last_block:
+            return out + p  # none / up: the Rep-Net output joins at the head
+        return out
+
+    def _join_at_head(self, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + self._state["p"]

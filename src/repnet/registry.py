@@ -1,0 +1,63 @@
+"""A tiny name -> factory registry (backbones, methods, datasets).
+
+Each backbone / method / dataset file registers itself with a decorator, so adding
+one is a single registration, not an edit across the tree.
+"""
+from __future__ import annotations
+
+from typing import Callable, Generic, Iterator, TypeVar
+
+from .errors import RepnetError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._help: dict[str, str] = {}
+        # prefix resolvers, e.g. "timm:" -> callable(rest) -> T
+        self._prefixes: dict[str, Callable[[str], T]] = {}
+
+    def register(self, name: str, help: str = "") -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} '{name}' registered twice")
+            self._items[name] = obj
+            self._help[name] = help or (getattr(obj, "__doc__", "") or "").strip().split("\n")[0]
+            return obj
+
+        return deco
+
+    def register_prefix(self, prefix: str, help: str = "") -> Callable:
+        def deco(fn):
+            self._prefixes[prefix] = fn
+            self._help[prefix + "<name>"] = help or (fn.__doc__ or "").strip().split("\n")[0]
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> T:
+        if name in self._items:
+            return self._items[name]
+        for prefix, fn in self._prefixes.items():
+            if name.startswith(prefix):
+                return fn(name[len(prefix):])
+        choices = ", ".join(self.names(with_prefixes=True))
+        raise RepnetError(f"unknown {self.kind} '{name}'; choose from: {choices}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items or any(name.startswith(p) for p in self._prefixes)
+
+    def names(self, with_prefixes: bool = False) -> list[str]:
+        out = list(self._items)
+        if with_prefixes:
+            out += [p + "<name>" for p in self._prefixes]
+        return out
+
+    def help(self, name: str) -> str:
+        return self._help.get(name, "")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
