@@ -62,8 +62,12 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
         raise RepnetError(
             f"adapter in {directory} was trained on backbone '{cfg['backbone']}', not '{backbone}'"
         )
-    if pretrained is True and cfg.get("backbone_weights") is None:
-        pretrained = False  # trained on a randomly initialised backbone (tests, profiling)
+    if pretrained is True:
+        recorded = cfg.get("backbone_weights")
+        if recorded is None:
+            pretrained = False  # trained on a randomly initialised backbone (tests, profiling)
+        elif os.path.isfile(recorded):
+            pretrained = recorded  # the very file it was trained on
     model = get_model(cfg["backbone"], cfg["method"], cfg["num_classes"], cfg["image_size"],
                       pretrained=pretrained, memory=memory, **cfg["options"])
     if model.backbone.fingerprint != cfg["backbone_fingerprint"]:

@@ -1,0 +1,465 @@
+"""The training-memory engine: frozen layers that keep (almost) nothing for backward.
+
+Why this file exists
+--------------------
+Training memory on an edge device is dominated by the activations autograd keeps for the
+backward pass. Training few parameters (biases, a side network, the classifier) does not by
+itself shrink them, because in plain PyTorch
+
+* a convolution with a *frozen* weight still saves its input (it only needs its weight to
+  compute the input gradient),
+* a BatchNorm with frozen statistics and a frozen scale still saves its input (it is just a
+  fixed per-channel affine map ``y = x * scale + shift``, whose input gradient is
+  ``g * scale``),
+* ReLU / ReLU6 save a float tensor where one bit per element (``x`` inside the linear
+  range or not) is all the backward needs.
+
+The papers' analytic memory figures (SPEC §7) assume those savings; this engine makes them
+real. Each rule is a small :class:`torch.autograd.Function`:
+
+==========================  =========================================================
+layer (frozen weight)       kept for backward
+==========================  =========================================================
+Conv2d / Linear             nothing but the weight (a parameter, resident anyway);
+                            grad_input = transposed conv / ``g @ W``; a trainable bias
+                            gets ``sum(g)``
+BatchNorm2d, eval stats     nothing but its buffers: ``grad = g * gamma / sqrt(var+eps)``;
+                            a trainable shift gets ``sum(g)`` per channel
+BatchNorm2d, batch stats    its input + per-channel mean / invstd, and only when a
+                            gradient must reach the input (exactly PyTorch's gradient
+                            and running-statistics update)
+ReLU / ReLU6 / Hardtanh     a 1-bit mask, bit-packed into ``uint8`` (numel / 8 bytes)
+==========================  =========================================================
+
+Hardswish / SiLU / Sigmoid keep their input exactly as PyTorch does, unless a module opts
+into MobileTL's step approximation (:func:`set_step_backward`: backward ``g * 1[x >= 0]``,
+so a 1-bit mask is kept instead).
+
+How it is applied
+-----------------
+:func:`apply_engine` swaps the *class* of every exact-type leaf module it knows
+(``m.__class__ = MemConv2d`` where ``MemConv2d`` subclasses ``nn.Conv2d``). Parameters,
+buffers, ``state_dict`` keys and ``isinstance`` checks are unchanged; only ``forward``
+differs. Each engine module decides per call: if its own weight trains (or autograd is off,
+or autocast is on) it runs the ordinary PyTorch path; otherwise the memory-saving Function.
+:func:`remove_engine` restores the original classes. Gradients are identical to plain
+PyTorch (tested in float64 to ~1e-12).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "apply_engine", "remove_engine", "engine_applied", "set_step_backward",
+    "pack_bits", "unpack_bits", "frozen_conv2d", "frozen_linear", "masked_activation",
+    "MemConv2d", "MemLinear", "MemBatchNorm2d", "MemReLU", "MemReLU6", "MemHardtanh", "MemHardswish",
+]
+
+
+# ----------------------------------------------------------------------------- 1-bit masks
+_SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor into ``ceil(numel / 8)`` bytes (``uint8``, little-endian bits)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    v = flat.view(-1, 8).view(torch.uint8)  # bool -> uint8 reinterpretation (0 / 1), no copy
+    out = v[:, 0].clone()
+    for i in range(1, 8):
+        out |= v[:, i] << i
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
+    dev = packed.device
+    shifts = _SHIFTS_CACHE.get(dev)
+    if shifts is None:
+        shifts = _SHIFTS_CACHE[dev] = torch.arange(8, dtype=torch.uint8, device=dev)
+    n = 1
+    for s in shape:
+        n *= s
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.view(-1)[:n].view(shape).bool()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _identity(w: torch.Tensor) -> torch.Tensor:
+    return w
+
+
+def _wants_grad(t: torch.Tensor | None) -> bool:
+    return t is not None and t.requires_grad
+
+
+def _engine_off(x: torch.Tensor) -> bool:
+    """Cases where the engine steps aside: autograd off, or autocast (dtype policy is PyTorch's)."""
+    return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+
+
+# ----------------------------------------------------------------------------- conv / linear
+class _FrozenConv2dFn(torch.autograd.Function):
+    """Conv2d with a frozen weight: keeps only the weight tensors (parameters or 8-bit codes)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, dequant, stride, padding, dilation, groups, *wparts):
+        w = dequant(*wparts)
+        y = F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.in_shape = x.shape
+        ctx.dequant = dequant
+        ctx.n_wparts = len(wparts)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*wparts)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        stride, padding, dilation, groups = ctx.conv
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.dequant(*ctx.saved_tensors)
+            gx = torch.nn.grad.conv2d_input(ctx.in_shape, w, g, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            gb = g.sum((0, 2, 3))
+        return (gx, gb, None, None, None, None, None) + (None,) * ctx.n_wparts
+
+
+def frozen_conv2d(x, bias, wparts, dequant=_identity, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` whose weight ``dequant(*wparts)`` is frozen: nothing kept but ``wparts``."""
+    return _FrozenConv2dFn.apply(x, bias, dequant, _pair(stride), _pair(padding), _pair(dilation), groups, *wparts)
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, dequant, *wparts):
+        y = F.linear(x, dequant(*wparts), bias)
+        ctx.dequant = dequant
+        ctx.n_wparts = len(wparts)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*wparts)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g.matmul(ctx.dequant(*ctx.saved_tensors))
+        if ctx.needs_input_grad[1]:
+            gb = g.reshape(-1, g.shape[-1]).sum(0)
+        return (gx, gb, None) + (None,) * ctx.n_wparts
+
+
+def frozen_linear(x, bias, wparts, dequant=_identity):
+    """``F.linear`` with a frozen weight: keeps nothing but the weight tensors."""
+    return _FrozenLinearFn.apply(x, bias, dequant, *wparts)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _numeric_padding(m: nn.Conv2d):
+    """Integer padding of ``m`` or ``None`` where only the plain path can do it."""
+    if m.padding_mode != "zeros":
+        return None
+    if m.padding == "valid":
+        return (0, 0)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            return None  # asymmetric padding: leave it to PyTorch
+        return tuple(t // 2 for t in total)
+    return tuple(m.padding)
+
+
+class _WeightMixin:
+    """Where an engine conv / linear gets its frozen weight from (overridden by 8-bit storage)."""
+
+    def _frozen_weight(self) -> tuple[tuple[torch.Tensor, ...], Callable]:
+        return (self.weight,), _identity
+
+    def _weight_trains(self) -> bool:
+        return self.weight.requires_grad
+
+
+class MemConv2d(_WeightMixin, nn.Conv2d):
+    """``nn.Conv2d`` that keeps nothing for backward when its weight is frozen."""
+
+    def forward(self, x):
+        if _engine_off(x) or self._weight_trains() or not (x.requires_grad or _wants_grad(self.bias)):
+            return super().forward(x)
+        pad = _numeric_padding(self)
+        if pad is None:
+            return super().forward(x)
+        wparts, dq = self._frozen_weight()
+        return frozen_conv2d(x, self.bias, wparts, dq, self.stride, pad, self.dilation, self.groups)
+
+
+class MemLinear(_WeightMixin, nn.Linear):
+    """``nn.Linear`` that keeps nothing for backward when its weight is frozen."""
+
+    def forward(self, x):
+        if _engine_off(x) or self._weight_trains() or not (x.requires_grad or _wants_grad(self.bias)):
+            return super().forward(x)
+        wparts, dq = self._frozen_weight()
+        return frozen_linear(x, self.bias, wparts, dq)
+
+
+# ----------------------------------------------------------------------------- batch norm
+class _FrozenBatchNormFn(torch.autograd.Function):
+    """BatchNorm with a frozen (or absent) scale; the shift may train.
+
+    Eval statistics: a fixed affine map, keeps nothing but its own buffers.
+    Batch statistics: keeps the input and per-channel mean / invstd only when the input
+    needs a gradient (PyTorch's kernels compute forward, running-stat update and backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        ctx.training, ctx.eps = training, eps
+        ctx.dims = [0] + list(range(2, x.dim()))
+        need_x = ctx.needs_input_grad[0]
+        if training:
+            y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+            if need_x:
+                ctx.save_for_backward(x, weight, mean, invstd)
+        else:
+            y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+            if need_x:
+                ctx.save_for_backward(weight, running_var)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        gx = gb = None
+        if need_x and ctx.training:
+            x, weight, mean, invstd = ctx.saved_tensors
+            gx, _, gb = torch.ops.aten.native_batch_norm_backward(
+                g, x, weight, None, None, mean, invstd, True, ctx.eps, [True, False, need_b])
+        elif need_x:
+            weight, running_var = ctx.saved_tensors
+            scale = torch.rsqrt(running_var + ctx.eps)
+            if weight is not None:
+                scale = scale * weight
+            gx = g * scale.view(1, -1, *([1] * (g.dim() - 2)))
+        if need_b and gb is None:
+            gb = g.sum(ctx.dims)
+        return gx, None, gb, None, None, None, None, None
+
+
+def _engine_batch_norm(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``_BatchNorm.forward`` with the frozen-scale Function (same bookkeeping as PyTorch)."""
+    m._check_input_dim(x)
+    eaf = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        eaf = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    bn_training = m.training or (m.running_mean is None and m.running_var is None)
+    track = not m.training or m.track_running_stats
+    if bn_training:
+        F._verify_batch_size(x.size())
+    return _FrozenBatchNormFn.apply(
+        x, m.weight, m.bias, m.running_mean if track else None, m.running_var if track else None,
+        bn_training, eaf, m.eps)
+
+
+def _bn_uses_engine(m, x) -> bool:
+    return not (_engine_off(x) or _wants_grad(m.weight) or not (x.requires_grad or _wants_grad(m.bias)))
+
+
+class MemBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose backward keeps nothing (eval statistics) when its scale is frozen."""
+
+    def forward(self, x):
+        if not _bn_uses_engine(self, x):
+            return super().forward(x)
+        return _engine_batch_norm(self, x)
+
+
+# ----------------------------------------------------------------------------- activations
+class _MaskedActFn(torch.autograd.Function):
+    """An activation whose backward is ``g * mask``: keeps the mask bit-packed (numel/8 B).
+
+    ``lo``/``hi`` give the mask ``lo < x < hi`` (ReLU: 0, inf; ReLU6: 0, 6), exactly the
+    derivative PyTorch uses; ``step=True`` gives MobileTL's approximation ``x >= 0``.
+    ``op(x, inplace)`` computes the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, op, lo, hi, step, inplace):
+        if step:
+            mask = x >= 0
+        elif hi == float("inf"):
+            mask = x > lo
+        else:
+            mask = (x > lo) & (x < hi)
+        ctx.shape = x.shape
+        ctx.save_for_backward(pack_bits(mask))
+        del mask
+        if inplace:
+            op(x, True)
+            ctx.mark_dirty(x)
+            return x
+        return op(x, False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        return g * unpack_bits(packed, ctx.shape), None, None, None, None, None
+
+
+def _clamp_op(lo: float, hi: float):
+    def op(x, inplace):
+        return x.clamp_(lo, hi) if inplace else x.clamp(lo, hi)
+    return op
+
+
+_RELU_OP = lambda x, inplace: x.clamp_(min=0) if inplace else x.clamp(min=0)  # noqa: E731
+_HSWISH_OP = lambda x, inplace: F.hardswish(x, inplace=inplace)  # noqa: E731
+
+
+def masked_activation(x, kind: str = "relu6", step: bool = False, inplace: bool = False):
+    """Functional form: ``kind`` in relu / relu6 / hardswish (hardswish needs ``step=True``)."""
+    if kind == "relu":
+        return _MaskedActFn.apply(x, _RELU_OP, 0.0, float("inf"), step, inplace)
+    if kind == "relu6":
+        return _MaskedActFn.apply(x, _clamp_op(0.0, 6.0), 0.0, 6.0, step, inplace)
+    if kind == "hardswish" and step:
+        return _MaskedActFn.apply(x, _HSWISH_OP, 0.0, 0.0, True, inplace)
+    raise ValueError(f"masked_activation: unsupported kind={kind!r} step={step}")
+
+
+class _StepMixin:
+    _step_backward: bool = False  # MobileTL's approximate backward, off by default
+
+
+class MemReLU(_StepMixin, nn.ReLU):
+    """``nn.ReLU`` keeping a bit-packed mask for backward."""
+
+    def forward(self, x):
+        if _engine_off(x) or not x.requires_grad:
+            return super().forward(x)
+        return _MaskedActFn.apply(x, _RELU_OP, 0.0, float("inf"), self._step_backward, self.inplace)
+
+
+def _hardtanh_forward(self, x):
+    if _engine_off(x) or not x.requires_grad:
+        return nn.Hardtanh.forward(self, x)
+    lo, hi = float(self.min_val), float(self.max_val)
+    return _MaskedActFn.apply(x, _clamp_op(lo, hi), lo, hi, self._step_backward, self.inplace)
+
+
+class MemHardtanh(_StepMixin, nn.Hardtanh):
+    """``nn.Hardtanh`` (e.g. ``Hardtanh(0, 6)``) keeping a bit-packed mask."""
+
+    forward = _hardtanh_forward
+
+
+class MemReLU6(_StepMixin, nn.ReLU6):
+    """``nn.ReLU6`` keeping a bit-packed mask."""
+
+    forward = _hardtanh_forward
+
+
+class MemHardswish(_StepMixin, nn.Hardswish):
+    """``nn.Hardswish``: exact PyTorch backward (keeps its input) unless step backward is on."""
+
+    def forward(self, x):
+        if not self._step_backward or _engine_off(x) or not x.requires_grad:
+            return super().forward(x)
+        return _MaskedActFn.apply(x, _HSWISH_OP, 0.0, 0.0, True, self.inplace)
+
+
+def set_step_backward(module: nn.Module, enabled: bool = True) -> int:
+    """MobileTL: approximate ReLU6 / ReLU / Hardswish backward by ``1[x >= 0]`` under ``module``.
+
+    Applies the engine to ``module`` first if needed. Returns how many activations changed.
+    """
+    apply_engine(module)
+    n = 0
+    for m in module.modules():
+        if isinstance(m, _StepMixin):
+            if enabled:
+                m._step_backward = True
+            elif "_step_backward" in m.__dict__:
+                del m._step_backward
+            n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- swapping
+_SWAP: dict[type, type] = {
+    nn.Conv2d: MemConv2d,
+    nn.Linear: MemLinear,
+    nn.BatchNorm2d: MemBatchNorm2d,
+    nn.ReLU: MemReLU,
+    nn.ReLU6: MemReLU6,
+    nn.Hardtanh: MemHardtanh,
+    nn.Hardswish: MemHardswish,
+}
+
+try:  # timm's fused BN + drop + act
+    from timm.layers.norm_act import BatchNormAct2d as _TimmBNAct
+
+    class MemBatchNormAct2d(_TimmBNAct):
+        """timm ``BatchNormAct2d``: the engine's batch norm, then its own drop and act modules."""
+
+        def forward(self, x):
+            if not _bn_uses_engine(self, x):
+                return super().forward(x)
+            return self.act(self.drop(_engine_batch_norm(self, x)))
+
+    _SWAP[_TimmBNAct] = MemBatchNormAct2d
+    __all__.append("MemBatchNormAct2d")
+except ImportError:  # pragma: no cover - timm is a dependency
+    pass
+
+_UNSWAP: dict[type, type] = {v: k for k, v in _SWAP.items()}
+ENGINE_TYPES: tuple[type, ...] = tuple(_SWAP.values())
+
+
+def apply_engine(model: nn.Module) -> nn.Module:
+    """Switch ``model`` to the memory engine, in place (idempotent); returns ``model``.
+
+    Every module whose type is exactly one of ``nn.Conv2d, nn.Linear, nn.BatchNorm2d,
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish`` (and timm ``BatchNormAct2d``) gets the
+    engine subclass; subclasses of those (e.g. timm ``StdConv2d``) are left as they are.
+    """
+    for m in model.modules():
+        new = _SWAP.get(type(m))
+        if new is not None:
+            m.__class__ = new
+    return model
+
+
+def remove_engine(model: nn.Module) -> nn.Module:
+    """Restore plain PyTorch modules (8-bit weights are dequantised back to float first)."""
+    from .quant import dequantize_module, is_quantized
+
+    for m in model.modules():
+        if is_quantized(m):
+            dequantize_module(m)
+        old = _UNSWAP.get(type(m))
+        if old is not None:
+            m.__class__ = old
+            m.__dict__.pop("_step_backward", None)
+    return model
+
+
+def engine_applied(model: nn.Module) -> bool:
+    """Whether any module of ``model`` runs on the engine."""
+    return any(isinstance(m, ENGINE_TYPES) for m in model.modules())

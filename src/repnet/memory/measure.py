@@ -1,0 +1,210 @@
+"""Measured training memory: what autograd really keeps, and the real peak of a step.
+
+``measure_saved_bytes``  counts every tensor autograd saves for backward during one
+forward (``torch.autograd.graph.saved_tensors_hooks``), de-duplicated by storage, in
+bytes. Excluded, because they are resident whether or not one trains:
+
+* the model's parameters and buffers (and any view of them; 8-bit weight codes included),
+* the input batch (the papers do not count the image either; a tensor derived from it,
+  e.g. ``img + delta``, *is* counted).
+
+Everything else counts at its storage's full size (a saved view of a larger tensor keeps
+the whole storage alive). A backward follows, so the graph is known to be real.
+
+``measure_peak_bytes``  the peak memory of one full training step (forward, loss,
+backward, Adam ``step``), minus what was resident before the step:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` during the step minus ``memory_allocated``
+  just before it. Included: activations and everything kept for backward, temporaries and
+  workspaces, the gradients of the trainable parameters, and Adam's two state tensors
+  (created by this first step). Excluded: the CUDA context, the model's weights and
+  buffers and the input batch (resident before the step), cached-but-free allocator blocks.
+* CPU: the step runs in a fresh subprocess (the model is pickled to a temporary file).
+  After one warm-up forward/backward at batch 1 (library initialisation, kernel caches),
+  gradients are cleared, the kernel's peak-RSS counter is reset
+  (``/proc/self/clear_refs``) and ``VmRSS`` read as the baseline; after the step,
+  ``VmHWM - baseline`` is reported. glibc is told to return large blocks to the OS
+  (``MALLOC_MMAP_THRESHOLD_``), but this remains a coarse whole-process figure (allocator
+  slack, thread stacks, page granularity), to be read next to the exact CUDA figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["measure_saved_bytes", "measure_saved", "SavedReport", "measure_peak_bytes", "default_loss"]
+
+
+def default_loss(out: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against ``target`` (or class 0) for logits; a plain sum otherwise."""
+    if out.dim() == 2:
+        if target is None:
+            target = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
+        return nn.functional.cross_entropy(out, target)
+    return out.float().sum()
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int, str]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes(), str(t.device)
+
+
+@dataclass
+class SavedReport:
+    """What one forward kept for backward (bytes are storage bytes, each storage once)."""
+
+    bytes: int = 0
+    tensors: int = 0  # distinct storages counted
+    excluded_bytes: int = 0  # parameters / buffers / input that were saved too (not counted)
+    by_dtype: dict[str, int] = field(default_factory=dict)
+
+
+def measure_saved(model: nn.Module, inputs, loss_fn=None, train: bool = True, backward: bool = True) -> SavedReport:
+    """Run one forward of ``model(inputs)`` (train mode) and report the saved tensors."""
+    inputs_t = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    excluded = {_storage_key(t)[0] for t in [*model.parameters(), *model.buffers(), *inputs_t]
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0}
+    seen: dict[int, tuple[int, str, bool]] = {}
+    keep_alive: list[torch.Tensor] = []  # storages stay allocated, so data_ptrs stay unique
+
+    def pack(t: torch.Tensor):
+        ptr, nbytes, _ = _storage_key(t)
+        if ptr not in seen or nbytes > seen[ptr][0]:
+            seen[ptr] = (nbytes, str(t.dtype), ptr in excluded)
+            keep_alive.append(t)
+        return t
+
+    was_training = model.training
+    model.train(train)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(*inputs_t)
+        loss = (loss_fn or default_loss)(out)
+        if backward and loss.requires_grad:
+            loss.backward()
+    finally:
+        model.train(was_training)
+    rep = SavedReport()
+    for nbytes, dtype, excl in seen.values():
+        if excl:
+            rep.excluded_bytes += nbytes
+        elif nbytes:
+            rep.bytes += nbytes
+            rep.tensors += 1
+            rep.by_dtype[dtype] = rep.by_dtype.get(dtype, 0) + nbytes
+    if backward:
+        model.zero_grad(set_to_none=True)
+    return rep
+
+
+def measure_saved_bytes(model: nn.Module, inputs, loss_fn=None) -> int:
+    """Bytes autograd keeps for backward during one training forward (see module doc)."""
+    return measure_saved(model, inputs, loss_fn).bytes
+
+
+# ----------------------------------------------------------------------------- peak
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if params else None
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, y) if out.dim() == 2 else out.float().sum()
+    if loss.requires_grad:
+        loss.backward()
+    if opt is not None:
+        opt.step()
+    return opt
+
+
+def _cuda_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    dev = x.device
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    opt = _train_step(model, x, y)
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - before
+    del opt
+    model.zero_grad(set_to_none=True)
+    return int(peak)
+
+
+_CHILD = r"""
+import gc, json, sys, torch
+from repnet.memory.measure import _child_main
+print("REPNET_PEAK " + json.dumps(_child_main(sys.argv[1])))
+"""
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _child_main(path: str) -> dict:
+    import gc
+
+    blob = torch.load(path, weights_only=False)
+    model, x, y = blob["model"], blob["x"], blob["y"]
+    torch.set_num_threads(blob["threads"])
+    model.train()
+    # warm-up at batch 1 (kernel / thread-pool initialisation), then forget it
+    out = model(x[:1])
+    loss = nn.functional.cross_entropy(out, y[:1]) if out.dim() == 2 else out.float().sum()
+    if loss.requires_grad:
+        loss.backward()
+    del out, loss
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    reset = True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        reset = False
+    base = _proc_status("VmRSS")
+    hwm0 = _proc_status("VmHWM")
+    _train_step(model, x, y)
+    hwm = _proc_status("VmHWM")
+    if not reset and hwm <= hwm0:
+        return {"peak_bytes": None, "baseline_rss": base, "hwm_reset": reset}
+    return {"peak_bytes": int(hwm - base), "baseline_rss": int(base), "hwm_reset": reset}
+
+
+def measure_peak_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+                       threads: int | None = None, timeout: float = 900) -> int | None:
+    """Peak bytes of one training step beyond what was resident before it (module doc).
+
+    CUDA inputs: allocator peak in this process. CPU: peak RSS increase in a fresh
+    subprocess (coarse). Returns ``None`` where it cannot be measured (no ``/proc``).
+    """
+    if targets is None:
+        targets = torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
+    if inputs.is_cuda:
+        return _cuda_peak(model, inputs, targets)
+    if not os.path.exists("/proc/self/status"):
+        return None
+    fd, path = tempfile.mkstemp(suffix=".pt", prefix="repnet-peak-")
+    os.close(fd)
+    try:
+        torch.save({"model": model, "x": inputs, "y": targets, "threads": threads or torch.get_num_threads()}, path)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        r = subprocess.run([sys.executable, "-c", _CHILD, path], capture_output=True, text=True,
+                           env=env, timeout=timeout)
+    finally:
+        os.unlink(path)
+    for line in r.stdout.splitlines():
+        if line.startswith("REPNET_PEAK "):
+            return json.loads(line[len("REPNET_PEAK "):])["peak_bytes"]
+    raise RuntimeError(f"peak-memory subprocess failed (exit {r.returncode}):\n{r.stderr[-2000:]}")

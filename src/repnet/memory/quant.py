@@ -1,0 +1,144 @@
+"""Frozen weights stored in 8 bits (the papers' setting: frozen parameters cost 1 byte).
+
+``quantize_frozen_weights(model, scheme)`` replaces the float ``weight`` parameter of every
+frozen ``Conv2d`` / ``Linear`` by 8-bit codes plus a tiny table, dequantised on the fly in
+forward and backward (a transient float copy, never kept):
+
+* ``"kmeans"`` (paper / TinyTL / Rep-Net): per tensor, a 256-entry k-means codebook
+  (1-D Lloyd iterations from quantile initialisation); buffers ``weight_codes`` (uint8,
+  same shape as the weight) and ``weight_codebook`` (256 floats).
+* ``"linear"``: per-output-channel symmetric int8; buffers ``weight_codes`` (int8) and
+  ``weight_scale`` (one float per output channel): ``w = codes * scale``.
+
+The module keeps a read-only ``weight`` property (the dequantised tensor) so code that reads
+``m.weight`` keeps working; ``state_dict`` has ``weight_codes`` + table instead of ``weight``.
+Trainable weights are never quantised. The engine is applied first (the quantised classes are
+engine classes); :func:`~repnet.memory.engine.remove_engine` dequantises back to float.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import RepnetError
+from .engine import MemConv2d, MemLinear, apply_engine
+
+__all__ = ["quantize_frozen_weights", "dequantize_module", "is_quantized", "kmeans_codebook",
+           "QuantConv2d", "QuantLinear", "SCHEMES"]
+
+SCHEMES = ("kmeans", "linear")
+
+
+def _kmeans_dequant(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return codebook.index_select(0, codes.reshape(-1).int()).view(codes.shape)
+
+
+def _linear_dequant(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.to(scale.dtype) * scale.view(-1, *([1] * (codes.dim() - 1)))
+
+
+class _QuantMixin:
+    """Weight from 8-bit codes; never trains."""
+
+    _scheme: str
+
+    def _frozen_weight(self):
+        if self._scheme == "kmeans":
+            return (self.weight_codes, self.weight_codebook), _kmeans_dequant
+        return (self.weight_codes, self.weight_scale), _linear_dequant
+
+    def _weight_trains(self) -> bool:
+        return False
+
+    @property
+    def weight(self) -> torch.Tensor:  # the dequantised float weight (a transient copy)
+        parts, fn = self._frozen_weight()
+        return fn(*parts)
+
+
+class QuantConv2d(_QuantMixin, MemConv2d):
+    """Engine conv whose frozen weight is stored in 8 bits."""
+
+
+class QuantLinear(_QuantMixin, MemLinear):
+    """Engine linear layer whose frozen weight is stored in 8 bits."""
+
+
+_QUANT = {MemConv2d: QuantConv2d, MemLinear: QuantLinear}
+_UNQUANT = {v: k for k, v in _QUANT.items()}
+
+
+def is_quantized(m: nn.Module) -> bool:
+    return type(m) in _UNQUANT
+
+
+def kmeans_codebook(w: torch.Tensor, k: int = 256, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D k-means of ``w``'s values: (uint8 codes shaped like ``w``, sorted codebook of ``k``).
+
+    Assignment is to the nearest centroid (bucketize against the midpoints of the sorted
+    centroids); a tensor with at most ``k`` distinct values is represented exactly.
+    """
+    flat = w.detach().reshape(-1).to(torch.float64)
+    uniq = torch.unique(flat)
+    if uniq.numel() <= k:
+        cent = torch.cat([uniq, uniq[-1:].expand(k - uniq.numel())])
+    else:
+        srt = flat.sort().values
+        pos = torch.linspace(0, srt.numel() - 1, k, dtype=torch.float64).round().long()
+        cent = srt[pos]
+        for _ in range(iters):
+            idx = torch.bucketize(flat, (cent[1:] + cent[:-1]) / 2)
+            sums = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, flat)
+            counts = torch.bincount(idx, minlength=k)
+            new = torch.where(counts > 0, sums / counts.clamp(min=1), cent).sort().values
+            if torch.equal(new, cent):
+                break
+            cent = new
+    idx = torch.bucketize(flat, (cent[1:] + cent[:-1]) / 2)
+    return idx.to(torch.uint8).view(w.shape), cent.to(w.dtype)
+
+
+def _quantize_module(m: nn.Module, scheme: str) -> None:
+    w = m.weight.detach()
+    del m._parameters["weight"]
+    m.__class__ = _QUANT[type(m)]
+    m._scheme = scheme
+    if scheme == "kmeans":
+        codes, table = kmeans_codebook(w)
+        m.register_buffer("weight_codes", codes.to(w.device))
+        m.register_buffer("weight_codebook", table.to(w.device))
+    else:
+        amax = w.abs().reshape(w.shape[0], -1).amax(1)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        codes = torch.round(w / scale.view(-1, *([1] * (w.dim() - 1)))).clamp(-127, 127).to(torch.int8)
+        m.register_buffer("weight_codes", codes)
+        m.register_buffer("weight_scale", scale)
+
+
+def quantize_frozen_weights(model: nn.Module, scheme: str = "kmeans") -> nn.Module:
+    """Store every frozen Conv2d / Linear weight of ``model`` in 8 bits (in place).
+
+    Returns ``model``. Idempotent; layers whose weight trains keep float weights.
+    """
+    if scheme not in SCHEMES:
+        raise RepnetError(f"unknown quantisation scheme '{scheme}'; choose from: {', '.join(SCHEMES)}")
+    apply_engine(model)
+    for m in model.modules():
+        if type(m) in _QUANT and not m.weight.requires_grad:
+            _quantize_module(m, scheme)
+    return model
+
+
+def dequantize_module(m: nn.Module) -> None:
+    """Turn a quantised module back into an engine module with a (frozen) float weight."""
+    w = m.weight.detach().clone()
+    for name in ("weight_codes", "weight_codebook", "weight_scale"):
+        m._buffers.pop(name, None)
+    m.__class__ = _UNQUANT[type(m)]
+    m.__dict__.pop("_scheme", None)
+    m.weight = nn.Parameter(w, requires_grad=False)
+
+
+def quantized_weight_numel(model: nn.Module) -> int:
+    """Number of weights stored as 8-bit codes (1 byte each)."""
+    return sum(m.weight_codes.numel() for m in model.modules() if is_quantized(m))

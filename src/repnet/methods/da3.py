@@ -1,0 +1,115 @@
+"""DA3 (Yang, Rakin, Fan, CVPR-W 2022): dynamic additive attention adaptors on a frozen backbone.
+
+The paper's equations were not available when this was written; this is a design from its
+description (SPEC §8: a per-domain additive attention adaptor whose output is *added* to the
+frozen feature, so the backward keeps nothing large, and which doubles as a gate that can skip
+compute at inference). The choices, all ours:
+
+* **Where**: one adaptor per stage start (``Backbone.stage_starts``; ProxylessNAS-Mobile blocks
+  1, 5, 9, 13, 17, 21), reading the block's input ``x`` and added to the block's output.
+* **What**: ``out + resize(g * a)`` with
+
+  - attention branch ``a = BN_2(PW(ReLU(BN_1(DW_k(AvgPool2(x))))))``: depthwise k x k conv on the
+    input pooled to half size, then a pointwise conv to the block's output width; ``BN_2`` starts
+    with gamma = 0, so at initialisation the model computes exactly the frozen backbone (with the
+    new head);
+  - channel gate ``g = sigmoid(FC_2(ReLU(FC_1(GAP(x)))))`` (hidden width round8(C_in / 4)),
+    an SE-style attention over the adaptor's output channels.
+
+  Gating at the pooled resolution, before the bilinear resize, keeps the backward cheap: it
+  stores ``a`` at a quarter of the block's area and the per-channel ``g``; the addition to the
+  frozen feature stores nothing, and GAP's backward needs no input.
+* **Skipping** (option ``skip_threshold``, default 0 = never): in eval mode the gate is computed
+  first, and when its mean over the batch and channels is below the threshold the branch is not
+  run at all (the block output is the frozen feature). One decision per batch, not per sample;
+  training never skips, so the gate always gets its gradient.
+* **Trainable**: adaptors, classifier and (``train_bias``, default on) the backbone's biases.
+* **Per domain**: one model = one domain's adaptors + head over the shared frozen backbone; for
+  multi-domain learning save one adapter per domain (``save_pretrained``) and swap them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import METHODS
+from .base import MethodOptions, TransferModel, opt
+from .bias import backbone_biases
+from .repnet import make_divisible8
+
+
+class AttentionAdaptor(nn.Module):
+    """Gated additive branch: ``resize(sigmoid(MLP(GAP(x))) * branch(AvgPool2(x)))``."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, pool: int = 2, reduction: int = 4):
+        super().__init__()
+        self.pool = pool
+        hidden = make_divisible8(max(1, round(cin / reduction)))
+        self.dw = nn.Conv2d(cin, cin, kernel, padding=kernel // 2, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin, eps=1e-3)
+        self.act = nn.ReLU(inplace=True)
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.fc1 = nn.Linear(cin, hidden)
+        self.fc2 = nn.Linear(hidden, cout)
+        for m in (self.dw, self.pw):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        nn.init.zeros_(self.bn2.weight)  # starts as the frozen backbone
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        k = min(self.pool, x.shape[-2], x.shape[-1])
+        if k > 1:
+            x = F.avg_pool2d(x, k)
+        return self.bn2(self.pw(self.act(self.bn1(self.dw(x)))))
+
+    def forward(self, x: torch.Tensor, size, skip_threshold: float = 0.0) -> torch.Tensor | None:
+        g = self.gate(x)
+        if not self.training and skip_threshold > 0 and float(g.mean()) < skip_threshold:
+            return None
+        a = g[:, :, None, None] * self.branch(x)
+        if tuple(a.shape[-2:]) != tuple(size):
+            a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+        return a
+
+
+@dataclass
+class DA3Options(MethodOptions):
+    train_bias: bool = opt(True, "also train the backbone's biases")
+    kernel: int = opt(3, "depthwise kernel of the attention branch")
+    reduction: int = opt(4, "gate MLP hidden width = round8(input channels / reduction)")
+    skip_threshold: float = opt(0.0, "at eval, skip an adaptor whose mean gate is below this (0 = never)")
+
+
+@METHODS.register("da3", help="DA3: gated additive attention adaptors at stage starts (CVPR-W 2022; our design)")
+class DA3(TransferModel):
+    method = "da3"
+    Options = DA3Options
+
+    def build(self) -> None:
+        o = self.options
+        infos = self.backbone.describe(self.image_size)
+        self.adaptor_blocks = self.backbone.stage_starts(self.image_size)
+        self.adaptors = nn.ModuleList(
+            AttentionAdaptor(infos[b].in_channels, infos[b].out_channels, o.kernel, reduction=o.reduction)
+            for b in self.adaptor_blocks
+        )
+        self.skipped = [0] * len(self.adaptors)  # eval-time skip counts (batches), per adaptor
+        for j, b in enumerate(self.adaptor_blocks):
+            self.attach(b, functools.partial(self._adapt, j))
+
+    def trainable_backbone_parameters(self):
+        return backbone_biases(self) if self.options.train_bias else iter(())
+
+    def _adapt(self, j: int, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a = self.adaptors[j](x_in, out.shape[-2:], self.options.skip_threshold)
+        if a is None:
+            self.skipped[j] += 1
+            return out
+        return out + a

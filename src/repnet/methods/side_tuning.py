@@ -1,0 +1,98 @@
+"""LST-style detached side network (after Sung et al., "Ladder Side-Tuning", NeurIPS 2022).
+
+The backbone runs under ``torch.no_grad()``: nothing of it is kept for backward and no gradient
+ever enters it. A light side network reads its features one-way at the taps (the stage starts,
+``Backbone.stage_starts``), and its output joins the backbone's pre-logits before the head::
+
+    h_0 = Down_0(f_0) + M_0(AvgPool2(image))          f_j = backbone feature after tap j (detached)
+    h_j = Down_j(f_j) + M_j(h_{j-1})                  (resized to f_j's size)
+    logits = head(pre_logits + Up(GAP(h_last)))
+
+* ``Down_j``: 1x1 conv ``C_j -> w_j`` + BatchNorm, ``w_j = round8(C_j x width)`` (``width``
+  = 1/4 by default: LST's reduction factor, applied per tap);
+* ``M_j``: the Rep-Net module (:class:`~repnet.methods.repnet.RepNetModule`: AvgPool 2, WS-conv
+  k x k groups 2, BN, ReLU, WS-conv 1x1, BN with gamma 0, bilinear resize) from ``w_{j-1}`` to
+  ``w_j``; ``M_0`` reads the image pooled to half size, as Rep-Net's first module does;
+* ``Up``: a linear map ``w_last -> num_features``, zero-initialised, so that at initialisation
+  the model computes exactly the frozen backbone with the new head (LST instead mixes the side
+  and backbone states with learned gates at every layer; a single additive join at the
+  pre-logits keeps the backbone's forward untouched and the design one-way).
+
+Trainable: the side network and the head. No backbone tensor trains (backbone norms use their
+frozen statistics unless ``bn=batch``, which updates running statistics without gradients).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import METHODS
+from .base import MethodOptions, TransferModel, opt
+from .repnet import RepNetModule, make_divisible8
+
+
+class Down(nn.Sequential):
+    """1x1 conv + BatchNorm: a tap's feature projected to the side width."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout, eps=1e-3))
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out")
+
+
+@dataclass
+class SideTuningOptions(MethodOptions):
+    width: float = opt(0.25, "side width at a tap = round8(backbone channels x width)")
+    kernel: int = opt(0, "side module kernel; 0 = Rep-Net's rule (5, or 3 where the tap map is <= 7 px)")
+    groups: int = opt(2, "groups of the side modules' k x k conv (M_0 always uses 1)")
+
+
+@METHODS.register("side_tuning", help="LST-style detached side network: zero backprop through the backbone")
+class SideTuning(TransferModel):
+    method = "side_tuning"
+    Options = SideTuningOptions
+
+    def build(self) -> None:
+        o = self.options
+        infos = self.backbone.describe(self.image_size)
+        self.taps = self.backbone.stage_starts(self.image_size)
+        widths = [make_divisible8(round(infos[b].out_channels * o.width)) for b in self.taps]
+        downs, mods = [], []
+        for j, b in enumerate(self.taps):
+            info = infos[b]
+            cin = 3 if j == 0 else widths[j - 1]
+            mid = make_divisible8(cin)
+            g = 1 if j == 0 or cin % o.groups or mid % o.groups else o.groups
+            k = o.kernel or (3 if max(info.out_size) <= 7 else 5)
+            mods.append(RepNetModule(cin, widths[j], k, g, mid, pool=4 if j == 0 else 2))
+            downs.append(Down(info.out_channels, widths[j]))
+        self.side = nn.ModuleList(mods)
+        self.down = nn.ModuleList(downs)
+        self.up = nn.Linear(widths[-1], self.backbone.num_features)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        for j, b in enumerate(self.taps):
+            self.attach(b, functools.partial(self._tap, j))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        # as TransferModel.forward, with the backbone under no_grad and the side output joined
+        # to the pre-logits (the side network itself runs with the caller's grad mode, in _tap)
+        self._state = {"image": img, "grad": torch.is_grad_enabled()}
+        try:
+            with torch.no_grad():
+                x = self.prepare_input(img)
+                feats = self.backbone.forward_pre_logits(self.backbone.forward_features(x))
+            side = self.up(torch.flatten(F.adaptive_avg_pool2d(self._state["h"], 1), 1))
+            return self.head(feats + side)
+        finally:
+            self._state = {}
+
+    def _tap(self, j: int, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self._state["grad"]):
+            f = out.detach()
+            src = F.avg_pool2d(self._state["image"], 2) if j == 0 else self._state["h"]
+            self._state["h"] = self.down[j](f) + self.side[j](src, f.shape[-2:])
+        return out  # one-way: the backbone's own feature goes on unchanged

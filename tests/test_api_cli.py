@@ -1,0 +1,74 @@
+"""The PEFT-like API (save / load) and the CLI contract."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import repnet
+from repnet.cli import main
+
+
+def _trained(model, steps=2):
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = model(torch.randn(2, 3, 64, 64)).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("bn", ["frozen", "batch"])
+def test_save_load_round_trip_identical_logits(tmp_path, bn):
+    m = _trained(repnet.get_model("mobilenet_v2", "repnet", 5, image_size=64, memory="vanilla", bn=bn))
+    m.save_pretrained(tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "adapter.safetensors")
+    assert set(saved) == set(m.trainable_state_keys())
+    # only trained tensors: no frozen backbone weight is in the file
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert not frozen & set(saved)
+    assert any(k.startswith("repnet.") for k in saved) and "head.1.weight" in saved
+    assert any("running_mean" in k and k.startswith("backbone.") for k in saved) == (bn == "batch")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["backbone"] == "mobilenet_v2" and cfg["options"]["connector"] == "dual"
+    m2 = repnet.from_pretrained(tmp_path / "a", memory="vanilla").eval()
+    x = torch.randn(3, 3, 64, 64)
+    assert torch.equal(m(x), m2(x))
+
+
+def test_from_pretrained_refuses_other_backbone(tmp_path):
+    m = repnet.get_model("proxylessnas_mobile", "bias", 5, image_size=64, pretrained=False, memory="vanilla")
+    m.save_pretrained(tmp_path / "a")
+    with pytest.raises(repnet.RepnetError, match="trained on backbone 'proxylessnas_mobile', not 'mobilenet_v2'"):
+        repnet.from_pretrained(tmp_path / "a", backbone="mobilenet_v2")
+    # same architecture, other weights: the fingerprint catches it
+    other = repnet.get_model("proxylessnas_mobile", "bias", 5, image_size=64, pretrained=False)
+    path = tmp_path / "other.pth"
+    torch.save(other.backbone.model.state_dict(), path)
+    with pytest.raises(repnet.RepnetError, match="backbone weights do not match"):
+        repnet.from_pretrained(tmp_path / "a", pretrained=str(path))
+    with pytest.raises(repnet.RepnetError, match="is not a saved repnet adapter"):
+        repnet.from_pretrained(tmp_path / "missing")
+
+
+def test_cli_list(capsys):
+    assert main(["list", "-v"]) == 0
+    out = capsys.readouterr().out
+    for name in ["proxylessnas_mobile", "mobilenet_v2", "timm:<name>", "repnet", "bias", "last",
+                 "--opt connector=dual [none|down|up|dual]"]:
+        assert name in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["profile", "--method", "nope"], "error: unknown method 'nope'; choose from:"),
+    (["profile", "--backbone", "vgg"], "error: unknown backbone 'vgg'; choose from:"),
+    (["profile", "--opt", "connector"], "error: --opt expects key=value"),
+    (["profile", "--opt", "connector=diagonal"], "error: option connector='diagonal' is not valid"),
+    (["profile", "--weights", "/nonexistent.pth"], "error: weights file not found"),
+])
+def test_cli_errors_are_one_line(capsys, argv, msg):
+    assert main(argv + ["--image-size", "64", "--no-measure", "--no-peak"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(msg) and err.count("\n") == 1

@@ -1,0 +1,216 @@
+"""Training: learning on real data, bit-identical resume, NaN handling, clear errors.
+
+All runs are tiny (32-64 px, the scikit-learn ``digits`` set, a few steps, ``workers=0``) and
+use ``memory="vanilla"`` where the memory engine is not under test.
+"""
+import json
+
+import pytest
+import torch
+import yaml
+
+from repnet import RepnetError
+from repnet.cli import main
+from repnet.training import EpochSampler, TrainConfig, load_recipe, make_config, train
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = dict(dataset="digits", backbone="proxylessnas_mobile", random_init=True, method="repnet",
+                memory="vanilla", image_size=32, batch_size=8, epochs=3, steps_per_epoch=4, workers=0,
+                progress=False, profile_memory=False, out_dir=str(tmp_path / name))
+    base.update(kw)
+    return make_config(base)
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step):
+    def hook(info):
+        if info["step"] == step:
+            raise Killed
+
+    return hook
+
+
+def _final_state(run_dir):
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return ckpt
+
+
+def _assert_same_tensors(a, b, where=""):
+    """Every tensor in nested dicts / lists ``a`` and ``b`` is torch.equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+
+
+# ----------------------------------------------------------------------------- recipe / config
+def test_recipes_follow_spec_table():
+    r = load_recipe("aircraft")
+    assert (r["lr"], r["lr_side"], r["label_smoothing"], r["augment"]) == (16e-4, 3e-3, 0.7, "jitter")
+    r = load_recipe("pets")
+    assert (r["lr"], r["lr_side"], r["label_smoothing"]) == (1e-4, 1e-4, 0.7)
+    r = load_recipe("cifar100")
+    assert (r["lr"], r["lr_side"], r["label_smoothing"], r["epochs"], r["batch_size"]) == (3e-4, 1e-3, 0.1, 50, 8)
+    assert load_recipe("imagefolder:/x")["optimizer"] == "adam"
+
+
+def test_config_merge_order_and_coercion(tmp_path):
+    cfg = make_config({"dataset": "cars", "lr": "1e-3", "epochs": "3", "options": {"connector": "up"}})
+    assert cfg.lr == 1e-3 and cfg.lr_side == 1e-3 and cfg.epochs == 3 and cfg.label_smoothing == 0.7
+    assert cfg.options == {"connector": "up"} and cfg.batch_size == 8
+    with pytest.raises(RepnetError, match="unknown config key 'lrr'"):
+        make_config({"lrr": 1})
+    with pytest.raises(RepnetError, match="epochs='x': expected int"):
+        make_config({"epochs": "x"})
+    with pytest.raises(RepnetError, match="select_best_on='best' is not valid"):
+        make_config({"select_best_on": "best"})
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    a = list(EpochSampler(50, seed=1, epoch=3))
+    assert a == list(EpochSampler(50, seed=1, epoch=3))
+    assert a != list(EpochSampler(50, seed=1, epoch=4)) and a != list(EpochSampler(50, seed=2, epoch=3))
+    assert sorted(i for i, _ in a) == list(range(50))
+    assert list(EpochSampler(50, 1, 3, start=16, limit=40)) == a[16:40]
+
+
+# ----------------------------------------------------------------------------- learning
+def test_a_few_steps_reduce_the_loss_on_real_data(tmp_path):
+    cfg = _cfg(tmp_path, backbone="mobilenet_v2", random_init=False, image_size=64, batch_size=16, epochs=3,
+               steps_per_epoch=8, lr=3e-3, lr_side=3e-3, label_smoothing=0.0, augment="none",
+               profile_memory=True)
+    res = train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert res["final_test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert res["trainable_params"] < res["total_params"] and res["steps"] == 24
+    for key in ("best_val_accuracy", "analytic_mb", "peak_mb", "wall_time_s", "config"):
+        assert key in res
+    run = tmp_path / "run"
+    assert json.loads((run / "results.json").read_text())["final_test_accuracy"] == res["final_test_accuracy"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 3e-3
+    assert (run / "adapter" / "adapter.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("kill_at", [2, 5, 8])
+def test_resume_after_kill_is_bit_identical(tmp_path, kill_at):
+    """Uninterrupted vs. killed at ``kill_at`` (checkpoints every 3 steps and at epoch ends) and
+    resumed: every tensor of model, optimizer and scheduler is equal. Dropout (0.2) and
+    augmentation are on, and backbone BN uses batch statistics (running stats train too)."""
+    kw = dict(checkpoint_every=3, options={"bn": "batch"})
+    ref = train(_cfg(tmp_path, "ref", **kw))
+    cfg = _cfg(tmp_path, "killed", **kw)
+    with pytest.raises(Killed):
+        train(cfg, on_step=_kill_at(kill_at))
+    res = train(cfg, resume=str(tmp_path / "killed"))
+    a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "killed")
+    _assert_same_tensors(a["model"], b["model"], "model")
+    _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
+    assert a["scheduler"] == b["scheduler"] and a["state"]["step"] == b["state"]["step"] == 12
+    assert res["final_test_accuracy"] == ref["final_test_accuracy"]
+    log_a = [json.loads(x) for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+    assert [r["epoch"] for r in log_b] == [1, 2, 3]
+
+
+def test_resume_from_cli_and_kill_during_checkpoint_write(tmp_path, monkeypatch):
+    """A kill while a checkpoint is being written leaves the previous one intact (atomic)."""
+    ref = train(_cfg(tmp_path, "ref", epochs=2))
+    cfg = _cfg(tmp_path, "killed", epochs=2)
+    import repnet.training as T
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def dying_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 0, end of epoch 1, then die while writing the next one
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise Killed
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(T.torch, "save", dying_save)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(T.torch, "save", real_save)
+    assert _final_state(tmp_path / "killed")["state"]["step"] == 4
+    assert main(["train", "--resume", str(tmp_path / "killed"), "--quiet"]) == 0
+    _assert_same_tensors(_final_state(tmp_path / "ref")["model"], _final_state(tmp_path / "killed")["model"])
+    res = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert res["final_test_accuracy"] == ref["final_test_accuracy"]
+
+
+def test_resume_refuses_changed_config(tmp_path, capsys):
+    cfg = _cfg(tmp_path, epochs=1, steps_per_epoch=2)
+    train(cfg)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.1"]) == 2
+    assert "cannot change lr when resuming" in capsys.readouterr().err
+    with pytest.raises(RepnetError, match="already holds a run"):
+        train(_cfg(tmp_path, epochs=1, steps_per_epoch=2))
+
+
+# ----------------------------------------------------------------------------- NaN
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
+    def poison(info):  # from step 3 on, the model outputs NaN
+        if info["step"] == 3:
+            info["model"].head.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    cfg = _cfg(tmp_path, checkpoint_every=2)
+    with pytest.raises(RepnetError) as e:
+        train(cfg, on_step=poison)
+    ckpt_path = tmp_path / "run" / "checkpoint.pt"
+    assert str(e.value) == f"loss became nan at epoch 1 step 4; last good checkpoint: {ckpt_path}"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert ckpt["state"]["step"] == 2
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_absurd_lr_stops_with_one_line(tmp_path, capsys):
+    code = main(["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init",
+                 "--memory", "vanilla", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+                 "--steps-per-epoch", "30", "--workers", "0", "--lr", "1e38", "--set", "lr_side=1e38",
+                 "--quiet", "--no-profile", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "became" in err and "last good checkpoint:" in err
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "nope"], "unknown dataset 'nope'; choose from:"),
+    (["--method", "nope"], "unknown method 'nope'; choose from:"),
+    (["--backbone", "nope"], "unknown backbone 'nope'; choose from:"),
+    (["--dataset", "fashion_mnist", "--data-root", "/nonexistent/fmnist"], "Fashion-MNIST not found"),
+    (["--dataset", "flowers102"], "is not on this machine"),
+    (["--set", "epochs"], "--set expects key=value"),
+    (["--opt", "connector=sideways"], "option connector='sideways' is not valid"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    code = main(["train", "--random-init", "--image-size", "32", "--epochs", "1", "--workers", "0", "--quiet",
+                 "--memory", "vanilla", "--out", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(RepnetError, match="no checkpoint.pt"):
+        train(TrainConfig(lr=1e-3, lr_side=1e-3, label_smoothing=0.1), resume=str(tmp_path))
+
+
+def test_select_best_on_val_reports_selected_and_final(tmp_path):
+    res = train(_cfg(tmp_path, epochs=2, steps_per_epoch=2, select_best_on="val"))
+    assert res["selected_on"] == "val" and res["selected_epoch"] in (1, 2)
+    assert 0 <= res["test_accuracy"] <= 1 and 0 <= res["final_test_accuracy"] <= 1
