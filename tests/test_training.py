@@ -86,13 +86,14 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 
 # ----------------------------------------------------------------------------- learning
 def test_a_few_steps_reduce_the_loss_on_real_data(tmp_path):
-    cfg = _cfg(tmp_path, backbone="mobilenet_v2", random_init=False, image_size=64, batch_size=16, epochs=3,
-               steps_per_epoch=8, lr=3e-3, lr_side=3e-3, label_smoothing=0.0, augment="none",
-               profile_memory=True)
+    """ImageNet MobileNetV2 + Rep-Net on 512 real MNIST digits at 64 px: 24 steps learn."""
+    cfg = _cfg(tmp_path, dataset="mnist5k", backbone="mobilenet_v2", random_init=False, image_size=64,
+               batch_size=16, epochs=3, steps_per_epoch=8, lr=3e-3, lr_side=3e-3, label_smoothing=0.0,
+               augment="none", train_subset=512, test_subset=200, profile_memory=True)
     res = train(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 3 and log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
-    assert res["final_test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert len(log) == 3 and log[-1]["train_loss"] < 0.85 * log[0]["train_loss"]
+    assert res["final_test_accuracy"] > 0.25  # 10 classes: chance is 0.1
     assert res["trainable_params"] < res["total_params"] and res["steps"] == 24
     for key in ("best_val_accuracy", "analytic_mb", "peak_mb", "wall_time_s", "config"):
         assert key in res

@@ -582,7 +582,12 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         "device": str(device),
     })
     if cfg.profile_memory:
-        results.update(memory_profile(cfg, num_classes, device))
+        try:
+            results.update(memory_profile(cfg, num_classes, device))
+        except Exception as e:  # noqa: BLE001 - a failed measurement must not lose a finished run
+            results.update({k: None for k in MEMORY_KEYS})
+            results["memory_profile_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+            print(f"warning: memory profile failed ({results['memory_profile_error']}); figures left empty")
     results["config"] = cfg.to_dict()
     results["run_dir"] = str(run_dir)
     results["adapter"] = str(run_dir / "adapter")

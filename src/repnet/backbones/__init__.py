@@ -45,7 +45,7 @@ def proxylessnas_mobile(pretrained=True) -> Backbone:
     if src == "official":
         src = PROXYLESS_URL
     if src:
-        W.load_into(model, src, "proxylessnas_mobile")
+        W.load_into(model, src, "proxylessnas_mobile", ignore_prefixes=("classifier.",))
     model.classifier = nn.Identity()  # the ImageNet head is never used
     return ProxylessBackbone(
         "proxylessnas_mobile", model, [f"blocks.{i}" for i in range(len(model.blocks))], 1280, weights=src
@@ -59,7 +59,7 @@ def _torchvision(name, ctor, offline, feature_modules, pre_logits, head_attr, nu
     model = getattr(torchvision.models, ctor)(weights=None)
     src = W.resolve(pretrained, name, offline)
     if src:
-        W.load_into(model, src, name)
+        W.load_into(model, src, name, ignore_prefixes=(head_attr + ".",))
     # drop the ImageNet classifier (never used; it would count as frozen parameters)
     parent, _, leaf = head_attr.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())

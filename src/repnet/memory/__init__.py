@@ -1,4 +1,92 @@
-"""Training memory: the engine (frozen layers keep nothing), measurement and the analytic model."""
-from .engine import apply_engine, engine_applied, remove_engine, set_step_backward
+"""Training memory: the engine, its measurement, and the papers' analytic model.
 
-__all__ = ["apply_engine", "remove_engine", "engine_applied", "set_step_backward"]
+* :mod:`.engine` - frozen layers that keep (almost) nothing for backward (``apply_engine``;
+  the default execution mode of :func:`repnet.get_model`),
+* :mod:`.quant` - frozen weights stored in 8 bits,
+* :mod:`.measure` - what autograd really keeps, and the real peak of a training step,
+* :mod:`.analytic` - SPEC §7's per-layer rules (the papers' MB figures),
+* :func:`profile` - all three side by side for one model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .analytic import AnalyticReport, analyze, format_breakdown
+from .engine import apply_engine, engine_applied, remove_engine, set_step_backward
+from .measure import measure_peak_bytes, measure_saved, measure_saved_bytes
+from .quant import quantize_frozen_weights
+
+__all__ = ["apply_engine", "remove_engine", "engine_applied", "set_step_backward", "quantize_frozen_weights",
+           "analyze", "AnalyticReport", "format_breakdown", "measure_saved_bytes", "measure_saved",
+           "measure_peak_bytes", "profile"]
+
+
+def profile(model, method: str | None = None, num_classes: int = 10, *, batch_size: int = 8,
+            image_size: int | None = None, measure: bool = True, peak: bool = True,
+            device: str | torch.device | None = None, seed: int = 0, **options) -> dict:
+    """Training-memory profile of one model: analytic, measured kept-for-backward, peak.
+
+    ``model`` is an ``nn.Module`` (e.g. a :class:`~repnet.methods.TransferModel`), or a
+    backbone name with ``method`` (built with ``pretrained=False``: memory does not depend
+    on the weights; ``options`` go to :func:`repnet.get_model`, e.g. ``memory="vanilla"``).
+    ``device``: where to measure (default: where the model is; CUDA gives the exact peak).
+
+    Returned keys (MB = 1e6 bytes; per ``batch_size``):
+
+    ``trainable_params``, ``total_params``; ``analytic_mb`` (the papers' figure: peak
+    activation x batch + params, SPEC §7); ``analytic_peak_activation_mb``;
+    ``analytic_param_mb``; ``analytic_saved_mb`` (what the rules say is kept for backward);
+    ``analytic_frozen_bn_extra_mb`` (kept by frozen norms using batch statistics, which the
+    papers do not count); ``measured_saved_mb`` (autograd's saved tensors, one forward);
+    ``peak_mb`` (one training step's peak beyond what was resident, see
+    :mod:`.measure`); ``peak_kind`` (``cuda-allocator`` / ``cpu-rss`` / None);
+    ``engine`` (whether the engine is on). Unmeasured figures are None.
+    """
+    if isinstance(model, str):
+        from ..api import get_model
+
+        if method is None:
+            raise TypeError("profile(backbone_name, method, ...): method is required")
+        kw = {"image_size": image_size} if image_size else {}
+        model = get_model(model, method, num_classes, pretrained=options.pop("pretrained", False), **kw, **options)
+    elif options:
+        raise TypeError(f"unexpected options for a model object: {sorted(options)}")
+    if image_size is None:
+        image_size = int(getattr(model, "image_size", 224))
+    if device is not None:
+        model.to(device)
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+    rep = analyze(model, image_size)
+    out = {
+        "trainable_params": rep.trainable_params,
+        "total_params": rep.total_params,
+        "analytic_mb": rep.total_mb(batch_size),
+        "analytic_peak_activation_mb": rep.peak_activation_bytes * batch_size / 1e6,
+        "analytic_param_mb": rep.param_bytes / 1e6,
+        "analytic_saved_mb": rep.saved_mb(batch_size),
+        "analytic_frozen_bn_extra_mb": rep.frozen_bn_extra_mb(batch_size),
+        "measured_saved_mb": None,
+        "peak_mb": None,
+        "peak_kind": None,
+        "engine": engine_applied(model),
+    }
+    g = torch.Generator().manual_seed(seed)
+    nc = getattr(model, "num_classes", None)
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=g, dtype=dtype).to(dev)
+    y = torch.randint(0, nc or 1, (batch_size,), generator=g).to(dev)
+
+    def loss_fn(o):
+        return nn.functional.cross_entropy(o, y) if o.dim() == 2 and nc else o.float().sum()
+
+    if measure:
+        out["measured_saved_mb"] = measure_saved_bytes(model, x, loss_fn) / 1e6
+    if peak:
+        b = measure_peak_bytes(model, x, y if nc else None)
+        if b is not None:
+            out["peak_mb"] = b / 1e6
+            out["peak_kind"] = "cuda-allocator" if x.is_cuda else "cpu-rss"
+    return out

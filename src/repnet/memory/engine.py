@@ -56,39 +56,46 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "apply_engine", "remove_engine", "engine_applied", "set_step_backward",
-    "pack_bits", "unpack_bits", "frozen_conv2d", "frozen_linear", "masked_activation",
+    "pack_bits", "unpack_bits", "frozen_conv2d", "frozen_linear", "masked_activation", "avg_pool2d",
     "MemConv2d", "MemLinear", "MemBatchNorm2d", "MemReLU", "MemReLU6", "MemHardtanh", "MemHardswish",
+    "MemAvgPool2d",
 ]
 
 
 # ----------------------------------------------------------------------------- 1-bit masks
-_SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
+# Packing multiplies each group of 8 mask bytes (read as one int64 whose bytes are 0 / 1)
+# by a magic constant that gathers the 8 low bits into the top byte: no carries can occur,
+# so it is exact. Unpacking looks each byte up in a 256-entry table of int64 "byte spreads".
+_PACK_MAGIC = 0x0102040810204080
+_SPREAD: dict[torch.device, torch.Tensor] = {}
+
+
+def _spread_table(device: torch.device) -> torch.Tensor:
+    t = _SPREAD.get(device)
+    if t is None:
+        b = torch.arange(256, dtype=torch.int64)
+        bits = (b.unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8): bit i of each byte
+        t = _SPREAD[device] = bits.to(torch.uint8).view(torch.int64).reshape(256).to(device)
+    return t
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor into ``ceil(numel / 8)`` bytes (``uint8``, little-endian bits)."""
+    """Pack a bool tensor into ``ceil(numel / 8)`` bytes (``uint8``; bit i of byte j = element 8j+i)."""
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
-    if pad:
+    if pad or flat.storage_offset() % 8:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    v = flat.view(-1, 8).view(torch.uint8)  # bool -> uint8 reinterpretation (0 / 1), no copy
-    out = v[:, 0].clone()
-    for i in range(1, 8):
-        out |= v[:, i] << i
-    return out
+    words = flat.view(torch.uint8).view(torch.int64)  # 8 mask bytes per word
+    return ((words * _PACK_MAGIC) >> 56).to(torch.uint8)  # int64 product wraps; top byte is exact
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a bool tensor of ``shape``."""
-    dev = packed.device
-    shifts = _SHIFTS_CACHE.get(dev)
-    if shifts is None:
-        shifts = _SHIFTS_CACHE[dev] = torch.arange(8, dtype=torch.uint8, device=dev)
     n = 1
     for s in shape:
         n *= s
-    bits = (packed.unsqueeze(1) >> shifts) & 1
-    return bits.view(-1)[:n].view(shape).bool()
+    words = _spread_table(packed.device).index_select(0, packed.int())
+    return words.view(torch.bool)[:n].view(shape)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -216,6 +223,89 @@ class MemLinear(_WeightMixin, nn.Linear):
         return frozen_linear(x, self.bias, wparts, dq)
 
 
+# ----------------------------------------------------------------------------- weight-standardised conv
+def _standardize(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """timm ``StdConv2d``'s weight standardisation (per output channel), same kernels."""
+    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0,
+                        eps=eps).reshape_as(w)
+
+
+class _StdConv2dFn(torch.autograd.Function):
+    """Conv2d with a weight-standardised (WS) weight that keeps the raw weight, not the WS copy.
+
+    Plain PyTorch keeps the standardised weight (a new tensor, as large as the weight) plus the
+    input; here the standardisation is recomputed in backward from the parameter. The input is
+    kept only when the weight trains.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, stride, padding, dilation, groups):
+        y = F.conv2d(x, _standardize(weight, eps), bias, stride, padding, dilation, groups)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.eps, ctx.in_shape = eps, x.shape
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_x or need_w:
+            ctx.save_for_backward(x if need_w else None, weight)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if need_x or need_w:
+            x, weight = ctx.saved_tensors
+            with torch.enable_grad():
+                w = weight.detach().requires_grad_(need_w)
+                ws = _standardize(w, ctx.eps)
+            if need_x:
+                gx = torch.nn.grad.conv2d_input(ctx.in_shape, ws.detach(), g, stride, padding, dilation, groups)
+            if need_w:
+                gws = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
+                (gw,) = torch.autograd.grad(ws, w, gws)
+        if need_b:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- pooling
+class _AvgPool2dFn(torch.autograd.Function):
+    """``F.avg_pool2d`` keeping nothing (PyTorch keeps the input, though only its shape is used)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        ctx.args = (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        ctx.in_shape = x.shape
+        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        shape_only = g.new_empty(1).expand(ctx.in_shape)  # no memory: avg-pool backward reads the shape
+        gx = torch.ops.aten.avg_pool2d_backward(g, shape_only, *ctx.args)
+        return gx, None, None, None, None, None, None
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """Drop-in ``F.avg_pool2d`` for 4-D input whose backward keeps nothing."""
+    if _engine_off(x) or not x.requires_grad or x.dim() != 4:
+        return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    k = _pair(kernel_size)
+    s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _pair(stride)
+    return _AvgPool2dFn.apply(x, list(k), list(s), list(_pair(padding)), ceil_mode, count_include_pad,
+                              divisor_override)
+
+
+class MemAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` whose backward keeps nothing."""
+
+    def forward(self, x):
+        return avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                          self.count_include_pad, self.divisor_override)
+
+
 # ----------------------------------------------------------------------------- batch norm
 class _FrozenBatchNormFn(torch.autograd.Function):
     """BatchNorm with a frozen (or absent) scale; the shift may train.
@@ -305,7 +395,7 @@ class _MaskedActFn(torch.autograd.Function):
         elif hi == float("inf"):
             mask = x > lo
         else:
-            mask = (x > lo) & (x < hi)
+            mask = x.gt(lo).logical_and_(x.lt(hi))
         ctx.shape = x.shape
         ctx.save_for_backward(pack_bits(mask))
         del mask
@@ -319,7 +409,7 @@ class _MaskedActFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
-        return g * unpack_bits(packed, ctx.shape), None, None, None, None, None
+        return g.where(unpack_bits(packed, ctx.shape), 0.0), None, None, None, None, None
 
 
 def _clamp_op(lo: float, hi: float):
@@ -410,6 +500,7 @@ _SWAP: dict[type, type] = {
     nn.ReLU6: MemReLU6,
     nn.Hardtanh: MemHardtanh,
     nn.Hardswish: MemHardswish,
+    nn.AvgPool2d: MemAvgPool2d,
 }
 
 try:  # timm's fused BN + drop + act
@@ -426,6 +517,24 @@ try:  # timm's fused BN + drop + act
     _SWAP[_TimmBNAct] = MemBatchNormAct2d
     __all__.append("MemBatchNormAct2d")
 except ImportError:  # pragma: no cover - timm is a dependency
+    pass
+
+try:  # timm's weight-standardised conv (Rep-Net / TinyTL side modules)
+    from timm.layers import StdConv2d as _TimmStdConv2d
+
+    class MemStdConv2d(_TimmStdConv2d):
+        """timm ``StdConv2d`` keeping its raw weight instead of the standardised copy."""
+
+        def forward(self, x):
+            if (_engine_off(x) or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                    or not (x.requires_grad or self.weight.requires_grad or _wants_grad(self.bias))):
+                return super().forward(x)
+            return _StdConv2dFn.apply(x, self.weight, self.bias, self.eps, self.stride, self.padding,
+                                      self.dilation, self.groups)
+
+    _SWAP[_TimmStdConv2d] = MemStdConv2d
+    __all__.append("MemStdConv2d")
+except ImportError:  # pragma: no cover
     pass
 
 _UNSWAP: dict[type, type] = {v: k for k, v in _SWAP.items()}

@@ -1,0 +1,238 @@
+"""The papers' analytic training-memory model (SPEC §7), evaluated on the actual model.
+
+One forward at batch 1 with hooks on every leaf layer (and on norm / conv modules that
+have children, e.g. timm ``BatchNormAct2d``), in the order the layers run. Per layer, with
+``|x|`` / ``|y|`` the input / output element counts and 4-byte activations:
+
+=====================================  ==========================  ======================
+layer                                  kept for backward           transient while it runs
+=====================================  ==========================  ======================
+conv / linear                          4|x| if its weight trains   4(|x| + |y| / groups)
+BN / GN / LN                           4|x| if gamma trains        4|x|
+ReLU / ReLU6 / LeakyReLU / Hardtanh    |x| / 8 if its input        4|x|
+                                       requires grad (1-bit mask)
+sigmoid, tanh, h-swish, h-sigmoid,     4|x| if its input requires  0
+SiLU, GELU                             grad (|x| / 8 under
+                                       MobileTL's step backward)
+pooling, interpolation, add, dropout   0                           0
+=====================================  ==========================  ======================
+
+A block with an identity shortcut holds ``4|x_in|`` while it runs (backbone blocks with
+``residual=True``; for a plain module, any module with a shortcut attribute).
+``peak = max over layers of (transient + kept by the layers before it + residual held)``,
+``total(batch) = peak * batch + params`` with 4 B per trainable and 1 B per frozen
+parameter; MB = 1e6 bytes. This is TinyTL's profiler (mit-han-lab/tinyml), which these
+rules reproduce to the published 37.1 / 64.7 MB for TinyTL-L+B on ProxylessNAS-Mobile.
+
+Not in the papers' count, reported separately: a norm layer with a frozen scale that uses
+*batch* statistics (``bn="batch"``) must keep its input for backward whenever a gradient
+reaches it (``frozen_bn_extra_bytes``); the engine keeps exactly that, plain PyTorch too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["AnalyticReport", "LayerRow", "analyze", "param_bytes", "format_breakdown"]
+
+ACT_BYTES = 4
+_CONV = (nn.modules.conv._ConvNd,)
+_LINEAR = (nn.Linear,)
+_NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_MASK_ACT = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
+_SMOOTH_ACT = (nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Mish)
+_SMOOTH_NAMES = ("swish", "sigmoid", "silu", "gelu", "mish", "tanh")
+
+
+@dataclass
+class LayerRow:
+    name: str
+    type: str
+    in_numel: int
+    out_numel: int
+    kept_bytes: float
+    transient_bytes: float
+    trainable_params: int
+    frozen_bn_extra_bytes: float = 0.0
+    residual_bytes: float = 0.0  # held by enclosing residual blocks while this layer runs
+    running_bytes: float = 0.0  # transient + kept before it + residual: this layer's candidate peak
+
+
+@dataclass
+class AnalyticReport:
+    """Per-sample activation figures (bytes) and parameter bytes, per the rules above."""
+
+    rows: list[LayerRow] = field(default_factory=list)
+    peak_activation_bytes: float = 0.0
+    kept_bytes: float = 0.0
+    frozen_bn_extra_bytes: float = 0.0
+    param_bytes: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+    image_size: int = 0
+    peak_layer: str = ""
+
+    def total_mb(self, batch: int) -> float:
+        """Paper figure: ``peak * batch + params`` in MB (1e6 bytes)."""
+        return (self.peak_activation_bytes * batch + self.param_bytes) / 1e6
+
+    def saved_mb(self, batch: int) -> float:
+        """What the rules say is kept for backward, at ``batch``, in MB."""
+        return self.kept_bytes * batch / 1e6
+
+    def frozen_bn_extra_mb(self, batch: int) -> float:
+        return self.frozen_bn_extra_bytes * batch / 1e6
+
+    def breakdown(self, batch: int = 1, top: int | None = None) -> str:
+        return format_breakdown(self, batch, top)
+
+
+def _weight_trains(m: nn.Module) -> bool:
+    fn = getattr(m, "_weight_trains", None)
+    if callable(fn):
+        return bool(fn())
+    w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+    return w is not None and w.requires_grad
+
+
+def _is_smooth(m: nn.Module) -> bool:
+    if isinstance(m, _SMOOTH_ACT):
+        return True
+    name = type(m).__name__.lower()
+    return not list(m.children()) and any(s in name for s in _SMOOTH_NAMES)
+
+
+def param_bytes(model: nn.Module, trainable_bytes: int = 4, frozen_bytes: int = 1) -> tuple[float, int, int]:
+    """(bytes, trainable count, total count): 4 B per trainable, 1 B per frozen parameter.
+
+    8-bit weight codes (``quantize_frozen_weights``) count as frozen parameters.
+    """
+    from .quant import quantized_weight_numel
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + quantized_weight_numel(model)
+    return float(trainable * trainable_bytes + frozen * frozen_bytes), trainable, trainable + frozen
+
+
+def _residual_blocks(model: nn.Module, image_size: int) -> list[nn.Module]:
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and hasattr(backbone, "describe") and hasattr(backbone, "blocks"):
+        blocks = backbone.blocks()
+        return [blocks[i.index] for i in backbone.describe(image_size) if i.residual]
+    from ..backbones.base import has_shortcut
+
+    return [m for m in model.modules() if list(m.children()) and has_shortcut(m)]
+
+
+def _counted(m: nn.Module) -> bool:
+    return not list(m.children()) or isinstance(m, _CONV + _LINEAR + _NORM)
+
+
+def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None = None,
+            in_chans: int = 3) -> AnalyticReport:
+    """Evaluate the SPEC §7 rules on ``model`` with one forward at batch 1.
+
+    Which norms use batch statistics is read from ``model.train()`` (the training
+    configuration); the forward itself runs in eval mode, so no running statistic changes.
+    """
+    p = next(model.parameters(), None)
+    if inputs is None:
+        dev = p.device if p is not None else "cpu"
+        dt = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        inputs = torch.zeros(1, in_chans, image_size, image_size, device=dev, dtype=dt)
+    rep = AnalyticReport(image_size=image_size)
+    rep.param_bytes, rep.trainable_params, rep.total_params = param_bytes(model)
+
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    batch_stats = {m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training}
+    state = {"kept": 0.0, "held": [], "peak": 0.0, "bn_extra": 0.0}
+    names = {m: n for n, m in model.named_modules()}
+
+    def layer_hook(m, args, out):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None or not isinstance(out, torch.Tensor):
+            return
+        nx, ny = x.numel(), out.numel()
+        grad_in = x.requires_grad
+        kept = tmp = extra = 0.0
+        if isinstance(m, _CONV):
+            kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
+            tmp = ACT_BYTES * nx + ACT_BYTES * ny // m.groups
+        elif isinstance(m, _LINEAR):
+            kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
+            tmp = ACT_BYTES * (nx + ny)
+        elif isinstance(m, _NORM):
+            kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
+            tmp = ACT_BYTES * nx
+            if not kept and m in batch_stats and grad_in:
+                extra = ACT_BYTES * nx
+        elif isinstance(m, _MASK_ACT):
+            kept = nx / 8 if grad_in else 0.0
+            tmp = ACT_BYTES * nx
+        elif _is_smooth(m):
+            if grad_in:
+                kept = nx / 8 if getattr(m, "_step_backward", False) else ACT_BYTES * nx
+        held = float(sum(state["held"]))
+        running = tmp + state["kept"] + held
+        if running > state["peak"]:
+            state["peak"] = running
+            rep.peak_layer = names.get(m, "")
+        state["kept"] += kept
+        state["bn_extra"] += extra
+        ntrain = sum(q.numel() for q in m.parameters(recurse=False) if q.requires_grad)
+        rep.rows.append(LayerRow(names.get(m, ""), type(m).__name__, nx, ny, kept, tmp, ntrain, extra, held, running))
+
+    def block_pre(m, args):
+        state["held"].append(float(ACT_BYTES * args[0].numel()))
+
+    def block_post(m, args, out):
+        state["held"].pop()
+
+    handles = []
+    try:
+        for m in model.modules():
+            if _counted(m):
+                handles.append(m.register_forward_hook(layer_hook))
+        for b in _residual_blocks(model, image_size):
+            handles.append(b.register_forward_pre_hook(block_pre))
+            # runs after the hooks already on the block (e.g. a method's side branch),
+            # which still see the block input alive
+            handles.append(b.register_forward_hook(block_post))
+        model.eval()
+        with torch.enable_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    rep.peak_activation_bytes = state["peak"]
+    rep.kept_bytes = state["kept"]
+    rep.frozen_bn_extra_bytes = state["bn_extra"]
+    return rep
+
+
+def format_breakdown(rep: AnalyticReport, batch: int = 1, top: int | None = None) -> str:
+    """A per-layer table (bytes scaled to ``batch``, in MB), then the totals."""
+    rows = rep.rows
+    if top is not None:
+        rows = sorted(rows, key=lambda r: -(r.kept_bytes + r.frozen_bn_extra_bytes))[:top]
+    s = batch / 1e6
+    hdr = f"{'layer':<52} {'type':<16} {'|x|':>9} {'|y|':>9} {'kept MB':>9} {'tmp MB':>9} {'run MB':>9} {'train':>8}"
+    out = [hdr, "-" * len(hdr)]
+    for r in rows:
+        flag = " *bn" if r.frozen_bn_extra_bytes else ""
+        out.append(f"{r.name[-52:]:<52} {r.type[:16]:<16} {r.in_numel:>9,d} {r.out_numel:>9,d} "
+                   f"{r.kept_bytes * s:>9.3f} {r.transient_bytes * s:>9.3f} {r.running_bytes * s:>9.3f} "
+                   f"{r.trainable_params:>8,d}{flag}")
+    out.append("-" * len(hdr))
+    out.append(f"batch {batch}: peak activation {rep.peak_activation_bytes * s:.2f} MB (at {rep.peak_layer}), "
+               f"kept for backward {rep.saved_mb(batch):.2f} MB, params {rep.param_bytes / 1e6:.2f} MB "
+               f"({rep.trainable_params:,d} trainable of {rep.total_params:,d}) -> total {rep.total_mb(batch):.2f} MB")
+    if rep.frozen_bn_extra_bytes:
+        out.append(f"not in the papers' count: frozen-scale norms with batch statistics keep their input "
+                   f"(*bn): +{rep.frozen_bn_extra_mb(batch):.2f} MB")
+    return "\n".join(out)
