@@ -25,6 +25,15 @@ def _engine_available() -> bool:
 MEMORY = ["vanilla", "engine"] if _engine_available() else ["vanilla"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """64 px tensors gain nothing from a second thread; on a busy 2-core box it costs ~10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(backbone, method, pretrained, memory="vanilla", **opts):
     return repnet.get_model(backbone, method, 5, image_size=SIZE, pretrained=pretrained, memory=memory, **opts)
 

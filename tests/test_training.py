@@ -104,39 +104,54 @@ def test_a_few_steps_reduce_the_loss_on_real_data(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("kill_at", [2, 5, 8])
-def test_resume_after_kill_is_bit_identical(tmp_path, kill_at):
-    """Uninterrupted vs. killed at ``kill_at`` (checkpoints every 3 steps and at epoch ends) and
-    resumed: every tensor of model, optimizer and scheduler is equal. Dropout (0.2) and
-    augmentation are on, and backbone BN uses batch statistics (running stats train too)."""
-    kw = dict(checkpoint_every=3, options={"bn": "batch"})
-    ref = train(_cfg(tmp_path, "ref", **kw))
-    cfg = _cfg(tmp_path, "killed", **kw)
-    with pytest.raises(Killed):
-        train(cfg, on_step=_kill_at(kill_at))
-    res = train(cfg, resume=str(tmp_path / "killed"))
-    a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "killed")
+# dropout (0.2) and augmentation are on, backbone BN uses batch statistics (running stats train
+# too), checkpoints every 3 steps and at epoch ends (4 steps per epoch, 3 epochs)
+RESUME_KW = dict(checkpoint_every=3, options={"bn": "batch"})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every resume test compares against."""
+    tmp = tmp_path_factory.mktemp("reference")
+    torch.manual_seed(0)
+    res = train(_cfg(tmp, "ref", **RESUME_KW))
+    return tmp / "ref", res
+
+
+def _assert_same_run(ref_dir, ref_res, run_dir, res):
+    a, b = _final_state(ref_dir), _final_state(run_dir)
     _assert_same_tensors(a["model"], b["model"], "model")
     _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
     assert a["scheduler"] == b["scheduler"] and a["state"]["step"] == b["state"]["step"] == 12
-    assert res["final_test_accuracy"] == ref["final_test_accuracy"]
-    log_a = [json.loads(x) for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(x) for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
-    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+    assert res["final_test_accuracy"] == ref_res["final_test_accuracy"]
+    log_a = [json.loads(x) for x in (ref_dir / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log_b] == [1, 2, 3]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [r[key] for r in log_a] == [r[key] for r in log_b]
 
 
-def test_resume_from_cli_and_kill_during_checkpoint_write(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_at", [2, 4, 5, 9])
+def test_resume_after_kill_is_bit_identical(tmp_path, reference, kill_at):
+    """Killed after step ``kill_at`` (between checkpoints, or at an epoch's last step before its
+    checkpoint), then resumed from the last checkpoint: every tensor of the model and the
+    optimizer, the scheduler, the log and the test accuracy equal the uninterrupted run's."""
+    cfg = _cfg(tmp_path, "killed", **RESUME_KW)
+    with pytest.raises(Killed):
+        train(cfg, on_step=_kill_at(kill_at))
+    res = train(cfg, resume=str(tmp_path / "killed"))
+    _assert_same_run(*reference, tmp_path / "killed", res)
+
+
+def test_kill_during_checkpoint_write_then_resume_from_cli(tmp_path, reference, monkeypatch):
     """A kill while a checkpoint is being written leaves the previous one intact (atomic)."""
-    ref = train(_cfg(tmp_path, "ref", epochs=2))
-    cfg = _cfg(tmp_path, "killed", epochs=2)
     import repnet.training as T
 
     real_save, calls = torch.save, {"n": 0}
 
     def dying_save(obj, path, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:  # step 0, end of epoch 1, then die while writing the next one
+        if calls["n"] == 3:  # saves: step 0, step 3, then die while writing the end of epoch 1
             with open(path, "wb") as f:
                 f.write(b"partial")
             raise Killed
@@ -144,13 +159,13 @@ def test_resume_from_cli_and_kill_during_checkpoint_write(tmp_path, monkeypatch)
 
     monkeypatch.setattr(T.torch, "save", dying_save)
     with pytest.raises(Killed):
-        train(cfg)
+        train(_cfg(tmp_path, "killed", **RESUME_KW))
     monkeypatch.setattr(T.torch, "save", real_save)
-    assert _final_state(tmp_path / "killed")["state"]["step"] == 4
+    assert _final_state(tmp_path / "killed")["state"]["step"] == 3
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.startswith(".tmp-")]
     assert main(["train", "--resume", str(tmp_path / "killed"), "--quiet"]) == 0
-    _assert_same_tensors(_final_state(tmp_path / "ref")["model"], _final_state(tmp_path / "killed")["model"])
     res = json.loads((tmp_path / "killed" / "results.json").read_text())
-    assert res["final_test_accuracy"] == ref["final_test_accuracy"]
+    _assert_same_run(*reference, tmp_path / "killed", res)
 
 
 def test_resume_refuses_changed_config(tmp_path, capsys):
@@ -181,7 +196,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
 def test_absurd_lr_stops_with_one_line(tmp_path, capsys):
     code = main(["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init",
                  "--memory", "vanilla", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-                 "--steps-per-epoch", "30", "--workers", "0", "--lr", "1e38", "--set", "lr_side=1e38",
+                 "--steps-per-epoch", "30", "--workers", "0", "--lr", "1e30", "--set", "lr_side=1e30",
                  "--quiet", "--no-profile", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
@@ -215,3 +230,24 @@ def test_select_best_on_val_reports_selected_and_final(tmp_path):
     res = train(_cfg(tmp_path, epochs=2, steps_per_epoch=2, select_best_on="val"))
     assert res["selected_on"] == "val" and res["selected_epoch"] in (1, 2)
     assert 0 <= res["test_accuracy"] <= 1 and 0 <= res["final_test_accuracy"] <= 1
+
+
+# ----------------------------------------------------------------------------- demo
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    from repnet.demo import DemoConfig, run
+
+    cfg = DemoConfig(out_dir=str(tmp_path / "demo"), methods=("repnet", "last", "linear_probe"), image_size=32,
+                     train_subset=64, test_subset=64, epochs=1, batch_size=16, memory="vanilla",
+                     profile_memory=False, progress=False)
+    res = run(cfg)
+    assert [r["method"] for r in res["rows"]] == ["repnet", "last", "linear_probe"]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in res["rows"])
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["rows"] == res["rows"] and "repnet vs last" in saved["verdict"][0]
+    assert (tmp_path / "demo" / "memory_vs_accuracy.png").stat().st_size > 1000
+
+
+def test_demo_unknown_method_is_one_line(capsys, tmp_path):
+    assert main(["demo", "--methods", "repnet,nope", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown method 'nope'") and len(err.splitlines()) == 1

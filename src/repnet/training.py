@@ -610,12 +610,20 @@ def memory_profile(cfg: TrainConfig, num_classes: int, device: torch.device) -> 
         return {k: None for k in MEMORY_KEYS}
     from .api import get_model
 
+    error = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = get_model(cfg.backbone, cfg.method, num_classes, image_size=cfg.image_size, pretrained=False,
                           memory=cfg.memory, **cfg.options).to(device)
-        rec = profile(model, batch_size=cfg.batch_size, image_size=cfg.image_size)
+        try:
+            rec = profile(model, batch_size=cfg.batch_size, image_size=cfg.image_size)
+        except Exception as e:  # noqa: BLE001 - keep the analytic / kept figures if the peak run fails
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+            rec = profile(model, batch_size=cfg.batch_size, image_size=cfg.image_size, peak=False)
     out = {k: rec.get(k) for k in MEMORY_KEYS}
     out["memory_batch_size"] = cfg.batch_size
+    out["peak_kind"] = rec.get("peak_kind")
+    if error:
+        out["memory_profile_error"] = f"peak measurement failed: {error}"
     return out
 
 

@@ -75,27 +75,31 @@ def is_quantized(m: nn.Module) -> bool:
 def kmeans_codebook(w: torch.Tensor, k: int = 256, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D k-means of ``w``'s values: (uint8 codes shaped like ``w``, sorted codebook of ``k``).
 
-    Assignment is to the nearest centroid (bucketize against the midpoints of the sorted
-    centroids); a tensor with at most ``k`` distinct values is represented exactly.
+    Deep Compression's recipe: linear initialisation over [min, max], then Lloyd iterations.
+    In 1-D the clusters are contiguous runs of the sorted values, so one iteration is ``k``
+    binary searches plus prefix sums. Assignment is to the
+    nearest centroid; a tensor with at most ``k`` distinct values is represented exactly.
     """
-    flat = w.detach().reshape(-1).to(torch.float64)
-    uniq = torch.unique(flat)
-    if uniq.numel() <= k:
-        cent = torch.cat([uniq, uniq[-1:].expand(k - uniq.numel())])
+    flat = w.detach().reshape(-1).to(torch.float64).cpu()
+    srt = flat.sort().values
+    distinct = torch.cat([srt[:1], srt[1:][srt[1:] != srt[:-1]]])
+    if distinct.numel() <= k:
+        cent = torch.cat([distinct, distinct[-1:].expand(k - distinct.numel())])
     else:
-        srt = flat.sort().values
-        pos = torch.linspace(0, srt.numel() - 1, k, dtype=torch.float64).round().long()
-        cent = srt[pos]
+        csum = torch.cat([srt.new_zeros(1), srt.cumsum(0)])
+        n = srt.numel()
+        cent = torch.linspace(float(srt[0]), float(srt[-1]), k, dtype=torch.float64)
         for _ in range(iters):
-            idx = torch.bucketize(flat, (cent[1:] + cent[:-1]) / 2)
-            sums = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, flat)
-            counts = torch.bincount(idx, minlength=k)
-            new = torch.where(counts > 0, sums / counts.clamp(min=1), cent).sort().values
+            pos = torch.searchsorted(srt, (cent[1:] + cent[:-1]) / 2, right=True)
+            lo = torch.cat([pos.new_zeros(1), pos])
+            hi = torch.cat([pos, pos.new_full((1,), n)])
+            counts = (hi - lo).to(torch.float64)
+            new = torch.where(counts > 0, (csum[hi] - csum[lo]) / counts.clamp(min=1), cent).sort().values
             if torch.equal(new, cent):
                 break
             cent = new
     idx = torch.bucketize(flat, (cent[1:] + cent[:-1]) / 2)
-    return idx.to(torch.uint8).view(w.shape), cent.to(w.dtype)
+    return idx.to(torch.uint8).view(w.shape).to(w.device), cent.to(device=w.device, dtype=w.dtype)
 
 
 def _quantize_module(m: nn.Module, scheme: str) -> None:

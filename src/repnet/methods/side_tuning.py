@@ -12,7 +12,9 @@ ever enters it. A light side network reads its features one-way at the taps (the
   = 1/4 by default: LST's reduction factor, applied per tap);
 * ``M_j``: the Rep-Net module (:class:`~repnet.methods.repnet.RepNetModule`: AvgPool 2, WS-conv
   k x k groups 2, BN, ReLU, WS-conv 1x1, BN with gamma 0, bilinear resize) from ``w_{j-1}`` to
-  ``w_j``; ``M_0`` reads the image pooled to half size, as Rep-Net's first module does;
+  ``w_j``; ``M_0`` reads the image pooled to half size, as Rep-Net's first module does; their
+  last gamma starts at 1 (not 0 as in Rep-Net): a zero there would block the gradient along
+  the chain, which would then open only one link per optimiser step;
 * ``Up``: a linear map ``w_last -> num_features``, zero-initialised, so that at initialisation
   the model computes exactly the frozen backbone with the new head (LST instead mixes the side
   and backbone states with learned gates at every layer; a single additive join at the
@@ -67,7 +69,9 @@ class SideTuning(TransferModel):
             mid = make_divisible8(cin)
             g = 1 if j == 0 or cin % o.groups or mid % o.groups else o.groups
             k = o.kernel or (3 if max(info.out_size) <= 7 else 5)
-            mods.append(RepNetModule(cin, widths[j], k, g, mid, pool=4 if j == 0 else 2))
+            mod = RepNetModule(cin, widths[j], k, g, mid, pool=4 if j == 0 else 2)
+            nn.init.ones_(mod.bn2.weight)  # the zero-initialised ``up`` already starts the model as the backbone;
+            mods.append(mod)  # a zero gamma here would cut the chain's gradient (one link opens per step)
             downs.append(Down(info.out_channels, widths[j]))
         self.side = nn.ModuleList(mods)
         self.down = nn.ModuleList(downs)
