@@ -72,3 +72,17 @@ def test_cli_errors_are_one_line(capsys, argv, msg):
     assert main(argv + ["--image-size", "64", "--no-measure", "--no-peak"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(msg) and err.count("\n") == 1
+
+
+def test_cli_profile_writes_contract_keys(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert main(["profile", "--backbone", "proxylessnas_mobile", "--method", "repnet", "--image-size", "64",
+                 "--batch-size", "2", "--num-classes", "10", "--no-peak", "--json", str(path)]) == 0
+    rec = json.loads(path.read_text())
+    for key in ("backbone", "method", "image_size", "batch_size", "trainable_params", "total_params",
+                "analytic_mb", "analytic_saved_mb", "measured_saved_mb", "peak_mb"):
+        assert key in rec
+    assert rec["peak_mb"] is None and rec["measured_saved_mb"] > 0 and rec["analytic_mb"] > rec["analytic_saved_mb"]
+    m = repnet.get_model("proxylessnas_mobile", "repnet", 10, image_size=64, pretrained=False)
+    assert rec["trainable_params"] == m.param_counts()[0]
+    assert "analytic MB" in capsys.readouterr().out

@@ -401,7 +401,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     if resume:
         if not ckpt_path.is_file():
             raise RepnetError(f"cannot resume: no checkpoint.pt in {run_dir}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     else:
         if ckpt_path.exists():
             raise RepnetError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, or pick --out")
@@ -439,8 +439,10 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
 
     # ---- the training state (everything a checkpoint must restore)
     # (``elapsed`` = wall time of earlier sessions; this session's is added when saving)
-    st = {"epoch": 0, "batch": 0, "step": 0, "best_val": None, "best_val_epoch": None, "best_test": None,
-          "best_test_epoch": None, "epoch_stats": [0.0, 0, 0], "elapsed": 0.0, "train_time": 0.0, "images": 0}
+    st = {"epoch": 0, "batch": 0, "step": 0,  # epochs done, batches done in the current epoch, steps done
+          "last_val": None, "best_val": None, "best_val_epoch": None, "best_test": None, "best_test_epoch": None,
+          "epoch_stats": [0.0, 0, 0],  # loss sum, correct, images of the current epoch so far
+          "elapsed": 0.0, "train_time": 0.0, "images": 0}
 
     def save_checkpoint() -> None:
         if not _all_finite(model.trainable_state_dict().values()):
@@ -533,6 +535,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         if val_loader is not None:
             v = evaluate(model, val_loader, device)
             rec.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+            st["last_val"] = v["accuracy"]
             if st["best_val"] is None or v["accuracy"] > st["best_val"]:
                 st["best_val"], st["best_val_epoch"] = v["accuracy"], epoch + 1
                 if cfg.select_best_on == "val":
@@ -559,6 +562,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         "final_test_accuracy": final["accuracy"],
         "test_accuracy": final["accuracy"],
         "final_test_loss": final["loss"],
+        "final_val_accuracy": st["last_val"],
         "best_val_accuracy": st["best_val"],
         "best_val_epoch": st["best_val_epoch"],
         "selected_on": cfg.select_best_on,

@@ -565,7 +565,6 @@ def remove_engine(model: nn.Module) -> nn.Module:
         old = _UNSWAP.get(type(m))
         if old is not None:
             m.__class__ = old
-            m.__dict__.pop("_step_backward", None)
     return model
 
 

@@ -199,7 +199,9 @@ def measure_peak_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     os.close(fd)
     try:
         torch.save({"model": model, "x": inputs, "y": targets, "threads": threads or torch.get_num_threads()}, path)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        # the child sees the same import path, so classes defined next to the caller unpickle
+        path_env = os.pathsep.join(p for p in sys.path if p)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=path_env)
         r = subprocess.run([sys.executable, "-c", _CHILD, path], capture_output=True, text=True,
                            env=env, timeout=timeout)
     finally:

@@ -72,7 +72,7 @@ def is_quantized(m: nn.Module) -> bool:
     return type(m) in _UNQUANT
 
 
-def kmeans_codebook(w: torch.Tensor, k: int = 256, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_codebook(w: torch.Tensor, k: int = 256, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D k-means of ``w``'s values: (uint8 codes shaped like ``w``, sorted codebook of ``k``).
 
     Deep Compression's recipe: linear initialisation over [min, max], then Lloyd iterations.
@@ -94,7 +94,9 @@ def kmeans_codebook(w: torch.Tensor, k: int = 256, iters: int = 30) -> tuple[tor
             lo = torch.cat([pos.new_zeros(1), pos])
             hi = torch.cat([pos, pos.new_full((1,), n)])
             counts = (hi - lo).to(torch.float64)
-            new = torch.where(counts > 0, (csum[hi] - csum[lo]) / counts.clamp(min=1), cent).sort().values
+            # stays sorted: cluster means follow their runs, an empty cluster keeps its old
+            # centroid, which lies between its neighbours' new means
+            new = torch.where(counts > 0, (csum[hi] - csum[lo]) / counts.clamp(min=1), cent)
             if torch.equal(new, cent):
                 break
             cent = new

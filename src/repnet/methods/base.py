@@ -1,13 +1,14 @@
 """What every transfer-learning method shares.
 
 A :class:`TransferModel` is a frozen :class:`~repnet.backbones.Backbone`, a new classifier
-head, and whatever small trainable modules a method adds. Methods differ in three
+head, and whatever small trainable modules a method adds. Methods differ in four
 places only, each a method to override:
 
 * ``build()`` - create the method's own modules and attach them to backbone blocks with
   ``self.attach(block_index, fn)`` (a forward hook: ``fn(x_in, out) -> new out``),
 * ``trainable_backbone_parameters()`` - which backbone tensors train (biases, norms, ...),
-* ``prepare_input(img)`` - anything done to the image before the backbone.
+* ``prepare_input(img)`` - anything done to the image before the backbone,
+* ``join_pre_logits(feats)`` - anything joined to the pre-logit features before the head.
 
 Data flows image -> backbone blocks (hooks add the side outputs) -> pre-logits -> head.
 """
@@ -112,6 +113,10 @@ class TransferModel(nn.Module):
     def prepare_input(self, img: torch.Tensor) -> torch.Tensor:
         return img
 
+    def join_pre_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """Anything joined to the backbone's pre-logits before the head (default: nothing)."""
+        return feats
+
     def side_modules(self) -> list[nn.Module]:
         """The method's added modules (trained at ``lr_side``; the head and backbone tensors at ``lr``)."""
         return [m for n, m in self.named_children() if n not in ("backbone", "head")]
@@ -155,7 +160,7 @@ class TransferModel(nn.Module):
         try:
             x = self.prepare_input(img)
             fmap = self.backbone.forward_features(x)
-            return self.head(self.backbone.forward_pre_logits(fmap))
+            return self.head(self.join_pre_logits(self.backbone.forward_pre_logits(fmap)))
         finally:
             self._state = {}
 

@@ -16,10 +16,13 @@ modules run (one probe forward): the next leaf module called after the norm, ski
 dropout / drop-path, is a ReLU-like activation (this also covers timm's ``BatchNormAct2d``, whose
 activation is its own child). No per-backbone code.
 
-Implementation: the step backward is a pair of hooks on each activation module of the
-fine-tuned region, active only inside ``TransferModel.forward``: the pre-hook keeps the mask
-``x >= 0`` and lets the activation run on ``x.detach()`` (so it records no graph); the forward
-hook reconnects its output to ``x`` through :class:`StepBackward`.
+Implementation: each activation of the fine-tuned region gets the memory engine's
+``_step_backward`` switch (``repnet.memory.engine``: ReLU / ReLU6 / Hardtanh / Hardswish keep a
+bit-packed step mask once the engine is applied, ``memory="engine"``) and a pair of hooks that do
+the same wherever the engine does not (``memory="vanilla"``, SiLU / GELU / ...), active only
+inside ``TransferModel.forward``: the pre-hook keeps the mask ``x >= 0`` (one byte per element)
+and lets the activation run on ``x.detach()`` (so it records no graph); the forward hook
+reconnects its output to ``x`` through :class:`StepBackward`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """LST-style detached side network (after Sung et al., "Ladder Side-Tuning", NeurIPS 2022).
 
-The backbone runs under ``torch.no_grad()``: nothing of it is kept for backward and no gradient
-ever enters it. A light side network reads its features one-way at the taps (the stage starts,
+Nothing in the backbone requires grad and the taps read detached features, so autograd records
+no graph through the backbone: nothing of it is kept for backward and no gradient ever enters it. A light side network reads its features one-way at the taps (the stage starts,
 ``Backbone.stage_starts``), and its output joins the backbone's pre-logits before the head::
 
     h_0 = Down_0(f_0) + M_0(AvgPool2(image))          f_j = backbone feature after tap j (detached)
@@ -20,8 +20,11 @@ ever enters it. A light side network reads its features one-way at the taps (the
   and backbone states with learned gates at every layer; a single additive join at the
   pre-logits keeps the backbone's forward untouched and the design one-way).
 
-Trainable: the side network and the head. No backbone tensor trains (backbone norms use their
-frozen statistics unless ``bn=batch``, which updates running statistics without gradients).
+Trainable: the side network and the head, except the norm biases that shape ``h_j`` for
+``j < last`` (``h_j`` only feeds ``M_{j+1}``, whose batch-normalised conv removes any
+per-channel constant, so those biases would get no gradient; they stay 0). No backbone tensor
+trains (backbone norms use their frozen statistics unless ``bn=batch``, which updates running
+statistics without gradients).
 """
 from __future__ import annotations
 
@@ -70,8 +73,10 @@ class SideTuning(TransferModel):
             g = 1 if j == 0 or cin % o.groups or mid % o.groups else o.groups
             k = o.kernel or (3 if max(info.out_size) <= 7 else 5)
             mod = RepNetModule(cin, widths[j], k, g, mid, pool=4 if j == 0 else 2)
-            nn.init.ones_(mod.bn2.weight)  # the zero-initialised ``up`` already starts the model as the backbone;
-            mods.append(mod)  # a zero gamma here would cut the chain's gradient (one link opens per step)
+            # ``up`` (zero-initialised) already starts the model as the backbone; a zero gamma
+            # here too would cut the chain's gradient (one link would open per optimiser step)
+            nn.init.ones_(mod.bn2.weight)
+            mods.append(mod)
             downs.append(Down(info.out_channels, widths[j]))
         self.side = nn.ModuleList(mods)
         self.down = nn.ModuleList(downs)
@@ -81,22 +86,21 @@ class SideTuning(TransferModel):
         for j, b in enumerate(self.taps):
             self.attach(b, functools.partial(self._tap, j))
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        # as TransferModel.forward, with the backbone under no_grad and the side output joined
-        # to the pre-logits (the side network itself runs with the caller's grad mode, in _tap)
-        self._state = {"image": img, "grad": torch.is_grad_enabled()}
-        try:
-            with torch.no_grad():
-                x = self.prepare_input(img)
-                feats = self.backbone.forward_pre_logits(self.backbone.forward_features(x))
-            side = self.up(torch.flatten(F.adaptive_avg_pool2d(self._state["h"], 1), 1))
-            return self.head(feats + side)
-        finally:
-            self._state = {}
+    def mark_trainable(self) -> None:
+        super().mark_trainable()
+        # a per-channel constant added to h_j (j < last) only enters M_{j+1}, whose batch-normalised
+        # conv removes it: those biases would get no gradient; they stay 0
+        for j in range(len(self.taps) - 1):
+            self.down[j][1].bias.requires_grad_(False)
+            self.side[j].bn2.bias.requires_grad_(False)
+
+    def join_pre_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        # nothing in the backbone requires grad and the taps read detached features, so
+        # autograd records no graph through the backbone: zero backprop through it
+        return feats + self.up(torch.flatten(F.adaptive_avg_pool2d(self._state["h"], 1), 1))
 
     def _tap(self, j: int, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(self._state["grad"]):
-            f = out.detach()
-            src = F.avg_pool2d(self._state["image"], 2) if j == 0 else self._state["h"]
-            self._state["h"] = self.down[j](f) + self.side[j](src, f.shape[-2:])
+        f = out.detach()
+        src = F.avg_pool2d(self._state["image"], 2) if j == 0 else self._state["h"]
+        self._state["h"] = self.down[j](f) + self.side[j](src, f.shape[-2:])
         return out  # one-way: the backbone's own feature goes on unchanged

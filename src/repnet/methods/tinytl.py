@@ -50,7 +50,8 @@ class LiteResidual(RepNetModule):
         self.conv1.stride = (stride, stride)
 
 
-def lite_residual_kernels(strides: list[int], max_kernel: int = 5, start: int = NOMINAL_RESOLUTION) -> list[tuple[int, int]]:
+def lite_residual_kernels(strides: list[int], max_kernel: int = 5,
+                          start: int = NOMINAL_RESOLUTION) -> list[tuple[int, int]]:
     """(kernel, pool) per block from the blocks' strides, by TinyTL's nominal-resolution rule."""
     out, res = [], start
     for s in strides:

@@ -1,0 +1,215 @@
+"""Memory benchmark: every registered method, memory engine vs plain PyTorch.
+
+For each backbone (default: mobilenet_v2, proxylessnas_mobile) at 224 px, batch 8,
+102 classes, and each method in ``repnet.METHODS``, in both execution modes
+(``memory="engine"``, the default, and ``memory="vanilla"``):
+
+* analytic: the papers' figure (SPEC §7: peak activation x batch + params) and what the
+  rules say is kept for backward (+ frozen norms with batch statistics, reported apart),
+* measured kept-for-backward: every tensor autograd saves in one training forward
+  (``repnet.memory.measure_saved_bytes``),
+* measured peak of one full training step (forward, backward, Adam step) beyond what was
+  resident before it: CUDA allocator peak, or on CPU the peak-RSS increase of a fresh
+  subprocess (coarse),
+* training step time (forward + backward + Adam step), mean of ``--steps`` steps after
+  ``--warmup``; engine and vanilla steps are interleaved so that machine noise hits both.
+
+Targets: measured kept <= 1.15 x analytic kept (repnet, bias, tinytl_lb, last), engine step
+time <= 1.2 x vanilla. Writes a JSON (every figure + the exact command) and a bar chart:
+
+    python benchmarks/memory_bench.py                       # -> benchmarks/results/memory_cpu.{json,png}
+    python benchmarks/memory_bench.py --device cuda --out benchmarks/results/memory_gpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import repnet
+from repnet.memory import analyze, measure_peak_bytes, measure_saved
+
+TARGET_METHODS = ("repnet", "bias", "tinytl_lb", "last")
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def step_times(models: dict, x, y, steps: int, warmup: int) -> dict:
+    """Mean / median seconds per training step for each model, steps interleaved."""
+    opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+    for m in models.values():
+        m.train()
+    times = {k: [] for k in models}
+    for i in range(warmup + steps):
+        for k, m in models.items():
+            _sync(x.device)
+            t = time.perf_counter()
+            _train_step(m, opts[k], x, y)
+            _sync(x.device)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t)
+    return {k: {"mean_s": statistics.mean(v), "median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
+
+
+def bench_method(backbone, method, args, dev) -> dict:
+    rec = {"backbone": backbone, "method": method, "image_size": args.image_size, "batch_size": args.batch_size}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(dev)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(dev)
+    models = {}
+    for mode in ("engine", "vanilla"):
+        torch.manual_seed(0)
+        models[mode] = repnet.get_model(backbone, method, args.num_classes, image_size=args.image_size,
+                                        pretrained=False, memory=mode).to(dev)
+    a = analyze(models["engine"], args.image_size)
+    b = args.batch_size
+    rec.update(trainable_params=a.trainable_params, total_params=a.total_params, analytic_mb=a.total_mb(b),
+               analytic_saved_mb=a.saved_mb(b), analytic_frozen_bn_extra_mb=a.frozen_bn_extra_mb(b),
+               bn=models["engine"].options.bn)
+    for mode, m in models.items():
+        saved = measure_saved(m, x, lambda o: nn.functional.cross_entropy(o, y))
+        rec[f"{mode}_measured_saved_mb"] = saved.bytes / 1e6
+        peak = None if args.no_peak else measure_peak_bytes(m, x, y)
+        rec[f"{mode}_peak_mb"] = None if peak is None else peak / 1e6
+    kept_ref = a.saved_mb(b) + a.frozen_bn_extra_mb(b)
+    rec["engine_kept_over_analytic"] = rec["engine_measured_saved_mb"] / kept_ref if kept_ref else None
+    if args.steps > 0:
+        t = step_times(models, x, y, args.steps, args.warmup)
+        rec["engine_step_s"], rec["vanilla_step_s"] = t["engine"]["mean_s"], t["vanilla"]["mean_s"]
+        rec["engine_step_median_s"], rec["vanilla_step_median_s"] = t["engine"]["median_s"], t["vanilla"]["median_s"]
+        rec["engine_over_vanilla_time"] = t["engine"]["mean_s"] / t["vanilla"]["mean_s"]
+    return rec
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = sorted({r["backbone"] for r in rows})
+    series = [("analytic_mb", "analytic total (paper)"), ("analytic_saved_mb", "analytic kept"),
+              ("engine_measured_saved_mb", "measured kept, engine"), ("vanilla_measured_saved_mb", "measured kept, PyTorch"),
+              ("engine_peak_mb", "peak, engine"), ("vanilla_peak_mb", "peak, PyTorch")]
+    fig, axes = plt.subplots(len(backbones), 1, figsize=(13, 4.2 * len(backbones)), squeeze=False)
+    for ax, bb in zip(axes[:, 0], backbones):
+        rs = [r for r in rows if r["backbone"] == bb and "error" not in r]
+        width = 0.8 / len(series)
+        for k, (key, name) in enumerate(series):
+            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(rs))]
+            ax.bar(xs, [max(r.get(key) or 0.0, 1e-2) for r in rs], width, label=name)
+        ax.set_xticks(range(len(rs)), [r["method"] for r in rs], fontsize=8, rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel("MB (1e6 bytes)")
+        ax.set_title(f"{bb}: {title}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("backbone", "backbone", 19), ("method", "method", 20), ("analytic_mb", "paper MB", 8),
+            ("analytic_saved_mb", "kept(an)", 8), ("analytic_frozen_bn_extra_mb", "+bnB(an)", 8),
+            ("engine_measured_saved_mb", "kept(eng)", 9), ("vanilla_measured_saved_mb", "kept(van)", 9),
+            ("engine_kept_over_analytic", "eng/an", 6), ("engine_peak_mb", "peak(eng)", 9),
+            ("vanilla_peak_mb", "peak(van)", 9), ("engine_step_s", "step eng", 8), ("vanilla_step_s", "step van", 8),
+            ("engine_over_vanilla_time", "t e/v", 5)]
+    print("  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (_, h, w) in enumerate(cols)))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['backbone']:<19}  {r['method']:<20}  error: {r['error']}")
+            continue
+        cells = []
+        for i, (k, _, w) in enumerate(cols):
+            v = r.get(k)
+            s = "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+            cells.append(s.rjust(w) if i > 1 else s.ljust(w))
+        print("  ".join(cells))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbones", default="mobilenet_v2,proxylessnas_mobile")
+    p.add_argument("--methods", default="all", help="comma list or 'all' (every registered method)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=102)
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per mode (0: no timing)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-peak", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="benchmarks/results/memory_cpu", help="output stem (.json, .png)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    methods = list(repnet.METHODS) if args.methods == "all" else args.methods.split(",")
+    rows = []
+    t0 = time.time()
+    for bb in args.backbones.split(","):
+        for m in methods:
+            t = time.time()
+            try:
+                rec = bench_method(bb, m, args, dev)
+            except Exception as e:  # noqa: BLE001 - a method that cannot be profiled is reported, not fatal
+                rec = {"backbone": bb, "method": m, "error": f"{type(e).__name__}: {e}"}
+            rec["bench_s"] = time.time() - t
+            rows.append(rec)
+            print(f"[{time.time() - t0:7.1f}s] {bb} {m}: " + ("error " + rec["error"] if "error" in rec else
+                  f"kept eng {rec['engine_measured_saved_mb']:.2f} MB / analytic {rec['analytic_saved_mb']:.2f} MB, "
+                  f"vanilla {rec['vanilla_measured_saved_mb']:.2f} MB"), flush=True)
+    checks = []
+    for r in rows:
+        if "error" in r:
+            continue
+        if r["method"] in TARGET_METHODS and r.get("engine_kept_over_analytic") is not None:
+            checks.append({"check": f"{r['backbone']}/{r['method']}: measured kept <= 1.15 x analytic kept",
+                           "value": r["engine_kept_over_analytic"], "ok": r["engine_kept_over_analytic"] <= 1.15})
+        if r.get("engine_over_vanilla_time") is not None:
+            checks.append({"check": f"{r['backbone']}/{r['method']}: engine step <= 1.2 x vanilla",
+                           "value": r["engine_over_vanilla_time"], "ok": r["engine_over_vanilla_time"] <= 1.2})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+            "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "repnet": repnet.__version__, "total_s": time.time() - t0,
+            "peak_kind": None if args.no_peak else ("cuda-allocator" if dev.type == "cuda" else "cpu-rss (coarse)"),
+            "notes": "MB = 1e6 bytes; analytic per SPEC §7; 'kept' = saved for backward; pretrained=False "
+                     "(memory does not depend on the weights)"}
+    with open(out.with_suffix(".json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=2)
+    plot(rows, out.with_suffix(".png"), f"{args.image_size}px, batch {args.batch_size}, {args.num_classes} classes")
+    print()
+    print_table(rows)
+    print()
+    for c in checks:
+        print(f"{'ok  ' if c['ok'] else 'MISS'} {c['check']}: {c['value']:.3f}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
