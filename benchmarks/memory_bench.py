@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-classes", type=int, default=102)
-    p.add_argument("--steps", type=int, default=4, help="timed training steps per mode (0: no timing)")
+    p.add_argument("--steps", type=int, default=6, help="timed training steps per mode (0: no timing)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-peak", action="store_true")
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
             try:
                 rec = bench_method(bb, m, args, dev)
             except Exception as e:  # noqa: BLE001 - a method that cannot be profiled is reported, not fatal
-                rec = {"backbone": bb, "method": m, "error": f"{type(e).__name__}: {e}"}
+                last = (str(e).strip().splitlines() or [""])[-1]
+                rec = {"backbone": bb, "method": m, "error": f"{type(e).__name__}: {last}"}
             rec["bench_s"] = time.time() - t
             rows.append(rec)
             print(f"[{time.time() - t0:7.1f}s] {bb} {m}: " + ("error " + rec["error"] if "error" in rec else

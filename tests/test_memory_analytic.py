@@ -99,17 +99,7 @@ def test_reproduces_tinytl_published_memory(size, published):
     assert rep.frozen_bn_extra_bytes == 0  # frozen statistics by default
 
 
-def _ratio_case(method):
-    marks = ()
-    if method in ("repnet", "tinytl_lb"):
-        marks = pytest.mark.xfail(strict=False, reason=(
-            "RepNetModule pools with F.avg_pool2d, which keeps its input for backward; "
-            "repnet.memory.engine.avg_pool2d keeps nothing"))
-    return pytest.param(method, marks=marks)
-
-
-@pytest.mark.parametrize("method", [_ratio_case(m) for m in ("bias", "last", "repnet", "tinytl_lb")
-                                    if m in repnet.METHODS])
+@pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb") if m in repnet.METHODS])
 def test_engine_keeps_what_the_rules_say(method):
     m = repnet.get_model("proxylessnas_mobile", method, 10, image_size=64, pretrained=False)
     rep = analyze(m, 64)

@@ -236,7 +236,7 @@ def test_tinytl_structure_on_proxyless():
     assert [mod.conv1.kernel_size[0] for mod in m.lite] == [5] * 15 + [3] * 4  # blocks 18-21 use 3
     infos = m.backbone.describe(224)
     for b, mod in zip(m.lite_blocks, m.lite):
-        assert mod.conv1.stride[0] == infos[b].stride and mod.conv1.groups == 2 and mod.pool == 2
+        assert mod.conv1.stride[0] == infos[b].stride and mod.conv1.groups == 2 and mod.pool.kernel_size == 2
         assert mod.conv1.in_channels == infos[b].in_channels and mod.conv2.out_channels == infos[b].out_channels
         assert mod.bn1.eps == 1e-3 and torch.count_nonzero(mod.bn2.weight) == 0
     assert not m.lite[0].bn2.bias.requires_grad and m.lite[0].bn2.weight.requires_grad

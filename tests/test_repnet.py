@@ -29,7 +29,7 @@ def test_module_shapes_follow_spec():
     assert (mod.conv1.in_channels, mod.conv1.out_channels, mod.conv2.out_channels) == (80, 80, 96)
     assert mod.bn1.eps == 1e-3 and mod.bn2.eps == 1e-3
     assert torch.count_nonzero(mod.bn2.weight) == 0
-    assert m.repnet[0].pool == 4 and m.repnet[1].pool == 2
+    assert m.repnet[0].pool.kernel_size == 4 and m.repnet[1].pool.kernel_size == 2
 
 
 @pytest.mark.parametrize("backbone", ["proxylessnas_mobile", "mobilenet_v2"])

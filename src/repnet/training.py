@@ -58,7 +58,8 @@ class TrainConfig:
     dataset: str = _f("fashion_mnist", "dataset name (see `repnet list`), or imagefolder:<path>")
     data_root: str | None = _f(None, "where the dataset lives on disk (default: the data layer's)")
     download: bool = _f(False, "let torchvision download the dataset when it is missing (online only)")
-    backbone: str = _f("proxylessnas_mobile", "backbone name (see `repnet list`)")
+    backbone: str = _f("mobilenet_v2", "backbone name (see `repnet list`); the paper's is proxylessnas_mobile "
+                       "(needs --weights: no offline checkpoint exists)")
     weights: str | None = _f(None, "backbone checkpoint file/URL (default: the offline ImageNet weights)")
     random_init: bool = _f(False, "randomly initialised backbone (tests only)")
     method: str = _f("repnet", "transfer method (see `repnet list`)")
@@ -663,8 +664,9 @@ def configure_train_parser(p: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "the recipe's" if key in ("lr", "lr_side", "label_smoothing") else default
         choices = f.metadata.get("choices")
+        text = f.metadata["help"] if "default" in f.metadata["help"] else f"{f.metadata['help']} (default: {shown})"
         p.add_argument(flag, dest=key, default=None, choices=choices, metavar=None if choices else key.upper(),
-                       help=f"{f.metadata['help']} (default: {shown})")
+                       help=text)
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable); see `repnet list -v`")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable), e.g. --set download=true")
     p.add_argument("--config", metavar="YAML", help="a config file (e.g. a run's config.yaml); flags override it")

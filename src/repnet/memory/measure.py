@@ -20,7 +20,7 @@ backward, Adam ``step``), minus what was resident before the step:
   (created by this first step). Excluded: the CUDA context, the model's weights and
   buffers and the input batch (resident before the step), cached-but-free allocator blocks.
 * CPU: the step runs in a fresh subprocess (the model is pickled to a temporary file).
-  After one warm-up forward/backward at batch 1 (library initialisation, kernel caches),
+  After one warm-up forward/backward on 2 samples (library initialisation, kernel caches),
   gradients are cleared, the kernel's peak-RSS counter is reset
   (``/proc/self/clear_refs``) and ``VmRSS`` read as the baseline; after the step,
   ``VmHWM - baseline`` is reported. glibc is told to return large blocks to the OS
@@ -159,9 +159,11 @@ def _child_main(path: str) -> dict:
     model, x, y = blob["model"], blob["x"], blob["y"]
     torch.set_num_threads(blob["threads"])
     model.train()
-    # warm-up at batch 1 (kernel / thread-pool initialisation), then forget it
-    out = model(x[:1])
-    loss = nn.functional.cross_entropy(out, y[:1]) if out.dim() == 2 else out.float().sum()
+    # warm-up on a small batch (kernel / thread-pool initialisation), then forget it; two
+    # samples, so that norms using batch statistics accept 1x1 feature maps
+    xs, ys = x[:2], y[:2]
+    out = model(xs)
+    loss = nn.functional.cross_entropy(out, ys) if out.dim() == 2 else out.float().sum()
     if loss.requires_grad:
         loss.backward()
     del out, loss

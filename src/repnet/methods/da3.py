@@ -47,7 +47,7 @@ class AttentionAdaptor(nn.Module):
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, pool: int = 2, reduction: int = 4):
         super().__init__()
-        self.pool = pool
+        self.pool = nn.AvgPool2d(pool) if pool > 1 else None
         hidden = make_divisible8(max(1, round(cin / reduction)))
         self.dw = nn.Conv2d(cin, cin, kernel, padding=kernel // 2, groups=cin, bias=False)
         self.bn1 = nn.BatchNorm2d(cin, eps=1e-3)
@@ -64,9 +64,8 @@ class AttentionAdaptor(nn.Module):
         return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        k = min(self.pool, x.shape[-2], x.shape[-1])
-        if k > 1:
-            x = F.avg_pool2d(x, k)
+        if self.pool is not None and min(x.shape[-2:]) >= self.pool.kernel_size:
+            x = self.pool(x)  # a module: the memory engine makes its backward keep nothing
         return self.bn2(self.pw(self.act(self.bn1(self.dw(x)))))
 
     def forward(self, x: torch.Tensor, size, skip_threshold: float = 0.0) -> torch.Tensor | None:

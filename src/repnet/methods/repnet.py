@@ -47,7 +47,8 @@ class RepNetModule(nn.Module):
 
     def __init__(self, cin: int, cout: int, kernel: int, groups: int, mid: int, pool: int):
         super().__init__()
-        self.pool = pool
+        # a module (not F.avg_pool2d) so that the memory engine makes its backward keep nothing
+        self.pool = nn.AvgPool2d(pool) if pool > 1 else None
         self.conv1 = StdConv2d(cin, mid, kernel, groups=groups, bias=False, eps=1e-5)
         self.bn1 = nn.BatchNorm2d(mid, eps=1e-3)
         self.act = nn.ReLU(inplace=True)
@@ -58,9 +59,8 @@ class RepNetModule(nn.Module):
         nn.init.zeros_(self.bn2.weight)  # the network starts as the backbone
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        k = min(self.pool, x.shape[-2], x.shape[-1])
-        if k > 1:
-            x = F.avg_pool2d(x, k)
+        if self.pool is not None and min(x.shape[-2:]) >= self.pool.kernel_size:
+            x = self.pool(x)  # (skipped on maps smaller than the pool: tiny test resolutions)
         x = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
