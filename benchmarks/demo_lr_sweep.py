@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
             tc.out_dir = str(Path(args.runs_dir) / f"{method}-lr{lr:g}-side{lr_side:g}")
             done = Path(tc.out_dir) / "results.json"
             res = json.loads(done.read_text()) if done.is_file() else train(tc)  # a finished run is reused
-            row = {"method": method, "lr": lr, "lr_side": lr_side, "final_val_accuracy": res["final_val_accuracy"],
+            log = [json.loads(line) for line in (Path(tc.out_dir) / "log.jsonl").read_text().splitlines()]
+            row = {"method": method, "lr": lr, "lr_side": lr_side, "final_val_accuracy": log[-1]["val_accuracy"],
                    "best_val_accuracy": res["best_val_accuracy"], "wall_time_s": res["wall_time_s"]}
             print(json.dumps(row), flush=True)
             runs.append(row)

@@ -107,7 +107,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     backbones = sorted({r["backbone"] for r in rows})
     series = [("analytic_mb", "analytic total (paper)"), ("analytic_saved_mb", "analytic kept"),
-              ("engine_measured_saved_mb", "measured kept, engine"), ("vanilla_measured_saved_mb", "measured kept, PyTorch"),
+              ("engine_measured_saved_mb", "measured kept, engine"),
+              ("vanilla_measured_saved_mb", "measured kept, PyTorch"),
               ("engine_peak_mb", "peak, engine"), ("vanilla_peak_mb", "peak, PyTorch")]
     fig, axes = plt.subplots(len(backbones), 1, figsize=(13, 4.2 * len(backbones)), squeeze=False)
     for ax, bb in zip(axes[:, 0], backbones):
@@ -121,8 +122,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("MB (1e6 bytes)")
         ax.set_title(f"{bb}: {title}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -99,12 +99,16 @@ def test_reproduces_tinytl_published_memory(size, published):
     assert rep.frozen_bn_extra_bytes == 0  # frozen statistics by default
 
 
-@pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb") if m in repnet.METHODS])
+@pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb", "full", "norm_last")
+                                    if m in repnet.METHODS])
 def test_engine_keeps_what_the_rules_say(method):
-    m = repnet.get_model("proxylessnas_mobile", method, 10, image_size=64, pretrained=False)
+    m = repnet.get_model("proxylessnas_mobile", method, 10, image_size=64, pretrained=False, bn="frozen")
     rep = analyze(m, 64)
     measured = measure_saved(m, torch.randn(4, 3, 64, 64)).bytes
-    assert rep.kept_bytes * 4 <= measured <= 1.15 * rep.kept_bytes * 4
+    # the rules count a tensor kept by two layers twice (e.g. a block input read by a trained
+    # conv and a side module); the engine keeps it once
+    low = 0.95 if method in ("full", "norm_last") else 1.0
+    assert low * rep.kept_bytes * 4 <= measured <= 1.15 * rep.kept_bytes * 4
 
 
 def test_frozen_bn_with_batch_statistics_is_reported_and_matches_the_engine():

@@ -169,6 +169,25 @@ def test_batchnorm_batch_stats_running_update_matches_pytorch():
         assert int(eng.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("bn_train", [False, True], ids=["bn_frozen_stats", "bn_batch_stats"])
+def test_timm_batchnorm_act(bn_train):
+    from timm.layers import BatchNormAct2d
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=nn.ReLU6), nn.Conv2d(8, 4, 1),
+                        BatchNormAct2d(4, act_layer=nn.Hardswish)).double()
+    _randomize_norms(net)
+    ref = Frozen(_freeze(net, lambda n, p: n.endswith("bias")), bn_train)
+    eng = apply_engine(copy.deepcopy(ref))
+    assert type(eng.net[1]) is E.MemBatchNormAct2d
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _assert_same_training(ref, eng, x)
+    mask = 2 * 8 * 8 * 8 // 8
+    hswish_input = 2 * 4 * 8 * 8 * 8
+    # batch statistics: each BN keeps its (float64) input and per-channel mean + invstd
+    bn_kept = (2 * 8 * 8 * 8 + 2 * 4 * 8 * 8) * 8 + (8 + 4) * 2 * 8 if bn_train else 0
+    assert measure_saved_bytes(eng, x) == mask + hswish_input + bn_kept
+
+
 def test_relu6_inplace_semantics():
     m = E.MemReLU6(inplace=True)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
@@ -365,7 +384,8 @@ def test_quantized_frozen_weights(scheme):
     m(x).sum().backward()
     assert m.head[1].weight.grad is not None and m.backbone.model.first_conv.bn.bias.grad is not None
     remove_engine(m)
-    assert not any(is_quantized(mod) for mod in m.modules()) and isinstance(m.backbone.model.first_conv.conv.weight, nn.Parameter)
+    assert not any(is_quantized(mod) for mod in m.modules())
+    assert isinstance(m.backbone.model.first_conv.conv.weight, nn.Parameter)
 
 
 def test_kmeans_codebook_exact_for_few_values_and_256_levels():

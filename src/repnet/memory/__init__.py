@@ -19,7 +19,7 @@ from .quant import quantize_frozen_weights
 
 __all__ = ["apply_engine", "remove_engine", "engine_applied", "set_step_backward", "quantize_frozen_weights",
            "analyze", "AnalyticReport", "format_breakdown", "measure_saved_bytes", "measure_saved",
-           "measure_peak_bytes", "profile"]
+           "measure_peak_bytes", "profile", "breakdown"]
 
 
 def profile(model, method: str | None = None, num_classes: int = 10, *, batch_size: int = 8,
@@ -90,3 +90,14 @@ def profile(model, method: str | None = None, num_classes: int = 10, *, batch_si
             out["peak_mb"] = b / 1e6
             out["peak_kind"] = "cuda-allocator" if x.is_cuda else "cpu-rss"
     return out
+
+
+def breakdown(model: nn.Module, image_size: int | None = None, batch_size: int = 8, top: int | None = None) -> str:
+    """The per-layer table of the analytic model (SPEC §7) for ``model``, scaled to ``batch_size``.
+
+    ``top``: only the ``top`` layers that keep the most. Example::
+
+        print(repnet.memory.breakdown(repnet.get_model("proxylessnas_mobile", "tinytl_lb", 102), 224))
+    """
+    size = image_size or int(getattr(model, "image_size", 224))
+    return format_breakdown(analyze(model, size), batch_size, top)

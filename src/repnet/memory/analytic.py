@@ -22,7 +22,13 @@ A block with an identity shortcut holds ``4|x_in|`` while it runs (backbone bloc
 ``peak = max over layers of (transient + kept by the layers before it + residual held)``,
 ``total(batch) = peak * batch + params`` with 4 B per trainable and 1 B per frozen
 parameter; MB = 1e6 bytes. This is TinyTL's profiler (mit-han-lab/tinyml), which these
-rules reproduce to the published 37.1 / 64.7 MB for TinyTL-L+B on ProxylessNAS-Mobile.
+rules reproduce to the published 37.1 / 64.7 MB for TinyTL-L+B on ProxylessNAS-Mobile
+(224 / 320 px, batch 8, 102 classes). TinyTL's other rows come out lower than published on
+our ProxylessNAS-Mobile: FT-Last 29.0 (published 30.8), TinyTL-B 29.9 (31.7), FT-Norm+Last
+183.0 (192.4), FT-Full 367.0 (390.8) MB; how those rows were configured is not known.
+
+Only modules are seen: a functional op inside a ``forward`` (``torch.sigmoid``, an
+elementwise product such as a gate) is not counted, although autograd may keep its inputs.
 
 Not in the papers' count, reported separately: a norm layer with a frozen scale that uses
 *batch* statistics (``bn="batch"``) must keep its input for backward whenever a gradient
@@ -191,12 +197,13 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
     def block_post(m, args, out):
         state["held"].pop()
 
+    residual = _residual_blocks(model, image_size)  # may run a probe forward: before any hook
     handles = []
     try:
         for m in model.modules():
             if _counted(m):
                 handles.append(m.register_forward_hook(layer_hook))
-        for b in _residual_blocks(model, image_size):
+        for b in residual:
             handles.append(b.register_forward_pre_hook(block_pre))
             # runs after the hooks already on the block (e.g. a method's side branch),
             # which still see the block input alive
