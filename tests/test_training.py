@@ -143,6 +143,16 @@ def test_resume_after_kill_is_bit_identical(tmp_path, reference, kill_at):
     _assert_same_run(*reference, tmp_path / "killed", res)
 
 
+def test_worker_processes_change_nothing(tmp_path, reference):
+    """Order and augmentation are drawn per item from (seed, epoch, index): a run with 2 loader
+    workers, killed and resumed, equals the single-process reference bit for bit."""
+    cfg = _cfg(tmp_path, "workers", workers=2, **RESUME_KW)
+    with pytest.raises(Killed):
+        train(cfg, on_step=_kill_at(6))
+    res = train(cfg, resume=str(tmp_path / "workers"))
+    _assert_same_run(*reference, tmp_path / "workers", res)
+
+
 def test_kill_during_checkpoint_write_then_resume_from_cli(tmp_path, reference, monkeypatch):
     """A kill while a checkpoint is being written leaves the previous one intact (atomic)."""
     import repnet.training as T

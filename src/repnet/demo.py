@@ -42,16 +42,15 @@ from .training import MEMORY_KEYS, TrainConfig, memory_profile, train
 DEFAULT_METHODS = ("repnet", "tinytl_lb", "bias", "last", "linear_probe", "full")
 LINEAR_PROBE = "linear_probe"
 
-#: (lr, lr_side) per method for the demo's short schedule (3 epochs, batch 32), picked on the
-#: validation split from {3e-4, 1e-3, 3e-3, 1e-2} (benchmarks/results/demo_lr_sweep.json).
+#: (lr, lr_side) per method for the demo's short schedule (3 epochs, batch 32): the best of a
+#: 3-point grid per method on the validation split (benchmarks/demo_lr_sweep.py ->
+#: benchmarks/results/demo_lr_sweep.json). Methods without a sweep use DEFAULT_LRS.
 DEMO_LRS = {
     "repnet": (1e-3, 3e-3),
     "tinytl_lb": (1e-3, 3e-3),
-    "tinytl_l": (1e-3, 3e-3),
     "bias": (1e-3, 1e-3),
     "last": (3e-3, 3e-3),
-    "norm_last": (1e-3, 1e-3),
-    "full": (3e-4, 3e-4),
+    "full": (1e-3, 1e-3),
 }
 DEFAULT_LRS = (1e-3, 3e-3)
 
