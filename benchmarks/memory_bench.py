@@ -12,7 +12,9 @@ For each backbone (default: mobilenet_v2, proxylessnas_mobile) at 224 px, batch 
   resident before it: CUDA allocator peak, or on CPU the peak-RSS increase of a fresh
   subprocess (coarse),
 * training step time (forward + backward + Adam step), mean of ``--steps`` steps after
-  ``--warmup``; engine and vanilla steps are interleaved so that machine noise hits both.
+  ``--warmup``; engine and vanilla steps are interleaved so that machine noise hits both. On
+  CPU the comparison uses the process CPU time of single-threaded steps (``--time-threads``):
+  wall-clock on a shared machine swings by tens of percent; wall-clock is recorded too.
 
 Targets: measured kept <= 1.15 x analytic kept (repnet, bias, tinytl_lb, last), engine step
 time <= 1.2 x vanilla. Writes a JSON (every figure + the exact command) and a bar chart:
@@ -52,21 +54,35 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def step_times(models: dict, x, y, steps: int, warmup: int) -> dict:
-    """Mean / median seconds per training step for each model, steps interleaved."""
+def step_times(models: dict, x, y, steps: int, warmup: int, threads: int | None = None) -> dict:
+    """Seconds per training step for each model, steps interleaved so that machine noise hits all.
+
+    Wall-clock and process CPU time are both recorded; on a shared CPU the CPU time of a
+    single-threaded step (``threads=1``) is the robust comparison, wall-clock is reported too.
+    """
     opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     for m in models.values():
         m.train()
-    times = {k: [] for k in models}
-    for i in range(warmup + steps):
-        for k, m in models.items():
-            _sync(x.device)
-            t = time.perf_counter()
-            _train_step(m, opts[k], x, y)
-            _sync(x.device)
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t)
-    return {k: {"mean_s": statistics.mean(v), "median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    wall = {k: [] for k in models}
+    cpu = {k: [] for k in models}
+    try:
+        for i in range(warmup + steps):
+            for k, m in models.items():
+                _sync(x.device)
+                t, c = time.perf_counter(), time.process_time()
+                _train_step(m, opts[k], x, y)
+                _sync(x.device)
+                if i >= warmup:
+                    wall[k].append(time.perf_counter() - t)
+                    cpu[k].append(time.process_time() - c)
+    finally:
+        torch.set_num_threads(prev)
+    return {k: {"mean_s": statistics.mean(wall[k]), "median_s": statistics.median(wall[k]),
+                "cpu_mean_s": statistics.mean(cpu[k]), "cpu_median_s": statistics.median(cpu[k]),
+                "wall_s": wall[k], "cpu_s": cpu[k]} for k in models}
 
 
 def bench_method(backbone, method, args, dev) -> dict:
@@ -92,10 +108,16 @@ def bench_method(backbone, method, args, dev) -> dict:
     kept_ref = a.saved_mb(b) + a.frozen_bn_extra_mb(b)
     rec["engine_kept_over_analytic"] = rec["engine_measured_saved_mb"] / kept_ref if kept_ref else None
     if args.steps > 0:
-        t = step_times(models, x, y, args.steps, args.warmup)
-        rec["engine_step_s"], rec["vanilla_step_s"] = t["engine"]["mean_s"], t["vanilla"]["mean_s"]
-        rec["engine_step_median_s"], rec["vanilla_step_median_s"] = t["engine"]["median_s"], t["vanilla"]["median_s"]
-        rec["engine_over_vanilla_time"] = t["engine"]["mean_s"] / t["vanilla"]["mean_s"]
+        t = step_times(models, x, y, args.steps, args.warmup, args.time_threads if dev.type == "cpu" else None)
+        for mode in ("engine", "vanilla"):
+            rec[f"{mode}_step_s"] = t[mode]["mean_s"]
+            rec[f"{mode}_step_median_s"] = t[mode]["median_s"]
+            rec[f"{mode}_step_cpu_s"] = t[mode]["cpu_mean_s"]
+            rec[f"{mode}_step_cpu_median_s"] = t[mode]["cpu_median_s"]
+            rec[f"{mode}_step_wall_all_s"] = t[mode]["wall_s"]
+        rec["engine_over_vanilla_wall"] = t["engine"]["mean_s"] / t["vanilla"]["mean_s"]
+        key = "cpu_mean_s" if dev.type == "cpu" else "mean_s"
+        rec["engine_over_vanilla_time"] = t["engine"][key] / t["vanilla"][key]
     return rec
 
 
@@ -135,8 +157,8 @@ def print_table(rows: list[dict]) -> None:
             ("analytic_saved_mb", "kept(an)", 8), ("analytic_frozen_bn_extra_mb", "+bnB(an)", 8),
             ("engine_measured_saved_mb", "kept(eng)", 9), ("vanilla_measured_saved_mb", "kept(van)", 9),
             ("engine_kept_over_analytic", "eng/an", 6), ("engine_peak_mb", "peak(eng)", 9),
-            ("vanilla_peak_mb", "peak(van)", 9), ("engine_step_s", "step eng", 8), ("vanilla_step_s", "step van", 8),
-            ("engine_over_vanilla_time", "t e/v", 5)]
+            ("vanilla_peak_mb", "peak(van)", 9), ("engine_step_cpu_s", "cpu eng", 7), ("vanilla_step_cpu_s", "cpu van", 7),
+            ("engine_over_vanilla_time", "t e/v", 5), ("engine_over_vanilla_wall", "wall e/v", 8)]
     print("  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (_, h, w) in enumerate(cols)))
     for r in rows:
         if "error" in r:
@@ -160,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed training steps per mode (0: no timing)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--time-threads", type=int, default=1,
+                   help="CPU threads while timing steps (compared by process CPU time; 0 = --threads)")
     p.add_argument("--no-peak", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results/memory_cpu", help="output stem (.json, .png)")

@@ -99,7 +99,7 @@ def test_pack_bits_layout_and_views():
 def _chain():
     """Frozen convs of every flavour (strided, depthwise, grouped + dilated, 1x1), BN, ReLU/ReLU6."""
     layers = [
-        nn.Conv2d(3, 8, 3, padding=1),  # trainable when trainable_input
+        nn.Conv2d(3, 8, 3, padding=1),  # trainable in some cases: the rest then needs input gradients
         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(inplace=True),
         nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
         nn.Conv2d(16, 12, 3, padding=2, dilation=2, groups=4), nn.Hardtanh(0.0, 6.0),
