@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from repnet.demo import LINEAR_PROBE, DemoConfig, compare, format_table, plot, verdict
+from repnet.demo import LINEAR_PROBE, DemoConfig, compare, format_table, plot, provenance, verdict
 from repnet.training import MEMORY_KEYS, load_recipe
 
 METHODS = ("repnet", "repnet@bn=batch", "tinytl_lb", "bias", "last", "full", LINEAR_PROBE)
@@ -63,7 +61,7 @@ def main(argv=None) -> dict:
         steps_per_epoch=args.steps_per_epoch,
         lrs={m: (recipe["lr"], recipe["lr_side"]) for m in methods},  # the recipe, for every method
     )
-    t0 = time.time()
+    t0, start = time.time(), provenance()
     rows = compare(cfg)
     full = args.train_subset is None and args.image_size == 224 and args.batch_size == 8 and args.epochs >= 50
     device = rows[0].get("device", args.device)
@@ -80,8 +78,8 @@ def main(argv=None) -> dict:
         "scale": "full" if full else "reduced",
         "note": None if full else ("reduced-scale CPU run; the full benchmark (all of Fashion-MNIST, 224 px, "
                                    "batch 8, 50 epochs, on a GPU) is still owed"),
-        "title": title, "recipe": recipe, "device": device, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "total_time_s": time.time() - t0,
+        "title": title, "recipe": recipe, "device": device, "total_time_s": time.time() - t0,
+        "provenance_start": start, "provenance_end": provenance(),
         "rows": [{k: r[k] for k in keep if k in r} for r in rows], "table": table, "verdict": verdict(rows),
     }
     out = Path(args.out)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from repnet.demo import DemoConfig, method_config
+from repnet.demo import DemoConfig, method_config, provenance
 from repnet.training import train
 
 GRIDS = {  # (lr for head + biases, lr_side for side modules)
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     p.add_argument("--runs-dir", default="runs/demo_lr_sweep")
     p.add_argument("--out", default="benchmarks/results/demo_lr_sweep.json")
     args = p.parse_args(argv)
-    t0 = time.time()
+    t0, start = time.time(), provenance()
     runs, best = [], {}
     for method in args.methods.split(","):
         for lr, lr_side in GRIDS[method]:
@@ -56,6 +56,7 @@ def main(argv=None) -> dict:
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "budget": {k: v for k, v in DemoConfig().__dict__.items() if k not in ("lrs", "methods", "progress")},
         "runs": runs, "chosen": best, "total_time_s": time.time() - t0,
+        "provenance_start": start, "provenance_end": provenance(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

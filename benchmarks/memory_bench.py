@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
             "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "time_threads": args.time_threads if dev.type == "cpu" else None,
+            "step_time_basis": "process CPU time" if dev.type == "cpu" else "wall-clock",
             "torch": torch.__version__, "repnet": repnet.__version__, "total_s": time.time() - t0,
             "peak_kind": None if args.no_peak else ("cuda-allocator" if dev.type == "cuda" else "cpu-rss (coarse)"),
             "notes": "MB = 1e6 bytes; analytic per SPEC §7; 'kept' = saved for backward; pretrained=False "

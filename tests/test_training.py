@@ -236,10 +236,14 @@ def test_resume_without_checkpoint(tmp_path):
         train(TrainConfig(lr=1e-3, lr_side=1e-3, label_smoothing=0.1), resume=str(tmp_path))
 
 
-def test_select_best_on_val_reports_selected_and_final(tmp_path):
-    res = train(_cfg(tmp_path, epochs=2, steps_per_epoch=2, select_best_on="val"))
-    assert res["selected_on"] == "val" and res["selected_epoch"] in (1, 2)
+@pytest.mark.parametrize("select", ["val", "test"])
+def test_select_best_epoch_is_opt_in_and_labelled(tmp_path, select):
+    res = train(_cfg(tmp_path, epochs=2, steps_per_epoch=2, select_best_on=select))
+    assert res["selected_on"] == select and res["selected_epoch"] in (1, 2)
     assert 0 <= res["test_accuracy"] <= 1 and 0 <= res["final_test_accuracy"] <= 1
+    assert ("note" in res) == (select == "test")  # selecting on the test set is flagged as optimistic
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(("test_accuracy" in r) == (select == "test") for r in log)  # val: test read only at the end
 
 
 # ----------------------------------------------------------------------------- demo

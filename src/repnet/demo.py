@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,10 +214,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    xlabel = "training memory (MB, 1e6 bytes): filled = analytic total (papers' model), hollow = measured kept"
     if not any(r.get("analytic_mb") or r.get("measured_saved_mb") for r in rows):
         rows = [{**r, "analytic_mb": r.get("trainable_params")} for r in rows]  # memory not measured
-        ax.set_xlabel("trainable parameters (memory not measured)")
+        xlabel = "trainable parameters (memory not measured)"
     for i, r in enumerate(rows):
         acc = r.get("test_accuracy")
         if acc is None:
@@ -224,21 +226,18 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         color = f"C{i % 10}"
         a, k = r.get("analytic_mb"), r.get("measured_saved_mb")
         if a:
-            ax.scatter([a], [100 * acc], color=color, s=50, zorder=3)
-            ax.annotate(r["method"], (a, 100 * acc), textcoords="offset points", xytext=(6, 4), fontsize=9)
+            ax.scatter([a], [100 * acc], color=color, s=50, zorder=3, label=r["method"])
         if k:
-            ax.scatter([k], [100 * acc], facecolors="none", edgecolors=color, s=50, zorder=3)
+            ax.scatter([k], [100 * acc], facecolors="none", edgecolors=color, s=50, zorder=3,
+                       label=None if a else r["method"])
             if a:
                 ax.plot([a, k], [100 * acc] * 2, color=color, lw=0.8, alpha=0.5)
-    ax.scatter([], [], color="gray", label="analytic total (papers' model)")
-    ax.scatter([], [], facecolors="none", edgecolors="gray", label="measured kept for backward")
     ax.set_xscale("log")
-    if not ax.get_xlabel():
-        ax.set_xlabel("training memory (MB, 1e6 bytes)")
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -306,13 +305,29 @@ def run(cfg: DemoConfig) -> dict:
             "final_test_accuracy", "best_val_accuracy", "train_images_per_s", "wall_time_s", "run_dir",
             "memory_profile_error")
     result = {
-        "budget": budget, "demo_config": dataclasses.asdict(cfg), "total_time_s": total,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "budget": budget, "demo_config": dataclasses.asdict(cfg), "total_time_s": total, **provenance(),
         "rows": [{k: r[k] for k in keep if k in r} for r in rows], "table": table, "verdict": lines,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'results.json'} and {plot_path}")
     return result
+
+
+def provenance() -> dict:
+    """Which code produced a result: the git commit and any uncommitted source files."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()]
+    return {"git_commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_src": dirty,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
 # ----------------------------------------------------------------------------- command line
