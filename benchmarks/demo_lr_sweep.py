@@ -3,7 +3,8 @@
 For each method, every ``(lr, lr_side)`` of its grid is trained on the demo's exact budget
 (MobileNetV2 -> Fashion-MNIST, 112 px, 2,000 train images, 3 epochs, batch 32); the pair with
 the best final-epoch accuracy on the validation split (222 images held out of the training
-data) is the demo's choice. The test set is never looked at here.
+data) is the demo's choice (a tie goes to the lower learning rates, the grid's order). The
+test set is never looked at here.
 
     python benchmarks/demo_lr_sweep.py --out benchmarks/results/demo_lr_sweep.json
 """
