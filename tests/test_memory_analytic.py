@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import repnet
+from repnet.memory.tinytl_reference import PUBLISHED, tinytl_configuration
 from repnet.memory import analyze, apply_engine, format_breakdown, measure_saved, quantize_frozen_weights
 from repnet.memory.analytic import param_bytes
 from repnet.memory.engine import set_step_backward
@@ -97,6 +98,45 @@ def test_reproduces_tinytl_published_memory(size, published):
     rep = analyze(m, size)
     assert rep.total_mb(8) == pytest.approx(published, abs=0.05)
     assert rep.frozen_bn_extra_bytes == 0  # frozen statistics by default
+
+
+@pytest.mark.parametrize("method,size", [(m, s) for m, sizes in PUBLISHED.items() for s in sizes])
+def test_every_tinytl_published_row_is_explained(method, size):
+    """TinyTL's own table (FT-Last ... FT-Full): its script's network (lite residuals always
+    inserted, per-method requires_grad) under its profiler's mask rule gives each figure."""
+    model, require_backward = tinytl_configuration(method, size)
+    rep = analyze(model, size, masks="always" if require_backward else "gradient")
+    assert rep.total_mb(8) == pytest.approx(PUBLISHED[method][size], abs=0.05)
+
+
+def test_tinytl_configuration_flags_follow_its_script():
+    lite_params = None
+    for method, expect in [("last", "head"), ("bias", "bias"), ("norm_last", "norm"), ("full", "all")]:
+        model, require_backward = tinytl_configuration(method, 64, num_classes=5)
+        assert require_backward == (method != "last")
+        lite_params = sum(p.numel() for p in model.lite.parameters())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        head = {n for n, _ in model.head.named_parameters(prefix="head")}
+        assert head <= trainable
+        if expect == "head":
+            assert trainable == head
+        elif expect == "bias":  # every bias, the lite residuals' own included
+            assert trainable == {n for n, _ in model.named_parameters() if n.endswith("bias")} | head
+        elif expect == "norm":
+            norms = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+            assert trainable - head == {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in norms}
+            assert any(n.startswith("lite.") for n in trainable)
+        else:
+            assert len(trainable) == len(list(model.parameters()))
+    assert lite_params > 0
+    # where no gradient passes, the two mask rules differ by exactly the stem's and block 0's masks
+    model, _ = tinytl_configuration("tinytl_l", 64, num_classes=5)
+    a, b = analyze(model, 64), analyze(model, 64, masks="always")
+    assert b.kept_bytes - a.kept_bytes == sum(r.in_numel / 8 for r in a.rows
+                                              if r.type in ("ReLU", "ReLU6") and r.kept_bytes == 0)
+    assert b.kept_bytes > a.kept_bytes
+    with pytest.raises(ValueError):
+        analyze(model, 64, masks="sometimes")
 
 
 @pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb", "full", "norm_last")

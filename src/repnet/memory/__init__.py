@@ -5,6 +5,7 @@
 * :mod:`.quant` - frozen weights stored in 8 bits,
 * :mod:`.measure` - what autograd really keeps, and the real peak of a training step,
 * :mod:`.analytic` - SPEC §7's per-layer rules (the papers' MB figures),
+* :mod:`.tinytl_reference` - TinyTL's published table rebuilt and explained row by row,
 * :func:`profile` - all three side by side for one model.
 """
 from __future__ import annotations

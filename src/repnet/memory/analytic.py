@@ -23,9 +23,11 @@ A block with an identity shortcut holds ``4|x_in|`` while it runs (backbone bloc
 ``total(batch) = peak * batch + params`` with 4 B per trainable and 1 B per frozen
 parameter; MB = 1e6 bytes. This is TinyTL's profiler (mit-han-lab/tinyml), which these
 rules reproduce to the published 37.1 / 64.7 MB for TinyTL-L+B on ProxylessNAS-Mobile
-(224 / 320 px, batch 8, 102 classes). TinyTL's other rows come out lower than published on
-our ProxylessNAS-Mobile: FT-Last 29.0 (published 30.8), TinyTL-B 29.9 (31.7), FT-Norm+Last
-183.0 (192.4), FT-Full 367.0 (390.8) MB; how those rows were configured is not known.
+(224 / 320 px, batch 8, 102 classes). TinyTL's other rows (FT-Last 30.8, B 31.7, L 37.1,
+Norm+Last 192.4, Full 390.8) are reproduced too, to 0.05 MB, once the network TinyTL's
+script actually profiled is rebuilt (lite residuals inserted for every method, and every
+mask counted, ``masks="always"``): see :mod:`repnet.memory.tinytl_reference`. Our own
+models give less for those methods (29.0 / 29.9 / 36.3 / 183.0 / 367.0 MB).
 
 Only modules are seen: a functional op inside a ``forward`` (``torch.sigmoid``, an
 elementwise product such as a gate) is not counted, although autograd may keep its inputs.
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["AnalyticReport", "LayerRow", "analyze", "param_bytes", "format_breakdown"]
+__all__ = ["AnalyticReport", "LayerRow", "analyze", "param_bytes", "format_breakdown", "MASK_RULES"]
 
 ACT_BYTES = 4
 _CONV = (nn.modules.conv._ConvNd,)
@@ -136,13 +138,23 @@ def _counted(m: nn.Module) -> bool:
     return not list(m.children()) or isinstance(m, _CONV + _LINEAR + _NORM)
 
 
+MASK_RULES = ("gradient", "always")
+
+
 def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None = None,
-            in_chans: int = 3) -> AnalyticReport:
+            in_chans: int = 3, masks: str = "gradient") -> AnalyticReport:
     """Evaluate the SPEC §7 rules on ``model`` with one forward at batch 1.
 
     Which norms use batch statistics is read from ``model.train()`` (the training
     configuration); the forward itself runs in eval mode, so no running statistic changes.
+
+    ``masks``: ``"gradient"`` (default) counts an activation's mask / input only where a
+    gradient passes through it; ``"always"`` counts every one, as TinyTL's profiler does
+    whenever anything in the model trains (its ``require_backward`` flag), even before the
+    first trainable tensor where no gradient ever arrives.
     """
+    if masks not in MASK_RULES:
+        raise ValueError(f"masks must be one of {MASK_RULES}, got {masks!r}")
     p = next(model.parameters(), None)
     if inputs is None:
         dev = p.device if p is not None else "cpu"
@@ -163,6 +175,7 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
             return
         nx, ny = x.numel(), out.numel()
         grad_in = x.requires_grad
+        act_grad = grad_in or masks == "always"
         kept = tmp = extra = 0.0
         if isinstance(m, _CONV):
             kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
@@ -176,10 +189,10 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
             if not kept and m in batch_stats and grad_in:
                 extra = ACT_BYTES * nx
         elif isinstance(m, _MASK_ACT):
-            kept = nx / 8 if grad_in else 0.0
+            kept = nx / 8 if act_grad else 0.0
             tmp = ACT_BYTES * nx
         elif _is_smooth(m):
-            if grad_in:
+            if act_grad:
                 kept = nx / 8 if getattr(m, "_step_backward", False) else ACT_BYTES * nx
         held = float(sum(state["held"]))
         running = tmp + state["kept"] + held
