@@ -167,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
         pd.set_defaults(func=lambda a: _ok(run_demo(a)))
     except ImportError:
         pass
+    from .reproduce import configure_reproduce_parser, run_reproduce
+
+    pr = sub.add_parser("reproduce", help="run / resume / collect a paper table (table1, table2, table3)")
+    configure_reproduce_parser(pr)
+    pr.set_defaults(func=run_reproduce)
+    from .continual import configure_continual_parser, run_continual
+
+    configure_continual_parser(sub.add_parser("continual", help="tasks in sequence on one frozen backbone, "
+                                              "each with its own adapter + head; accuracy matrix, forgetting"))
+    sub.choices["continual"].set_defaults(func=lambda a: _ok(run_continual(a)))
     return p
 
 
