@@ -75,6 +75,10 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
             f"backbone weights do not match the adapter in {directory}: it was trained on {cfg['backbone']} "
             f"with weights fingerprint {cfg['backbone_fingerprint']}, these weights have {model.backbone.fingerprint}"
         )
+    if cfg.get("int8"):  # trained with repnet.int8: the same quantised forward
+        from .int8 import enable_int8_training
+
+        enable_int8_training(model, **cfg["int8"])
     from safetensors.torch import load_file
 
     tensors = load_file(st_path)

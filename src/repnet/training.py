@@ -66,6 +66,9 @@ class TrainConfig:
     options: dict = _f(dict, "method options, e.g. {connector: dual} (CLI: --opt key=value)")
     memory: str = _f("engine", "engine: frozen layers keep nothing for backward; vanilla: plain PyTorch",
                      ("engine", "vanilla"))
+    int8: bool = _f(False, "INT8 training of the side network (SPEC §8, repnet.int8): 8-bit frozen backbone, "
+                    "int8 weights / activations / errors in the side modules and head")
+    int8_rounding: str = _f("stochastic", "rounding of the int8 errors", ("stochastic", "nearest"))
     # the recipe (None = from recipes/<dataset>.yaml)
     image_size: int = _f(224, "training / test resolution R")
     epochs: int = _f(50, "epochs")
@@ -387,6 +390,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
 
     from .api import get_model
     from .backbones import BACKBONES, create_backbone
+    from .int8 import enable_int8_training
     from .methods import METHODS
 
     cfg = config
@@ -420,6 +424,8 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     seed_everything(cfg.seed)
     model = get_model(cfg.backbone, cfg.method, num_classes, image_size=cfg.image_size, pretrained=pretrained,
                       memory=cfg.memory, **cfg.options).to(device)
+    if cfg.int8:
+        enable_int8_training(model, rounding=cfg.int8_rounding)
     trainable, total = model.param_counts()
     groups = model.param_groups(cfg.lr, cfg.lr_side)
     if cfg.optimizer == "adam":
@@ -619,6 +625,10 @@ def memory_profile(cfg: TrainConfig, num_classes: int, device: torch.device) -> 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = get_model(cfg.backbone, cfg.method, num_classes, image_size=cfg.image_size, pretrained=False,
                           memory=cfg.memory, **cfg.options).to(device)
+        if cfg.int8:
+            from .int8 import enable_int8_training
+
+            enable_int8_training(model, rounding=cfg.int8_rounding)
         try:
             rec = profile(model, batch_size=cfg.batch_size, image_size=cfg.image_size)
         except Exception as e:  # noqa: BLE001 - keep the analytic / kept figures if the peak run fails
@@ -672,6 +682,7 @@ def configure_train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="a config file (e.g. a run's config.yaml); flags override it")
     p.add_argument("--random-init", action="store_true", default=None, help=FIELDS["random_init"].metadata["help"])
     p.add_argument("--download", action="store_true", default=None, help=FIELDS["download"].metadata["help"])
+    p.add_argument("--int8", action="store_true", default=None, help=FIELDS["int8"].metadata["help"])
     p.add_argument("--no-profile", dest="profile_memory", action="store_false", default=None,
                    help="skip the memory profile at the end")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
@@ -690,7 +701,7 @@ def _pairs(pairs, what: str) -> dict:
 
 def args_to_overrides(args: argparse.Namespace) -> dict:
     overrides = {}
-    for key in [*_FLAGS, "random_init", "download", "profile_memory", "progress"]:
+    for key in [*_FLAGS, "random_init", "download", "int8", "profile_memory", "progress"]:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value

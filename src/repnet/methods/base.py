@@ -208,6 +208,7 @@ class TransferModel(nn.Module):
             "image_size": self.image_size,
             "options": dataclasses.asdict(self.options),
             "repnet_version": _version(),
+            **({"int8": self.int8_config} if getattr(self, "int8_config", None) else {}),  # repnet.int8
         }
 
     def save_pretrained(self, directory: str) -> None:
