@@ -1,0 +1,148 @@
+"""Export a trained model for inference: ``torch.export`` programs (``.pt2``) and ONNX.
+
+The exported file holds the whole inference model: the frozen backbone, the method's trained
+modules and the head, in eval mode (frozen statistics). The memory engine is a *training*
+device, so export works on a copy with the engine removed (8-bit frozen weights are
+dequantised to float; the arithmetic is unchanged). The batch dimension stays dynamic.
+
+Every export is checked before it is kept: the exported model is run on random images at two
+batch sizes and must agree with the eager model (``max_abs_diff`` in the report); the file is
+written atomically. ONNX needs the ``onnx`` extra (``pip install 'repnet[onnx]'``: onnx,
+onnxscript, and onnxruntime for the check).
+
+    repnet export --adapter runs/my-run/adapter --format onnx --out model.onnx
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RepnetError
+
+__all__ = ["FORMATS", "export_model", "load_exported", "configure_export_parser", "run_export"]
+
+FORMATS = ("pt2", "onnx")
+
+
+def _inference_copy(model: nn.Module) -> nn.Module:
+    from .memory import engine_applied, remove_engine
+
+    m = copy.deepcopy(model).cpu().eval()
+    if engine_applied(m):
+        remove_engine(m)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def load_exported(path: str | os.PathLike):
+    """A callable ``f(images) -> logits`` for an exported file (``.pt2`` or ``.onnx``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RepnetError(f"no exported model at {path}")
+    if path.suffix == ".onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise RepnetError("running an ONNX file needs onnxruntime: pip install 'repnet[onnx]'")
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        return lambda x: torch.from_numpy(sess.run(None, {name: x.detach().cpu().numpy()})[0])
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
+        raise RepnetError(f"{path} is not a torch.export program: {str(e).strip().splitlines()[0]}") from None
+    module = program.module()
+    return lambda x: module(x)
+
+
+def export_model(model: nn.Module, path: str | os.PathLike, format: str | None = None,
+                 image_size: int | None = None, verify: bool = True, tol: float | None = None) -> dict:
+    """Export ``model`` to ``path``; returns a report (format, bytes, max_abs_diff, ...).
+
+    ``tol``: the largest accepted ``max |exported - eager| / max(1, max |eager|)`` (default
+    1e-4 for ``pt2``, which runs PyTorch's own kernels; 1e-3 for ONNX Runtime's kernels).
+    """
+    path = Path(path)
+    fmt = format or path.suffix.lstrip(".")
+    if fmt not in FORMATS:
+        raise RepnetError(f"unknown export format '{fmt}'; choose from: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RepnetError(f"ONNX export needs {', '.join(missing)}: pip install 'repnet[onnx]'")
+    size = int(image_size or getattr(model, "image_size", 224))
+    net = _inference_copy(model)
+    example = torch.zeros(2, 3, size, size)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    tmp = _atomic_target(path)
+    try:
+        if fmt == "pt2":
+            program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
+            torch.export.save(program, str(tmp))
+        else:
+            torch.onnx.export(net, (example,), str(tmp), dynamo=True, dynamic_shapes=dynamic,
+                              input_names=["images"], output_names=["logits"], verbose=False)
+        report = {"format": fmt, "path": str(path), "image_size": size, "bytes": tmp.stat().st_size,
+                  "params": sum(p.numel() for p in net.parameters())}
+        if verify and not (fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None):
+            run = load_exported(tmp)
+            g = torch.Generator().manual_seed(0)
+            diff, scale = 0.0, 1.0
+            for batch in (1, 3):
+                x = torch.randn(batch, 3, size, size, generator=g)
+                with torch.no_grad():
+                    ref = net(x)
+                    got = run(x)
+                diff = max(diff, (got.float() - ref.float()).abs().max().item())
+                scale = max(scale, ref.abs().max().item())
+            limit = (tol if tol is not None else 1e-4 if fmt == "pt2" else 1e-3) * scale
+            if not diff <= limit:
+                raise RepnetError(f"the exported model disagrees with the eager one (max |diff| {diff:.3g} "
+                                  f"> {limit:.3g}); nothing was written")
+            report["max_abs_diff"] = diff
+        else:
+            report["max_abs_diff"] = None
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return report
+
+
+# ----------------------------------------------------------------------------- CLI
+def configure_export_parser(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", help="a saved adapter folder (save_pretrained; a run's <run>/adapter)")
+    src.add_argument("--run", help="a training run folder (uses <run>/adapter)")
+    p.add_argument("--weights", help="the backbone checkpoint the adapter was trained on (default: offline weights)")
+    p.add_argument("--format", choices=FORMATS, help="default: from the --out suffix")
+    p.add_argument("--out", required=True, help="output file (.pt2 or .onnx)")
+    p.add_argument("--image-size", type=int, help="input resolution (default: the model's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the eager-vs-exported check")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .api import from_pretrained
+
+    adapter = args.adapter or os.path.join(args.run, "adapter")
+    model = from_pretrained(adapter, pretrained=args.weights or True)
+    rep = export_model(model, args.out, args.format, args.image_size, verify=not args.no_verify)
+    check = "" if rep["max_abs_diff"] is None else f"; max |exported - eager| = {rep['max_abs_diff']:.2g}"
+    print(f"wrote {rep['path']} ({rep['format']}, {rep['bytes'] / 1e6:.2f} MB, {rep['params']:,d} parameters, "
+          f"{rep['image_size']} px, dynamic batch{check})")
+    return 0
