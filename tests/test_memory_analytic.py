@@ -139,7 +139,7 @@ def test_tinytl_configuration_flags_follow_its_script():
         analyze(model, 64, masks="sometimes")
 
 
-@pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb", "full", "norm_last")
+@pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb", "full", "norm_last", "da3")
                                     if m in repnet.METHODS])
 def test_engine_keeps_what_the_rules_say(method):
     m = repnet.get_model("proxylessnas_mobile", method, 10, image_size=64, pretrained=False, bn="frozen")

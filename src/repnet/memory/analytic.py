@@ -17,6 +17,9 @@ SiLU, GELU                             grad (|x| / 8 under
 pooling, interpolation, add, dropout   0                           0
 =====================================  ==========================  ======================
 
+A module may state its own rule with ``analytic_rule(args, out) -> (kept, transient)`` bytes
+(e.g. DA3's gate product, which keeps each factor for the other's gradient).
+
 A block with an identity shortcut holds ``4|x_in|`` while it runs (backbone blocks with
 ``residual=True``; for a plain module, any module with a shortcut attribute).
 ``peak = max over layers of (transient + kept by the layers before it + residual held)``,
@@ -172,6 +175,18 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
     def layer_hook(m, args, out):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is None or not isinstance(out, torch.Tensor):
+            return
+        rule = getattr(m, "analytic_rule", None)  # a module's own (kept, transient) rule
+        if callable(rule):
+            kept, tmp = rule(args, out)
+            held = float(sum(state["held"]))
+            running = tmp + state["kept"] + held
+            if running > state["peak"]:
+                state["peak"] = running
+                rep.peak_layer = names.get(m, "")
+            state["kept"] += kept
+            rep.rows.append(LayerRow(names.get(m, ""), type(m).__name__, x.numel(), out.numel(), kept, tmp, 0, 0.0,
+                                     held, running))
             return
         nx, ny = x.numel(), out.numel()
         grad_in = x.requires_grad

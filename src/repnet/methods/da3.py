@@ -42,6 +42,24 @@ from .bias import backbone_biases
 from .repnet import make_divisible8
 
 
+class GateProduct(nn.Module):
+    """``g[:, :, None, None] * a``: a per-channel gate times the branch output.
+
+    A module (not an inline product) so that the analytic memory model sees it: its backward
+    keeps ``a`` for the gate's gradient and ``g`` for the branch's (``analytic_rule``).
+    """
+
+    def forward(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return g[:, :, None, None] * a
+
+    @staticmethod
+    def analytic_rule(args, out) -> tuple[float, float]:
+        """(kept for backward, transient) bytes for the SPEC §7 model: each factor keeps the other."""
+        g, a = args[0], args[1]
+        kept = 4.0 * ((a.numel() if g.requires_grad else 0) + (g.numel() if a.requires_grad else 0))
+        return kept, 4.0 * (a.numel() + out.numel())
+
+
 class AttentionAdaptor(nn.Module):
     """Gated additive branch: ``resize(sigmoid(MLP(GAP(x))) * branch(AvgPool2(x)))``."""
 
@@ -55,13 +73,16 @@ class AttentionAdaptor(nn.Module):
         self.pw = nn.Conv2d(cin, cout, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout, eps=1e-3)
         self.fc1 = nn.Linear(cin, hidden)
+        self.gate_act = nn.ReLU()
         self.fc2 = nn.Linear(hidden, cout)
+        self.sigmoid = nn.Sigmoid()
+        self.product = GateProduct()
         for m in (self.dw, self.pw):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
         nn.init.zeros_(self.bn2.weight)  # starts as the frozen backbone
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        return self.sigmoid(self.fc2(self.gate_act(self.fc1(x.mean((2, 3))))))
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool is not None and min(x.shape[-2:]) >= self.pool.kernel_size:
@@ -72,7 +93,7 @@ class AttentionAdaptor(nn.Module):
         g = self.gate(x)
         if not self.training and skip_threshold > 0 and float(g.mean()) < skip_threshold:
             return None
-        a = g[:, :, None, None] * self.branch(x)
+        a = self.product(g, self.branch(x))
         if tuple(a.shape[-2:]) != tuple(size):
             a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
         return a
