@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=run_reproduce)
     from .continual import configure_continual_parser, run_continual
 
-    configure_continual_parser(sub.add_parser("continual", help="tasks in sequence on one frozen backbone, "
-                                              "each with its own adapter + head; accuracy matrix, forgetting"))
-    sub.choices["continual"].set_defaults(func=lambda a: _ok(run_continual(a)))
+    pc = sub.add_parser("continual", help="tasks in sequence on one frozen backbone, each with its own adapter")
+    configure_continual_parser(pc)
+    pc.set_defaults(func=lambda a: _ok(run_continual(a)))
     return p
 
 
