@@ -177,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("continual", help="tasks in sequence on one frozen backbone, each with its own adapter")
     configure_continual_parser(pc)
     pc.set_defaults(func=lambda a: _ok(run_continual(a)))
+    from .export import configure_export_parser, run_export
+
+    pe = sub.add_parser("export", help="export a trained model for inference (.pt2 or ONNX), checked against eager")
+    configure_export_parser(pe)
+    pe.set_defaults(func=run_export)
+    from .federated import cli_federated, configure_federated_parser
+
+    pf = sub.add_parser("federated", help="FedAvg of the method's trainable state over clients (backbone stays home)")
+    configure_federated_parser(pf)
+    pf.set_defaults(func=cli_federated)
     return p
 
 
