@@ -9,6 +9,8 @@ tasks seen so far on their test splits:
 * ``naive:bias`` / ``naive:full``: sequential fine-tuning on the same shared backbone, a head
   per task, the backbone's biases / all its weights trained in place task after task (the
   forgetting baseline).
+* ``int8:repnet``: as ``repnet``, with the backbone stored in 8 bits and every task's Rep-Net
+  and head trained with int8 weights, activations and errors (SPEC §8, ``repnet.int8``).
 
 CPU run (offline MobileNetV2 weights, 1 thread, the JSON records the exact command):
 
@@ -36,7 +38,8 @@ RUNS = ("repnet", "naive:bias", "naive:full")
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="digits,fashion_mnist,mnist5k")
-    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated: a method, or naive:<method>")
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help="comma-separated: a method, naive:<method>, or int8:<method>")
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
@@ -54,8 +57,11 @@ def main(argv=None) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = {}
     for run in (r.strip() for r in args.runs.split(",") if r.strip()):
-        naive, _, method = run.rpartition(":")
-        r = train_sequence(args.tasks, backbone=args.backbone, method=method, naive=naive == "naive",
+        kind, _, method = run.rpartition(":")
+        if kind not in ("", "naive", "int8"):
+            p.error(f"run '{run}': use a method, naive:<method> or int8:<method>")
+        extra = {"int8": True} if kind == "int8" else {}
+        r = train_sequence(args.tasks, backbone=args.backbone, method=method, naive=kind == "naive", **extra,
                            out_dir=Path(args.runs_dir) / f"{run.replace(':', '_')}-{stamp}",
                            image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
                            train_subset=args.train_subset, test_subset=args.test_subset, workers=0,

@@ -212,3 +212,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, msg):
     assert main(["continual", *argv, "--image-size", str(SIZE), "--quiet", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(msg) and err.count("\n") == 1
+
+
+def test_int8_continual_backbone_in_8_bits_tasks_in_int8_nothing_forgotten(tmp_path):
+    """SPEC §8 (INT8 Rep-Net continual learning): the shared backbone is stored in 8 bits once,
+    every task's side network trains as int8 MACs, and a new task leaves the others unchanged."""
+    from repnet.int8 import int8_layers
+    from repnet.memory.quant import is_quantized
+
+    mt = MultiTaskModel("mobilenet_v2", image_size=SIZE, int8={"rounding": "stochastic"})
+    convs = [m for m in mt.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(is_quantized(m) for m in convs)  # frozen weights: 1 byte each
+    codes = _clone({k: v for k, v in mt.backbone.state_dict().items() if k.endswith("weight_codes")})
+    mt.add_task("a", 3, "repnet")
+    assert len(int8_layers(mt["a"])) > 0 and mt["a"].int8_config["rounding"] == "stochastic"
+    _train(mt, "a")
+    x = torch.randn(4, 3, SIZE, SIZE)
+    out_a = mt(x, task="a")
+    mt.add_task("b", 5, "repnet")
+    _train(mt, "b", steps=4)
+    assert torch.equal(mt(x, task="a"), out_a)  # int8 forward is deterministic (round to nearest)
+    assert _same({k: v for k, v in mt.backbone.state_dict().items() if k.endswith("weight_codes")}, codes)
+    assert mt.storage()["backbone_bytes"] < 0.4 * sum(  # 8-bit codes instead of fp32 weights
+        p.numel() * 4 for p in create_backbone("mobilenet_v2", pretrained=False).parameters())
+
+    mt.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["int8"]["frozen"] == "linear"
+    m2 = MultiTaskModel.load(tmp_path / "m").eval()
+    assert all(len(int8_layers(m2[t])) > 0 for t in ("a", "b"))
+    for t in ("a", "b"):
+        assert torch.equal(m2(x, task=t), mt(x, task=t))
+    with pytest.raises(RepnetError, match="does not combine with naive"):
+        MultiTaskModel("mobilenet_v2", image_size=SIZE, naive=True, int8=True)

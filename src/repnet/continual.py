@@ -75,7 +75,7 @@ class MultiTaskModel(nn.Module):
     """
 
     def __init__(self, backbone: str | Backbone, image_size: int = 224, pretrained=True, memory: str = "engine",
-                 naive: bool = False):
+                 naive: bool = False, int8: dict | bool | None = None):
         super().__init__()
         from .api import MEMORY_MODES
 
@@ -95,6 +95,15 @@ class MultiTaskModel(nn.Module):
             from .memory import apply_engine
 
             apply_engine(self.backbone)
+        self.int8: dict | None = None
+        if int8:  # SPEC §8: the backbone frozen in INT8, each task's side network trained in INT8
+            from .int8 import Int8Config
+            from .memory import quantize_frozen_weights
+
+            if self.naive:
+                raise RepnetError("int8 training needs the frozen shared backbone; it does not combine with naive")
+            self.int8 = dataclasses.asdict(Int8Config(**({} if int8 is True else dict(int8))))
+            quantize_frozen_weights(self.backbone, self.int8["frozen"])
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -126,6 +135,10 @@ class MultiTaskModel(nn.Module):
             from .memory import apply_engine
 
             apply_engine(model)
+        if self.int8 is not None:
+            from .int8 import enable_int8_training
+
+            enable_int8_training(model, **self.int8)  # the shared backbone is already 8-bit: unchanged
         self.models[name] = model
         self.active = name
         return model
@@ -201,6 +214,7 @@ class MultiTaskModel(nn.Module):
             "backbone_weights": self.backbone.weights,
             "image_size": self.image_size,
             "naive": self.naive,
+            "int8": self.int8,
             "active": self.active,
             "tasks": [{"name": t, "method": m.method, "num_classes": m.num_classes,
                        "options": dataclasses.asdict(m.options)} for t, m in self.models.items()],
@@ -261,7 +275,7 @@ class MultiTaskModel(nn.Module):
             raise RepnetError(f"backbone weights do not match the tasks in {directory}: they were trained on "
                               f"{cfg['backbone']} with weights fingerprint {cfg['backbone_fingerprint']}, these "
                               f"weights have {backbone.fingerprint}")
-        model = cls(backbone, cfg["image_size"], memory=memory, naive=cfg["naive"])
+        model = cls(backbone, cfg["image_size"], memory=memory, naive=cfg["naive"], int8=cfg.get("int8"))
         for entry in cfg["tasks"]:
             m = model.add_task(entry["name"], entry["num_classes"], entry["method"], **entry["options"])
             tensors = load_file(str(directory / entry["file"]), device=str(next(backbone.parameters()).device))
@@ -364,7 +378,9 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
 
     pretrained = False if base.random_init else (base.weights or True)
     seed_everything(base.seed)
-    model = MultiTaskModel(backbone, base.image_size, pretrained=pretrained, memory=base.memory, naive=naive)
+    int8 = {"rounding": base.int8_rounding} if base.int8 else None
+    model = MultiTaskModel(backbone, base.image_size, pretrained=pretrained, memory=base.memory, naive=naive,
+                           int8=int8)
     model.to(device)
     model.check_method(method, **base.options)  # refuse a method before any data is read
 
@@ -517,6 +533,8 @@ def configure_continual_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any training config key (repeatable)")
     p.add_argument("--random-init", action="store_true", default=None, help="randomly initialised backbone (tests)")
+    p.add_argument("--int8", action="store_true", default=None, help="backbone frozen in INT8, each task's side "
+                   "network trained with int8 weights, activations and errors (SPEC §8; repnet.int8)")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
 
 
