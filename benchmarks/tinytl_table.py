@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                 "Rep-Net's paper rows are published rounded to 1 MB. Our 320 px figure (60.6) and the dual-all "
                 "figure (36.8) round to the published 61 / 37; the 224 px figure (31.5 vs 34) does not. Our side "
                 "modules have the released code's shapes (415,464 parameters at 224 px), and every mask is "
-                "already counted (backbone biases train), so the 2.5 MB gap is not explained by module shapes "
-                "or the mask rule; it remains open."),
+                "already counted (backbone biases train). No single configuration difference fits both published "
+                "dual figures: a parameter difference P and a peak-activation difference A (which scales with "
+                "the image area, x2.04 from 224 to 320 px) would need P + A in [1.97, 2.97] MB at 224 px and "
+                "P + 2.04 A in [-0.08, 0.92] MB at 320 px, i.e. A < 0 and P = 3.0-5.4 MB. The 224 px figure is "
+                "therefore most likely from another configuration than the 320 px one; it remains unexplained."),
         }
         out.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {out}")
