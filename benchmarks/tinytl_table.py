@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "already counted (backbone biases train). No single configuration difference fits both published "
                 "dual figures: a parameter difference P and a peak-activation difference A (which scales with "
                 "the image area, x2.04 from 224 to 320 px) would need P + A in [1.97, 2.97] MB at 224 px and "
-                "P + 2.04 A in [-0.08, 0.92] MB at 320 px, i.e. A < 0 and P = 3.0-5.4 MB. The 224 px figure is "
+                "P + 2.04 A in [-0.08, 0.92] MB at 320 px, i.e. A between -2.9 and -1.0 MB and P between 3.0 and 5.9 MB. The 224 px figure is "
                 "therefore most likely from another configuration than the 320 px one; it remains unexplained."),
         }
         out.write_text(json.dumps(doc, indent=2) + "\n")
