@@ -75,3 +75,30 @@ def test_cli_federated(tmp_path, capsys):
     assert main(["federated", "--partition", "dirichlet:x", "--set", "random_init=true", "--quiet",
                  "--set", "image_size=32", "--backbone", "proxylessnas_mobile"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: partition")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path):
+    kw = dict(clients=2, rounds=3, local_epochs=1, scheme="dirichlet:1.0", progress=False)
+    ov = {**QUICK, "train_subset": 160, "augment": "basic"}  # augmentation + dropout: RNG state matters
+    ref = run_federated(ov, out_dir=str(tmp_path / "ref"), **kw)
+
+    def crash(r):
+        if r == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_federated(ov, out_dir=str(tmp_path / "cut"), on_round=crash, **kw)
+    assert not (tmp_path / "cut" / "results.json").exists()
+    with pytest.raises(RepnetError, match="already holds a federated run"):
+        run_federated(ov, out_dir=str(tmp_path / "cut"), **kw)
+    with pytest.raises(RepnetError, match="settings differ"):
+        run_federated({**ov, "lr": 1e-3}, out_dir=str(tmp_path / "cut"), resume=True, **kw)
+    res = run_federated(ov, out_dir=str(tmp_path / "cut"), resume=True, **kw)
+    assert [h["test_accuracy"] for h in res["history"]] == [h["test_accuracy"] for h in ref["history"]]
+    a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)["global_state"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["global_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

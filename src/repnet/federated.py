@@ -106,23 +106,41 @@ def _local_train(model, loader, cfg, device, epochs: int) -> tuple[float, int]:
 
 
 def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epochs: int = 1,
-                  scheme: str = "iid", out_dir: str | None = None, progress: bool = True) -> dict:
+                  scheme: str = "iid", out_dir: str | None = None, progress: bool = True, resume: bool = False,
+                  on_round=None) -> dict:
     """FedAvg of ``method``'s trainable state over ``clients`` shards of the dataset.
 
     ``overrides`` are training config keys (``repnet.training.make_config``): dataset,
     backbone, method, options, image_size, batch_size, lr, lr_side, train_subset, seed, ...
-    Writes ``results.json`` (per-round test accuracy, bytes exchanged) and the final adapter.
+    With ``out_dir``: a checkpoint after every round (atomic), ``results.json`` (per-round test
+    accuracy, bytes exchanged) and the final adapter at the end. ``resume=True`` continues the
+    run in ``out_dir`` from its last round, bit-identically (same settings; ``rounds`` may grow).
+    ``on_round(round)`` is called after each round's checkpoint (a hook for tests).
     """
     from tqdm.auto import tqdm
 
     from .api import get_model
     from .backbones import create_backbone
-    from .training import (atomic_write_text, build_data, evaluate, make_config, resolve_device,
-                           seed_everything)
+    from .training import (atomic_torch_save, atomic_write_text, build_data, evaluate, make_config,
+                           resolve_device, rng_state, seed_everything, set_rng_state)
 
     if rounds < 1 or local_epochs < 1:
         raise RepnetError("rounds and local_epochs must be >= 1")
     cfg = make_config(overrides)
+    settings = {"config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "workers", "device")},
+                "clients": clients, "local_epochs": local_epochs, "partition": scheme}
+    ckpt_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
+    ckpt = None
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise RepnetError(f"cannot resume: no checkpoint.pt in {out_dir}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["settings"] != settings:
+            changed = sorted(k for k in settings if settings[k] != ckpt["settings"].get(k))
+            raise RepnetError(f"cannot resume {out_dir}: its settings differ ({', '.join(changed)}); only --rounds "
+                              "may change")
+    elif ckpt_path is not None and ckpt_path.exists():
+        raise RepnetError(f"{out_dir} already holds a federated run; continue it with --resume, or pick --out")
     device = resolve_device(cfg.device)
     probe = create_backbone(cfg.backbone, pretrained=False)
     train_ds, _val, test_ds, num_classes, _names = build_data(cfg, probe.mean, probe.std)
@@ -140,9 +158,19 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
     msg_bytes = state_bytes(global_state)
     full_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     test_loader = DataLoader(test_ds, batch_size=max(cfg.batch_size, 64), num_workers=cfg.workers)
-    history = [{"round": 0, "test_accuracy": evaluate(model, test_loader, device)["accuracy"]}]
+    first = 1
+    if ckpt is not None:
+        global_state = {k: v.to(device) for k, v in ckpt["global_state"].items()}
+        model.load_state_dict(global_state, strict=False)
+        history = ckpt["history"]
+        first = ckpt["round"] + 1
+        set_rng_state(ckpt["rng"])
+    else:
+        history = [{"round": 0, "test_accuracy": evaluate(model, test_loader, device)["accuracy"]}]
+    if ckpt_path is not None:
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    bar = tqdm(range(1, rounds + 1), desc="rounds", disable=not progress)
+    bar = tqdm(range(first, rounds + 1), desc="rounds", disable=not progress)
     for r in bar:
         states, sizes, losses = [], [], []
         for k, shard in enumerate(shards):
@@ -160,6 +188,11 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
         history.append({"round": r, "test_accuracy": acc,
                         "client_train_loss": float(np.average(losses, weights=sizes))})
         bar.set_postfix(acc=f"{acc:.3f}")
+        if ckpt_path is not None:
+            atomic_torch_save({"round": r, "global_state": {k: v.cpu() for k, v in global_state.items()},
+                               "history": history, "rng": rng_state(), "settings": settings}, ckpt_path)
+        if on_round is not None:
+            on_round(r)
     exchanged = {k[len("backbone."):] for k in global_state if k.startswith("backbone.")}  # e.g. biases
     changed = [k for k, v in model.backbone.state_dict().items()
                if k not in exchanged and not torch.equal(v, backbone_before[k])]
@@ -195,7 +228,8 @@ def configure_federated_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default: iid)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="training config key (repeatable), e.g. --set image_size=96 --set train_subset=2000")
-    p.add_argument("--out", help="folder for results.json and the final adapter")
+    p.add_argument("--out", help="folder for the per-round checkpoint, results.json and the final adapter")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last round")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -207,8 +241,10 @@ def cli_federated(args: argparse.Namespace) -> int:
     opts = _pairs(args.opt, "--opt")
     if opts:
         ov["options"] = opts
+    if args.resume and not args.out:
+        raise RepnetError("--resume needs --out (the run folder)")
     res = run_federated(ov, args.clients, args.rounds, args.local_epochs, args.partition, args.out,
-                        progress=not args.quiet)
+                        progress=not args.quiet, resume=args.resume)
     accs = " -> ".join(f"{h['test_accuracy']:.3f}" for h in res["history"])
     print(f"test accuracy by round: {accs}")
     print(f"each message {res['message_bytes'] / 1e6:.2f} MB (the whole model: {res['full_model_bytes'] / 1e6:.2f} MB); "
