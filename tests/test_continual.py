@@ -244,3 +244,41 @@ def test_int8_continual_backbone_in_8_bits_tasks_in_int8_nothing_forgotten(tmp_p
         assert torch.equal(m2(x, task=t), mt(x, task=t))
     with pytest.raises(RepnetError, match="does not combine with naive"):
         MultiTaskModel("mobilenet_v2", image_size=SIZE, naive=True, int8=True)
+
+
+def test_interrupted_sequence_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+    from repnet.continual import train_sequence
+
+    kw = dict(backbone="mobilenet_v2", method="repnet", image_size=SIZE, epochs=1, train_subset=96, test_subset=64,
+              batch_size=16, workers=0, progress=False, augment="basic")
+    ref = train_sequence("digits,mnist5k", out_dir=tmp_path / "ref", **kw)
+
+    calls = {"n": 0}
+    real_save = MultiTaskModel.save
+
+    def crashing_save(self, directory):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed while finishing the second task
+            raise KeyboardInterrupt
+        real_save(self, directory)
+
+    monkeypatch.setattr(MultiTaskModel, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_sequence("digits,mnist5k", out_dir=tmp_path / "cut", **kw)
+    monkeypatch.setattr(MultiTaskModel, "save", real_save)
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["complete"] is False
+
+    with pytest.raises(RepnetError, match="already holds a continual run; continue it with --resume"):
+        train_sequence("digits,mnist5k", out_dir=tmp_path / "cut", **kw)
+    with pytest.raises(RepnetError, match="settings changed"):
+        train_sequence("digits,mnist5k", out_dir=tmp_path / "cut", resume=True, **{**kw, "epochs": 2})
+    with pytest.raises(RepnetError, match="not this sequence"):
+        train_sequence("fashion_mnist,mnist5k", out_dir=tmp_path / "cut", resume=True, **kw)
+    res = train_sequence("digits,mnist5k", out_dir=tmp_path / "cut", resume=True, **kw)
+    assert res["acc"] == ref["acc"] and res["complete"]
+    a = MultiTaskModel.load(tmp_path / "ref" / "model")
+    b = MultiTaskModel.load(tmp_path / "cut" / "model")
+    for t in ("digits", "mnist5k"):
+        assert _same(a.task_state_dict(t), b.task_state_dict(t))
+    with pytest.raises(RepnetError, match="is complete: nothing to resume"):
+        train_sequence("digits,mnist5k", out_dir=tmp_path / "cut", resume=True, **kw)

@@ -341,7 +341,8 @@ def parse_tasks(tasks) -> list[tuple[str, str]]:
 
 
 def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet", naive: bool = False,
-                   out_dir: str | os.PathLike | None = None, options: dict | None = None, **overrides) -> dict:
+                   out_dir: str | os.PathLike | None = None, options: dict | None = None, resume: bool = False,
+                   **overrides) -> dict:
     """Train ``tasks`` (datasets, or ``name=dataset``) one after another on one shared backbone.
 
     Each task gets ``method`` (its own side modules + head; ``naive``: in-place sequential
@@ -351,6 +352,10 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     selected, the final epoch is what is evaluated. After each task every task seen so far is
     evaluated on its test split. Writes ``OUT/results.json`` (after every task, atomically) and
     ``OUT/model/`` (:meth:`MultiTaskModel.save`); returns the results dict.
+
+    ``resume=True`` continues an interrupted sequence in ``out_dir`` after its last finished
+    task (same tasks and settings): each task starts from its own seed, so the result is the
+    one an uninterrupted run gives, bit for bit. A task cut off midway is trained again.
     """
     from tqdm.auto import tqdm
 
@@ -359,7 +364,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
 
     pairs = parse_tasks(tasks)
     overrides = {"val_fraction": 0.0, **overrides}
-    for bad in ("dataset", "method", "backbone", "options", "out_dir", "resume"):
+    for bad in ("dataset", "method", "backbone", "options", "out_dir"):
         if bad in overrides:
             raise RepnetError(f"train_sequence: '{bad}' is not a per-run override here")
     if overrides.get("select_best_on", "none") != "none":
@@ -370,17 +375,25 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     METHODS.get(method)
     device = resolve_device(base.device)
     say = print if base.progress else (lambda *a, **k: None)
+    if resume and not out_dir:
+        raise RepnetError("resuming a continual run needs its folder (--out)")
     out = Path(out_dir or os.path.join("runs", f"continual-{backbone}-{method}{'-naive' if naive else ''}-"
                                                 f"{time.strftime('%Y%m%d-%H%M%S')}"))
-    if (out / "results.json").exists():
-        raise RepnetError(f"{out} already holds a continual run; pick another --out")
+    previous = None
+    if resume:
+        previous = _resumable(out, pairs, cfgs, backbone, method, naive)
+    elif (out / "results.json").exists():
+        raise RepnetError(f"{out} already holds a continual run; continue it with --resume, or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
 
     pretrained = False if base.random_init else (base.weights or True)
     seed_everything(base.seed)
     int8 = {"rounding": base.int8_rounding} if base.int8 else None
-    model = MultiTaskModel(backbone, base.image_size, pretrained=pretrained, memory=base.memory, naive=naive,
-                           int8=int8)
+    if previous is not None:
+        model = MultiTaskModel.load(out / "model", pretrained=pretrained, memory=base.memory)
+    else:
+        model = MultiTaskModel(backbone, base.image_size, pretrained=pretrained, memory=base.memory, naive=naive,
+                               int8=int8)
     model.to(device)
     model.check_method(method, **base.options)  # refuse a method before any data is read
 
@@ -393,7 +406,14 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     per_task: list[dict] = []
     results: dict = {}
     t_run = time.time()
+    done = 0
+    if previous is not None:
+        acc, per_task, done = previous["acc"], previous["per_task"], len(previous["tasks"])
+        t_run -= previous["wall_time_s"]
+        say(f"resuming {out}: {done} of {len(pairs)} tasks done ({', '.join(previous['tasks'])})")
     for i, ((name, ds), cfg) in enumerate(zip(pairs, cfgs)):
+        if i < done:
+            continue
         train_ds, test_ds, num_classes = data[name]
         seed_everything(cfg.seed + i)
         tm = model.add_task(name, num_classes, method, **cfg.options)
@@ -491,6 +511,29 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     return results
 
 
+_RUNTIME = ("progress", "workers", "device")
+
+
+def _resumable(out: Path, pairs, cfgs, backbone: str, method: str, naive: bool) -> dict:
+    """The earlier results of the run in ``out``, checked against what is asked now."""
+    path = out / "results.json"
+    if not path.is_file() or not (out / "model" / "config.json").is_file():
+        raise RepnetError(f"cannot resume: {out} holds no continual run (results.json and model/)")
+    prev = json.loads(path.read_text())
+    if prev.get("complete"):
+        raise RepnetError(f"{out} is complete: nothing to resume")
+    names = [n for n, _ in pairs]
+    same = (prev["backbone"], prev["method"], prev["naive"]) == (backbone, method, naive)
+    if not same or prev["tasks"] != names[: len(prev["tasks"])]:
+        raise RepnetError(f"cannot resume {out}: it is {prev['method']}{' (naive)' if prev['naive'] else ''} on "
+                          f"{prev['backbone']} with tasks {','.join(prev['tasks'])}, not this sequence")
+    for old, new in zip(prev["configs"], cfgs):
+        changed = sorted(k for k, v in new.to_dict().items() if k not in _RUNTIME and old.get(k) != v)
+        if changed:
+            raise RepnetError(f"cannot resume {out}: settings changed ({', '.join(changed)})")
+    return prev
+
+
 def format_matrix(results: dict) -> str:
     """The accuracy matrix (rows: after training task i; columns: task j) and the summary."""
     names = results["tasks"]
@@ -528,6 +571,8 @@ def configure_continual_parser(p: argparse.ArgumentParser) -> None:
         p.add_argument(_FLAGS[key], dest=key, default=None, choices=choices,
                        metavar=None if choices else key.upper(), help=f.metadata["help"])
     p.add_argument("--out", dest="out_dir", default=None, help="output folder (default: runs/continual-...)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out after its last "
+                   "finished task")
     p.add_argument("--naive", action="store_true", help="the forgetting baseline: tasks train backbone tensors in "
                    "place, one after another (e.g. --method bias or full)")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
@@ -544,4 +589,4 @@ def run_continual(args: argparse.Namespace) -> dict:
     overrides = args_to_overrides(args)
     overrides.pop("profile_memory", None)
     kw = {k: overrides.pop(k) for k in ("backbone", "method", "options", "out_dir") if k in overrides}
-    return train_sequence(args.tasks, naive=args.naive, **kw, **overrides)
+    return train_sequence(args.tasks, naive=args.naive, resume=args.resume, **kw, **overrides)
