@@ -34,7 +34,8 @@ from repnet.int8 import enable_int8_training, int8_layers
 from repnet.memory.quant import quantized_weight_numel
 from repnet.training import MEMORY_KEYS, make_config, train
 
-ROWS = {"fp32": {}, "int8": {"int8": True}, "int8-nearest": {"int8": True, "int8_rounding": "nearest"}}
+ROWS = {"fp32": {}, "int8": {"int8": True}, "int8-nearest": {"int8": True, "int8_rounding": "nearest"},
+        "int8-master": {"int8": True, "int8_master": "int8"}}
 
 
 def weight_bytes(backbone: str, image_size: int, num_classes: int, int8: bool) -> dict:
@@ -90,7 +91,8 @@ def main(argv=None) -> dict:
         })
         print(f"--- {name}: {cfg.backbone} -> {cfg.dataset}, {cfg.image_size}px, {cfg.epochs} epochs", flush=True)
         res = train(cfg)
-        row = {"row": name, "int8": cfg.int8, "int8_rounding": cfg.int8_rounding if cfg.int8 else None}
+        row = {"row": name, "int8": cfg.int8, "int8_rounding": cfg.int8_rounding if cfg.int8 else None,
+               "int8_master": cfg.int8_master if cfg.int8 else None}
         for key in ("test_accuracy", "final_test_accuracy", "best_val_accuracy", "trainable_params", *MEMORY_KEYS,
                     "train_images_per_s", "wall_time_s", "train_images", "test_images", "device",
                     "memory_profile_error"):

@@ -362,3 +362,50 @@ def test_int8_run_resumes_bit_identically(tmp_path):
     c = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=False)["model"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert other["steps"] == ref["steps"]
+
+
+def _on_grid(w: torch.Tensor) -> bool:
+    s = w.abs().amax() / QMAX
+    codes = w / s
+    return bool(torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= QMAX + 1e-3)
+
+
+def test_int8_master_keeps_weights_on_the_int8_grid_and_still_learns():
+    """master="int8": after every optimizer step each INT8-trained weight is codes * scale."""
+    from repnet.int8 import attach_int8_master, project_int8_weights
+
+    x, y = _digits()
+    xtr, ytr, xte, yte = x[:1200], y[:1200], x[1200:], y[1200:]
+    torch.manual_seed(0)
+    model = enable_int8_training(repnet.get_model("mobilenet_v2", "repnet", 10, image_size=32, pretrained=True),
+                                 master="int8")
+    layers = int8_layers(model)
+    assert layers and all(_on_grid(m.weight) for m in layers)  # projected at enable time
+    opt = torch.optim.Adam(model.param_groups(3e-3, 3e-3))
+    assert attach_int8_master(model, opt) is not None
+    g = torch.Generator().manual_seed(0)
+    before = _accuracy(model, xte, yte)
+    for _ in range(50):
+        idx = torch.randint(0, len(xtr), (32,), generator=g)
+        model.train()
+        opt.zero_grad()
+        F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+        assert all(_on_grid(m.weight) for m in layers)
+    after = _accuracy(model, xte, yte)
+    assert before < 0.2 and after > 0.6, (before, after)
+    assert attach_int8_master(enable_int8_training(_model()), opt) is None  # fp32 master: no hook
+    # stochastic projection is unbiased: the mean over many draws is the weight itself
+    w = torch.randn(64, 32) * 0.01
+    lin = nn.Linear(32, 64)
+    lin.__class__, lin._int8 = Int8Linear, Int8Config()
+    holder = nn.Sequential(lin)
+    draws = []
+    for _ in range(400):
+        lin.weight.data.copy_(w)
+        project_int8_weights(holder, "stochastic")
+        draws.append(lin.weight.detach().clone())
+    step = w.abs().max() / QMAX
+    assert (torch.stack(draws).mean(0) - w).abs().max() < 0.2 * step
+    with pytest.raises(RepnetError, match="master"):
+        enable_int8_training(_model(), master="int4")

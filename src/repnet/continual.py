@@ -388,7 +388,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
 
     pretrained = False if base.random_init else (base.weights or True)
     seed_everything(base.seed)
-    int8 = {"rounding": base.int8_rounding} if base.int8 else None
+    int8 = {"rounding": base.int8_rounding, "master": base.int8_master} if base.int8 else None
     if previous is not None:
         model = MultiTaskModel.load(out / "model", pretrained=pretrained, memory=base.memory)
     else:
@@ -423,6 +423,9 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
             optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        from .int8 import attach_int8_master
+
+        attach_int8_master(tm, optimizer)
         steps_per_epoch = len(train_ds) // cfg.batch_size
         if cfg.steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)

@@ -57,9 +57,16 @@ rounding="stochastic", frozen="linear", head=True)``
 * **Memory.** A conv / linear layer whose weight trains must keep its input for the weight
   gradient: here it keeps the int8 *codes* of its input (1 byte per element instead of 4) and
   one scale; the weight codes are recomputed from the master weights in backward.
-* **Master weights: fp32.** The optimizer updates an fp32 copy of the trainable weights
-  (the usual mixed-precision practice; it is what the forward quantises). A mode storing the
-  trained weights themselves as int8 codes updated by stochastic rounding is *not* implemented.
+* **Master weights: fp32 (default) or int8.** ``master="fp32"``: the optimizer updates an
+  fp32 copy of the trainable weights (the usual mixed-precision practice; it is what the
+  forward quantises). ``master="int8"`` (the on-device setting, where the weights live in
+  8-bit memory): after every optimizer step each INT8-trained weight is put back on its int8
+  grid, ``w <- s * SR(w / s)`` with ``s = max|w| / 127`` and the *errors'* rounding (stochastic
+  by default, so that updates much smaller than one step of the grid still move the weight in
+  expectation); the weights are then exactly ``codes * scale`` at all times, 1 byte each plus
+  one scale per tensor. :func:`attach_int8_master` registers this on an optimizer (the
+  training loops do it). The optimizer's own state (Adam's moments) stays fp32; use SGD
+  without momentum for a stateless update.
 
 ``state_dict`` keys are unchanged (the layers' classes are swapped, as the memory engine
 does), so ``save_pretrained`` writes the fp32 master weights and records the INT8 settings in
@@ -86,10 +93,12 @@ except ImportError:  # pragma: no cover - timm is a dependency
     _StdConv2d = None
 
 __all__ = ["Int8Config", "enable_int8_training", "disable_int8_training", "int8_layers", "quantize",
+           "project_int8_weights", "attach_int8_master", "MASTERS",
            "int8_mac", "Int8Conv2d", "Int8StdConv2d", "Int8Linear", "QMAX", "ROUNDINGS"]
 
 QMAX = 127
 ROUNDINGS = ("stochastic", "nearest")
+MASTERS = ("fp32", "int8")
 _EXACT_F32 = 2 ** 24  # every integer of magnitude <= 2^24 is a float32
 
 
@@ -103,10 +112,13 @@ class Int8Config:
     rounding: str = "stochastic"  # rounding of the errors (forward always rounds to nearest)
     frozen: str = "linear"  # 8-bit storage of the frozen backbone weights: linear | kmeans
     head: bool = True  # also INT8-train the classifier
+    master: str = "fp32"  # fp32: float master weights; int8: weights kept on their int8 grid
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise RepnetError(f"int8 rounding={self.rounding!r} is not valid; choose from: {', '.join(ROUNDINGS)}")
+        if self.master not in MASTERS:
+            raise RepnetError(f"int8 master={self.master!r} is not valid; choose from: {', '.join(MASTERS)}")
         if self.frozen not in SCHEMES:
             raise RepnetError(f"int8 frozen={self.frozen!r} is not valid; choose from: {', '.join(SCHEMES)}")
 
@@ -302,7 +314,8 @@ def int8_layers(model: nn.Module) -> list[nn.Module]:
 
 # ----------------------------------------------------------------------------- entry points
 def enable_int8_training(model: nn.Module, weights: bool = True, activations: bool = True, errors: bool = True,
-                         rounding: str = "stochastic", frozen: str = "linear", head: bool = True) -> nn.Module:
+                         rounding: str = "stochastic", frozen: str = "linear", head: bool = True,
+                         master: str = "fp32") -> nn.Module:
     """INT8 training of a side-network model (in place; returns ``model``).
 
     Stores the frozen backbone's conv / linear weights in 8 bits (``frozen`` scheme) and makes
@@ -310,7 +323,7 @@ def enable_int8_training(model: nn.Module, weights: bool = True, activations: bo
     compute forward, input gradient and weight gradient as int8 MACs (module docstring).
     The backbone must be frozen: a method that trains backbone weights is refused.
     """
-    cfg = Int8Config(bool(weights), bool(activations), bool(errors), rounding, frozen, bool(head))
+    cfg = Int8Config(bool(weights), bool(activations), bool(errors), rounding, frozen, bool(head), master)
     backbone = getattr(model, "backbone", None)
     side_modules = getattr(model, "side_modules", None)
     if backbone is None or side_modules is None:
@@ -340,7 +353,32 @@ def enable_int8_training(model: nn.Module, weights: bool = True, activations: bo
     if not swapped:
         raise RepnetError(f"method '{getattr(model, 'method', '?')}' has no trainable conv / linear layer to train in int8")
     model.int8_config = dataclasses.asdict(cfg)
+    if cfg.master == "int8":
+        project_int8_weights(model, "nearest")  # start on the grid
     return model
+
+
+def project_int8_weights(model: nn.Module, rounding: str = "stochastic") -> int:
+    """Put every INT8-trained weight on its int8 grid (``codes * scale``); returns how many weights."""
+    n = 0
+    with torch.no_grad():
+        for m in int8_layers(model):
+            q, scale = quantize(m.weight, rounding)
+            m.weight.copy_(q * scale)
+            n += m.weight.numel()
+    return n
+
+
+def attach_int8_master(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """For ``master="int8"``: re-project the weights after every ``optimizer.step()``.
+
+    Returns the hook handle, or ``None`` when the model is not in int8-master mode.
+    """
+    cfg = getattr(model, "int8_config", None)
+    if not cfg or cfg.get("master", "fp32") != "int8":
+        return None
+    rounding = cfg["rounding"]
+    return optimizer.register_step_post_hook(lambda *_: project_int8_weights(model, rounding))
 
 
 def disable_int8_training(model: nn.Module) -> nn.Module:

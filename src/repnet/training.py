@@ -69,6 +69,8 @@ class TrainConfig:
     int8: bool = _f(False, "INT8 training of the side network (SPEC §8, repnet.int8): 8-bit frozen backbone, "
                     "int8 weights / activations / errors in the side modules and head")
     int8_rounding: str = _f("stochastic", "rounding of the int8 errors", ("stochastic", "nearest"))
+    int8_master: str = _f("fp32", "int8 master weights: fp32 copy (default), or int8 (weights kept on their int8 "
+                          "grid after every step, the on-device setting)", ("fp32", "int8"))
     # the recipe (None = from recipes/<dataset>.yaml)
     image_size: int = _f(224, "training / test resolution R")
     epochs: int = _f(50, "epochs")
@@ -390,7 +392,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
 
     from .api import get_model
     from .backbones import BACKBONES, create_backbone
-    from .int8 import enable_int8_training
+    from .int8 import attach_int8_master, enable_int8_training
     from .methods import METHODS
 
     cfg = config
@@ -425,13 +427,14 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     model = get_model(cfg.backbone, cfg.method, num_classes, image_size=cfg.image_size, pretrained=pretrained,
                       memory=cfg.memory, **cfg.options).to(device)
     if cfg.int8:
-        enable_int8_training(model, rounding=cfg.int8_rounding)
+        enable_int8_training(model, rounding=cfg.int8_rounding, master=cfg.int8_master)
     trainable, total = model.param_counts()
     groups = model.param_groups(cfg.lr, cfg.lr_side)
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    attach_int8_master(model, optimizer)
     n_train = len(train_ds)
     steps_per_epoch = n_train // cfg.batch_size
     if cfg.steps_per_epoch:
@@ -628,7 +631,7 @@ def memory_profile(cfg: TrainConfig, num_classes: int, device: torch.device) -> 
         if cfg.int8:
             from .int8 import enable_int8_training
 
-            enable_int8_training(model, rounding=cfg.int8_rounding)
+            enable_int8_training(model, rounding=cfg.int8_rounding, master=cfg.int8_master)
         try:
             rec = profile(model, batch_size=cfg.batch_size, image_size=cfg.image_size)
         except Exception as e:  # noqa: BLE001 - keep the analytic / kept figures if the peak run fails
