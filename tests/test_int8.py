@@ -409,3 +409,21 @@ def test_int8_master_keeps_weights_on_the_int8_grid_and_still_learns():
     assert (torch.stack(draws).mean(0) - w).abs().max() < 0.2 * step
     with pytest.raises(RepnetError, match="master"):
         enable_int8_training(_model(), master="int4")
+
+
+def test_analytic_model_counts_int8_inputs_and_int8_master_weights():
+    size = 64
+    fp = _model(size)
+    a_fp = analyze(fp, size)
+    q = enable_int8_training(_model(size))
+    a_q = analyze(q, size)
+    # each INT8 layer keeps 1 byte per input element instead of 4: the kept total drops by 3/4 of those inputs
+    names = {n for n, m in q.named_modules() if m in int8_layers(q)}
+    int8_inputs = sum(r.in_numel for r in a_q.rows if r.name in names)
+    assert int8_inputs > 0
+    assert a_fp.kept_bytes - a_q.kept_bytes == pytest.approx(3 * int8_inputs)
+    measured = measure_saved(q, torch.randn(2, 3, size, size)).bytes
+    assert measured <= 1.15 * 2 * a_q.kept_bytes  # what the engine keeps, the rules now say
+    m8 = enable_int8_training(_model(size), master="int8")
+    on_grid = sum(m.weight.numel() for m in int8_layers(m8))
+    assert analyze(m8, size).param_bytes == pytest.approx(a_q.param_bytes - 3 * on_grid)

@@ -17,6 +17,9 @@ SiLU, GELU                             grad (|x| / 8 under
 pooling, interpolation, add, dropout   0                           0
 =====================================  ==========================  ======================
 
+An INT8-trained conv / linear (``repnet.int8``, int8 activations) keeps its input's 8-bit
+codes: ``|x|`` bytes instead of ``4|x|``.
+
 A module may state its own rule with ``analytic_rule(args, out) -> (kept, transient)`` bytes
 (e.g. DA3's gate product, which keeps each factor for the other's gradient).
 
@@ -108,6 +111,19 @@ def _weight_trains(m: nn.Module) -> bool:
     return w is not None and w.requires_grad
 
 
+def _input_bytes(m: nn.Module) -> int:
+    """Bytes per kept input element of a trained conv / linear: 1 for an INT8-trained layer with
+    int8 activations (it keeps the input's int8 codes, ``repnet.int8``), else 4."""
+    cfg = getattr(m, "_int8", None)
+    return 1 if cfg is not None and cfg.activations else ACT_BYTES
+
+
+def _int8_master_numel(model: nn.Module) -> int:
+    """Trainable weights held on their int8 grid (``repnet.int8`` master="int8"): 1 byte each."""
+    return sum(m.weight.numel() for m in model.modules()
+               if getattr(m, "_int8", None) is not None and m._int8.master == "int8" and m.weight.requires_grad)
+
+
 def _is_smooth(m: nn.Module) -> bool:
     if isinstance(m, _SMOOTH_ACT):
         return True
@@ -118,13 +134,16 @@ def _is_smooth(m: nn.Module) -> bool:
 def param_bytes(model: nn.Module, trainable_bytes: int = 4, frozen_bytes: int = 1) -> tuple[float, int, int]:
     """(bytes, trainable count, total count): 4 B per trainable, 1 B per frozen parameter.
 
-    8-bit weight codes (``quantize_frozen_weights``) count as frozen parameters.
+    8-bit weight codes (``quantize_frozen_weights``) count as frozen parameters; trainable
+    weights kept on their int8 grid (``repnet.int8``, master="int8") cost 1 B too.
     """
     from .quant import quantized_weight_numel
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + quantized_weight_numel(model)
-    return float(trainable * trainable_bytes + frozen * frozen_bytes), trainable, trainable + frozen
+    on_grid = _int8_master_numel(model)
+    nbytes = (trainable - on_grid) * trainable_bytes + on_grid * 1 + frozen * frozen_bytes
+    return float(nbytes), trainable, trainable + frozen
 
 
 def _residual_blocks(model: nn.Module, image_size: int) -> list[nn.Module]:
@@ -193,10 +212,10 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
         act_grad = grad_in or masks == "always"
         kept = tmp = extra = 0.0
         if isinstance(m, _CONV):
-            kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
+            kept = _input_bytes(m) * nx if _weight_trains(m) else 0.0
             tmp = ACT_BYTES * nx + ACT_BYTES * ny // m.groups
         elif isinstance(m, _LINEAR):
-            kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
+            kept = _input_bytes(m) * nx if _weight_trains(m) else 0.0
             tmp = ACT_BYTES * (nx + ny)
         elif isinstance(m, _NORM):
             kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
