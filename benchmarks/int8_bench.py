@@ -38,7 +38,7 @@ ROWS = {"fp32": {}, "int8": {"int8": True}, "int8-nearest": {"int8": True, "int8
         "int8-master": {"int8": True, "int8_master": "int8"}}
 
 
-def weight_bytes(backbone: str, image_size: int, num_classes: int, int8: bool) -> dict:
+def weight_bytes(backbone: str, image_size: int, num_classes: int, int8: bool, master: str = "fp32") -> dict:
     """Bytes of the side network's conv / linear weights and of the frozen weights."""
     model = get_model(backbone, "repnet", num_classes, image_size=image_size, pretrained=False)
     side = [m for mod in [*model.side_modules(), model.head] for m in mod.modules()
@@ -52,8 +52,8 @@ def weight_bytes(backbone: str, image_size: int, num_classes: int, int8: bool) -
     return {
         "int8_layers": len(int8_layers(model)),
         "side_weights": side_numel,
-        # training keeps an fp32 master copy in both modes; int8 codes are what the MACs read
-        "side_weight_bytes_master": 4 * side_numel,
+        # the stored trained weights: an fp32 master copy, or (master="int8") the int8 grid values
+        "side_weight_bytes_master": (1 if int8 and master == "int8" else 4) * side_numel,
         "side_weight_bytes_mac": (1 if int8 else 4) * side_numel,
         "frozen_weight_bytes": frozen_codes + 4 * sum(p.numel() for p in frozen_float),
         "frozen_8bit_weights": frozen_codes,
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
                     "memory_profile_error"):
             if key in res:
                 row[key] = res[key]
-        row.update(weight_bytes(cfg.backbone, cfg.image_size, res["num_classes"], cfg.int8))
+        row.update(weight_bytes(cfg.backbone, cfg.image_size, res["num_classes"], cfg.int8, cfg.int8_master))
         rows.append(row)
         print(f"    test accuracy {row['test_accuracy']:.4f}; kept for backward {row['measured_saved_mb']:.2f} MB "
               f"(analytic {row['analytic_saved_mb']:.2f}); {row['train_images_per_s']:.1f} img/s", flush=True)
