@@ -102,3 +102,16 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path):
     a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)["global_state"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["global_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_int8_clients(tmp_path):
+    from repnet.int8 import int8_layers
+
+    seen = []
+    res = run_federated({**QUICK, "train_subset": 160, "int8": True}, clients=2, rounds=1, progress=False,
+                        out_dir=str(tmp_path / "q"), on_round=lambda r: seen.append(r))
+    assert seen == [1] and res["frozen_backbone_tensors_changed"] == []
+    from repnet import from_pretrained
+
+    model = from_pretrained(str(tmp_path / "q" / "adapter"))
+    assert len(int8_layers(model)) > 0  # the saved adapter records and re-applies int8 training

@@ -15,6 +15,9 @@ counted from the tensors actually exchanged.
   optimizer each round (no optimizer state travels), label smoothing from the recipe.
 * Integer buffers (e.g. ``num_batches_tracked``) are summed counters, not averaged: the
   server keeps the largest.
+* ``--set int8=true``: every client trains the side network in INT8 (``repnet.int8``). With
+  ``int8_master=int8`` the clients' weights lie on their int8 grids; their average need not,
+  and is put back on the grid by the next local step.
 
     repnet federated --dataset digits --clients 4 --rounds 5 --partition dirichlet:0.5
 """
@@ -87,7 +90,10 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def _local_train(model, loader, cfg, device, epochs: int) -> tuple[float, int]:
+    from .int8 import attach_int8_master
+
     opt = torch.optim.Adam(model.param_groups(cfg.lr, cfg.lr_side), lr=cfg.lr)
+    attach_int8_master(model, opt)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     model.train()
     loss_sum, seen = 0.0, 0
@@ -153,6 +159,10 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
     pretrained = False if cfg.random_init else (cfg.weights or True)
     model = get_model(cfg.backbone, cfg.method, num_classes, image_size=cfg.image_size, pretrained=pretrained,
                       memory=cfg.memory, **cfg.options).to(device)
+    if cfg.int8:  # int8 side network on every client (repnet.int8); the averaged state stays fp32 / on-grid
+        from .int8 import enable_int8_training
+
+        enable_int8_training(model, rounding=cfg.int8_rounding, master=cfg.int8_master)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     global_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
     msg_bytes = state_bytes(global_state)
