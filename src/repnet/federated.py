@@ -11,8 +11,9 @@ counted from the tensors actually exchanged.
 * Shards: ``iid`` (a seeded shuffle cut into equal parts) or ``dirichlet:ALPHA`` (per class,
   the images are divided among clients in proportions drawn from Dirichlet(ALPHA); small
   ALPHA = each client sees few classes). Every training image goes to exactly one client.
-* Local training: Adam with the method's two parameter groups (``lr`` / ``lr_side``), a fresh
-  optimizer each round (no optimizer state travels), label smoothing from the recipe.
+* Local training: the config's optimizer (Adam by default; ``optimizer``, ``weight_decay``)
+  with the method's two parameter groups (``lr`` / ``lr_side``), a fresh optimizer each round
+  (no optimizer state travels), label smoothing from the recipe; no learning-rate schedule.
 * Integer buffers (e.g. ``num_batches_tracked``) are summed counters, not averaged: the
   server keeps the largest.
 * ``--set int8=true``: every client trains the side network in INT8 (``repnet.int8``). With
@@ -92,7 +93,11 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
 def _local_train(model, loader, cfg, device, epochs: int) -> tuple[float, int]:
     from .int8 import attach_int8_master
 
-    opt = torch.optim.Adam(model.param_groups(cfg.lr, cfg.lr_side), lr=cfg.lr)
+    groups = model.param_groups(cfg.lr, cfg.lr_side)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     attach_int8_master(model, opt)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     model.train()
