@@ -282,3 +282,33 @@ def test_interrupted_sequence_resumes_to_the_uninterrupted_result(tmp_path, monk
         assert _same(a.task_state_dict(t), b.task_state_dict(t))
     with pytest.raises(RepnetError, match="is complete: nothing to resume"):
         train_sequence("digits,mnist5k", out_dir=tmp_path / "cut", resume=True, **kw)
+
+
+def test_int8_master_tasks_are_stored_as_int8_codes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from repnet.int8 import attach_int8_master
+
+    mt = MultiTaskModel("mobilenet_v2", image_size=SIZE, int8={"master": "int8"})
+    mt.add_task("a", 3, "repnet")
+    mt.set_task("a")
+    mt.train()
+    opt = torch.optim.Adam(mt.trainable_parameters("a"), lr=1e-2)
+    attach_int8_master(mt["a"], opt)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(mt(torch.randn(4, 3, SIZE, SIZE)), torch.randint(0, 3, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mt.eval()
+    mt.save(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    stored = load_file(str(tmp_path / "m" / cfg["tasks"][0]["file"]))
+    codes = [k for k in stored if k.endswith(".int8_codes")]
+    assert codes and all(stored[k].dtype == torch.int8 for k in codes)
+    fp32 = sum(v.numel() * v.element_size() for v in mt.task_state_dict("a").values())
+    assert mt.storage()["task_bytes"]["a"] == sum(v.numel() * v.element_size() for v in stored.values()) < 0.5 * fp32
+    x = torch.randn(3, 3, SIZE, SIZE)
+    m2 = MultiTaskModel.load(tmp_path / "m").eval()
+    assert _same(m2.task_state_dict("a"), mt.task_state_dict("a"))
+    assert torch.equal(m2(x, task="a"), mt(x, task="a"))

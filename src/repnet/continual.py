@@ -60,6 +60,36 @@ FORMAT = "repnet-multitask/1"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+_CODES, _SCALE = ".int8_codes", ".int8_scale"
+
+
+def _to_int8_codes(state: dict, keys: set) -> dict:
+    """``keys`` stored as int8 codes + a float scale where that reproduces them exactly."""
+    out = {}
+    for k, v in state.items():
+        if k in keys and v.is_floating_point() and v.numel():
+            scale = v.abs().amax() / 127
+            codes = torch.round(v / scale) if scale > 0 else torch.zeros_like(v)
+            if scale > 0 and codes.abs().max() <= 127 and torch.equal(codes * scale, v):
+                out[k + _CODES] = codes.to(torch.int8)
+                out[k + _SCALE] = scale.reshape(1).to(v.dtype)
+                continue
+        out[k] = v
+    return out
+
+
+def _from_int8_codes(tensors: dict) -> dict:
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(_CODES):
+            base = k[: -len(_CODES)]
+            scale = tensors[base + _SCALE]
+            out[base] = v.to(scale.dtype) * scale
+        elif not k.endswith(_SCALE):
+            out[k] = v
+    return out
+
+
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -186,6 +216,18 @@ class MultiTaskModel(nn.Module):
         """``task``'s own trained tensors and buffers (no backbone tensor)."""
         return {k: v for k, v in self[task].trainable_state_dict().items() if not k.startswith("backbone.")}
 
+    def stored_task_tensors(self, task: str) -> dict[str, torch.Tensor]:
+        """What :meth:`save` writes for ``task``: its state, with weights that live on an int8 grid
+        (``int8={"master": "int8"}``) as int8 codes + one scale (1 byte each, exactly)."""
+        state = self.task_state_dict(task)
+        if not self.int8 or self.int8.get("master") != "int8":
+            return state
+        from .int8 import int8_layers
+
+        tm = self[task]
+        on_grid = {f"{n}.weight" for n, m in tm.named_modules() if any(m is q for q in int8_layers(tm))}
+        return _to_int8_codes(state, on_grid)
+
     def backbone_state_keys(self) -> list[str]:
         """Backbone tensors some task trains (naive baseline only; empty otherwise)."""
         keys = {k for m in self.models.values() for k in m.trainable_state_keys() if k.startswith("backbone.")}
@@ -197,7 +239,7 @@ class MultiTaskModel(nn.Module):
     def storage(self) -> dict:
         """Bytes to store the tasks: shared backbone + per-task parts, vs one fine-tuned network per task."""
         backbone = _tensor_bytes(self.backbone.state_dict().values())
-        per_task = {t: _tensor_bytes(self.task_state_dict(t).values()) for t in self.tasks}
+        per_task = {t: _tensor_bytes(self.stored_task_tensors(t).values()) for t in self.tasks}
         heads = {t: _tensor_bytes(self[t].head.state_dict().values()) for t in self.tasks}
         total = backbone + sum(per_task.values())
         separate = sum(backbone + heads[t] for t in self.tasks)
@@ -237,7 +279,7 @@ class MultiTaskModel(nn.Module):
             return rel
 
         for entry in cfg["tasks"]:
-            entry["file"] = put(f"tasks/{entry['name']}", self.task_state_dict(entry["name"]))
+            entry["file"] = put(f"tasks/{entry['name']}", self.stored_task_tensors(entry["name"]))
         if self.naive:
             sd = self.backbone.state_dict()
             keys = [k[len("backbone."):] for k in self.backbone_state_keys()]
@@ -279,6 +321,7 @@ class MultiTaskModel(nn.Module):
         for entry in cfg["tasks"]:
             m = model.add_task(entry["name"], entry["num_classes"], entry["method"], **entry["options"])
             tensors = load_file(str(directory / entry["file"]), device=str(next(backbone.parameters()).device))
+            tensors = _from_int8_codes(tensors)
             expected = set(model.task_state_dict(entry["name"]))
             if set(tensors) != expected:
                 missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
