@@ -91,8 +91,12 @@ def test_runs_train_skip_resume_and_a_missing_dataset_is_one_line(tmp_path, caps
     assert run_one(run) == ("done", "finished earlier")
     assert os.stat(run_dir / "results.json").st_mtime_ns == stamp
 
-    # interrupted (checkpoint, no results) -> resumed to the same result
+    # interrupted (checkpoint, no results) -> resumed to the same result, unless the settings changed
     os.remove(run_dir / "results.json")
+    changed = plan("table3", root, data_dir=data, settings={**QUICK, "epochs": 2}, datasets="pets", methods="repnet",
+                   image_sizes="224")[0]
+    status, msg = run_one(changed)
+    assert status == "error" and "other settings (epochs)" in msg and "\n" not in msg
     status, _ = run_one(run)
     assert status == "resumed"
     again = json.loads((run_dir / "results.json").read_text())

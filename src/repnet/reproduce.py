@@ -204,7 +204,7 @@ def train_command(run: Run) -> str:
 
 def run_one(run: Run) -> tuple[str, str]:
     """Train, resume or skip one run: ``(status, message)``; status done | trained | resumed | error."""
-    from .training import TrainConfig, _read_yaml, coerce, make_config, train
+    from .training import FIELDS, TrainConfig, _read_yaml, coerce, make_config, train
 
     out = Path(run.overrides["out_dir"])
     if (out / "results.json").is_file():
@@ -212,6 +212,12 @@ def run_one(run: Run) -> tuple[str, str]:
     try:
         if (out / "checkpoint.pt").is_file():
             base = {k: coerce(k, v) for k, v in _read_yaml(out / "config.yaml").items()}
+            wanted = make_config(run.overrides).to_dict()
+            changed = sorted(k for k, f in FIELDS.items() if not f.metadata.get("runtime")
+                             and wanted.get(k) != base.get(k, wanted.get(k)))
+            if changed:
+                return "error", (f"{out} was started with other settings ({', '.join(changed)}); "
+                                 "delete it to start over, or use the settings it was started with")
             train(TrainConfig(**base), resume=str(out))
             return "resumed", "resumed from its checkpoint"
         train(make_config(run.overrides))
