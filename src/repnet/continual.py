@@ -403,7 +403,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     from tqdm.auto import tqdm
 
     from .training import (CosineSchedule, EpochSampler, _loader, atomic_write_text, build_data, evaluate,
-                           make_config, resolve_device, seed_everything)
+                           make_config, make_optimizer, plan_steps, resolve_device, seed_everything)
 
     pairs = parse_tasks(tasks)
     overrides = {"val_fraction": 0.0, **overrides}
@@ -461,22 +461,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
         seed_everything(cfg.seed + i)
         tm = model.add_task(name, num_classes, method, **cfg.options)
         params = model.trainable_parameters(name)
-        groups = tm.param_groups(cfg.lr, cfg.lr_side)
-        if cfg.optimizer == "adam":
-            optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-        from .int8 import attach_int8_master
-
-        attach_int8_master(tm, optimizer)
-        steps_per_epoch = len(train_ds) // cfg.batch_size
-        if cfg.steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-        if steps_per_epoch < 1:
-            raise RepnetError(f"task '{name}': {len(train_ds)} training images is less than one batch of {cfg.batch_size}")
-        total_steps = cfg.epochs * steps_per_epoch
-        if cfg.max_steps:
-            total_steps = min(total_steps, cfg.max_steps)
+        optimizer = make_optimizer(tm, cfg)
+        steps_per_epoch, total_steps = plan_steps(len(train_ds), cfg, f"task '{name}': ")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(total_steps))
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         say(f"task {i + 1}/{len(pairs)} '{name}' ({ds}, {num_classes} classes): {method}{' (naive)' if naive else ''} "

@@ -91,14 +91,9 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def _local_train(model, loader, cfg, device, epochs: int) -> tuple[float, int]:
-    from .int8 import attach_int8_master
+    from .training import make_optimizer
 
-    groups = model.param_groups(cfg.lr, cfg.lr_side)
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    attach_int8_master(model, opt)
+    opt = make_optimizer(model, cfg)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     model.train()
     loss_sum, seen = 0.0, 0

@@ -279,6 +279,33 @@ class CosineSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
 
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The config's optimizer over the method's two parameter groups (head + backbone tensors at
+    ``lr``, side modules at ``lr_side``); in int8-master mode it re-projects after each step."""
+    from .int8 import attach_int8_master
+
+    groups = model.param_groups(cfg.lr, cfg.lr_side)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    attach_int8_master(model, optimizer)
+    return optimizer
+
+
+def plan_steps(n_train: int, cfg: TrainConfig, what: str = "") -> tuple[int, int]:
+    """``(steps per epoch, total steps)`` for ``n_train`` images under the config's limits."""
+    steps_per_epoch = n_train // cfg.batch_size
+    if cfg.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise RepnetError(f"{what}{n_train} training images is less than one batch of {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    return steps_per_epoch, total_steps
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -392,7 +419,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
 
     from .api import get_model
     from .backbones import BACKBONES, create_backbone
-    from .int8 import attach_int8_master, enable_int8_training
+    from .int8 import enable_int8_training
     from .methods import METHODS
 
     cfg = config
@@ -429,21 +456,9 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     if cfg.int8:
         enable_int8_training(model, rounding=cfg.int8_rounding, master=cfg.int8_master)
     trainable, total = model.param_counts()
-    groups = model.param_groups(cfg.lr, cfg.lr_side)
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    attach_int8_master(model, optimizer)
+    optimizer = make_optimizer(model, cfg)
     n_train = len(train_ds)
-    steps_per_epoch = n_train // cfg.batch_size
-    if cfg.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise RepnetError(f"{n_train} training images is less than one batch of {cfg.batch_size}")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = plan_steps(n_train, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(total_steps))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 

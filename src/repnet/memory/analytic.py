@@ -195,23 +195,14 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is None or not isinstance(out, torch.Tensor):
             return
-        rule = getattr(m, "analytic_rule", None)  # a module's own (kept, transient) rule
-        if callable(rule):
-            kept, tmp = rule(args, out)
-            held = float(sum(state["held"]))
-            running = tmp + state["kept"] + held
-            if running > state["peak"]:
-                state["peak"] = running
-                rep.peak_layer = names.get(m, "")
-            state["kept"] += kept
-            rep.rows.append(LayerRow(names.get(m, ""), type(m).__name__, x.numel(), out.numel(), kept, tmp, 0, 0.0,
-                                     held, running))
-            return
         nx, ny = x.numel(), out.numel()
         grad_in = x.requires_grad
         act_grad = grad_in or masks == "always"
         kept = tmp = extra = 0.0
-        if isinstance(m, _CONV):
+        rule = getattr(m, "analytic_rule", None)  # a module's own (kept, transient) rule
+        if callable(rule):
+            kept, tmp = rule(args, out)
+        elif isinstance(m, _CONV):
             kept = _input_bytes(m) * nx if _weight_trains(m) else 0.0
             tmp = ACT_BYTES * nx + ACT_BYTES * ny // m.groups
         elif isinstance(m, _LINEAR):
