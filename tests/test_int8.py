@@ -427,3 +427,29 @@ def test_analytic_model_counts_int8_inputs_and_int8_master_weights():
     m8 = enable_int8_training(_model(size), master="int8")
     on_grid = sum(m.weight.numel() for m in int8_layers(m8))
     assert analyze(m8, size).param_bytes == pytest.approx(a_q.param_bytes - 3 * on_grid)
+
+
+def test_int8_master_adapter_is_saved_as_exact_int8_codes(tmp_path):
+    from safetensors.torch import load_file
+
+    from repnet.int8 import attach_int8_master
+
+    m = enable_int8_training(repnet.get_model("mobilenet_v2", "repnet", 5, image_size=32, pretrained=True),
+                             master="int8")  # offline weights: from_pretrained rebuilds the same backbone
+    opt = torch.optim.Adam(m.param_groups(1e-2, 1e-2))
+    attach_int8_master(m, opt)
+    m.train()
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(m(torch.randn(4, 3, 32, 32)), torch.randint(0, 5, (4,))).backward()
+        opt.step()
+    m.eval()
+    m.save_pretrained(str(tmp_path / "a"))
+    stored = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    codes = [k for k in stored if k.endswith(".int8_codes")]
+    assert len(codes) == len(int8_layers(m)) and all(stored[k].dtype == torch.int8 for k in codes)
+    m2 = repnet.from_pretrained(str(tmp_path / "a")).eval()
+    sd, sd2 = m.trainable_state_dict(), m2.trainable_state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(m(x), m2(x))

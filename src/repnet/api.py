@@ -81,7 +81,9 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
         enable_int8_training(model, **cfg["int8"])
     from safetensors.torch import load_file
 
-    tensors = load_file(st_path)
+    from .int8 import unpack_on_grid
+
+    tensors = unpack_on_grid(load_file(st_path))
     expected = set(model.trainable_state_keys())
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

@@ -53,41 +53,12 @@ from torch import nn
 
 from .backbones import Backbone, create_backbone
 from .errors import RepnetError
+from .int8 import unpack_on_grid
 from .methods import METHODS, TransferModel, parse_options
 from .methods.base import _atomic_write, _version
 
 FORMAT = "repnet-multitask/1"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-_CODES, _SCALE = ".int8_codes", ".int8_scale"
-
-
-def _to_int8_codes(state: dict, keys: set) -> dict:
-    """``keys`` stored as int8 codes + a float scale where that reproduces them exactly."""
-    out = {}
-    for k, v in state.items():
-        if k in keys and v.is_floating_point() and v.numel():
-            scale = v.abs().amax() / 127
-            codes = torch.round(v / scale) if scale > 0 else torch.zeros_like(v)
-            if scale > 0 and codes.abs().max() <= 127 and torch.equal(codes * scale, v):
-                out[k + _CODES] = codes.to(torch.int8)
-                out[k + _SCALE] = scale.reshape(1).to(v.dtype)
-                continue
-        out[k] = v
-    return out
-
-
-def _from_int8_codes(tensors: dict) -> dict:
-    out = {}
-    for k, v in tensors.items():
-        if k.endswith(_CODES):
-            base = k[: -len(_CODES)]
-            scale = tensors[base + _SCALE]
-            out[base] = v.to(scale.dtype) * scale
-        elif not k.endswith(_SCALE):
-            out[k] = v
-    return out
 
 
 def _tensor_bytes(tensors) -> int:
@@ -222,11 +193,9 @@ class MultiTaskModel(nn.Module):
         state = self.task_state_dict(task)
         if not self.int8 or self.int8.get("master") != "int8":
             return state
-        from .int8 import int8_layers
+        from .int8 import pack_on_grid
 
-        tm = self[task]
-        on_grid = {f"{n}.weight" for n, m in tm.named_modules() if any(m is q for q in int8_layers(tm))}
-        return _to_int8_codes(state, on_grid)
+        return pack_on_grid(self[task], state)
 
     def backbone_state_keys(self) -> list[str]:
         """Backbone tensors some task trains (naive baseline only; empty otherwise)."""
@@ -321,7 +290,7 @@ class MultiTaskModel(nn.Module):
         for entry in cfg["tasks"]:
             m = model.add_task(entry["name"], entry["num_classes"], entry["method"], **entry["options"])
             tensors = load_file(str(directory / entry["file"]), device=str(next(backbone.parameters()).device))
-            tensors = _from_int8_codes(tensors)
+            tensors = unpack_on_grid(tensors)
             expected = set(model.task_state_dict(entry["name"]))
             if set(tensors) != expected:
                 missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

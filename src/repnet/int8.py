@@ -93,7 +93,7 @@ except ImportError:  # pragma: no cover - timm is a dependency
     _StdConv2d = None
 
 __all__ = ["Int8Config", "enable_int8_training", "disable_int8_training", "int8_layers", "quantize",
-           "project_int8_weights", "attach_int8_master", "MASTERS",
+           "project_int8_weights", "attach_int8_master", "MASTERS", "pack_on_grid", "unpack_on_grid",
            "int8_mac", "Int8Conv2d", "Int8StdConv2d", "Int8Linear", "QMAX", "ROUNDINGS"]
 
 QMAX = 127
@@ -310,6 +310,44 @@ def _int8_class(m: nn.Module) -> type | None:
 def int8_layers(model: nn.Module) -> list[nn.Module]:
     """The INT8-trained layers of ``model``."""
     return [m for m in model.modules() if isinstance(m, _INT8_TYPES)]
+
+
+# ----------------------------------------------------------------------------- storage
+_CODES, _SCALE = ".int8_codes", ".int8_scale"
+
+
+def pack_on_grid(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (keys relative to ``model``) for storage: in int8-master mode every INT8-trained
+    weight becomes ``<key>.int8_codes`` (int8) + ``<key>.int8_scale`` where that reproduces it
+    exactly (it lies on its grid), 1 byte per weight; anything else is left as it is."""
+    cfg = getattr(model, "int8_config", None)
+    if not cfg or cfg.get("master") != "int8":
+        return state
+    keys = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, _INT8_TYPES)}
+    out = {}
+    for k, v in state.items():
+        if k in keys and v.is_floating_point() and v.numel():
+            scale = v.abs().amax() / QMAX
+            codes = torch.round(v / scale) if scale > 0 else v
+            if scale > 0 and codes.abs().max() <= QMAX and torch.equal(codes * scale, v):
+                out[k + _CODES] = codes.to(torch.int8)
+                out[k + _SCALE] = scale.reshape(1).to(v.dtype)
+                continue
+        out[k] = v
+    return out
+
+
+def unpack_on_grid(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_on_grid` (a no-op on a state without int8 codes)."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(_CODES):
+            base = k[: -len(_CODES)]
+            scale = tensors[base + _SCALE]
+            out[base] = v.to(scale.dtype) * scale
+        elif not k.endswith(_SCALE):
+            out[k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- entry points

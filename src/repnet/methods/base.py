@@ -216,7 +216,10 @@ class TransferModel(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
+        from ..int8 import pack_on_grid
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
+        tensors = pack_on_grid(self, tensors)  # int8-master weights: 1 byte each, exactly
         _atomic_write(os.path.join(directory, "adapter.safetensors"), lambda p: save_file(tensors, p))
         cfg = json.dumps(self.config(), indent=2)
         _atomic_write(os.path.join(directory, "config.json"), lambda p: open(p, "w").write(cfg))
