@@ -86,3 +86,15 @@ def test_cli_profile_writes_contract_keys(tmp_path, capsys):
     m = repnet.get_model("proxylessnas_mobile", "repnet", 10, image_size=64, pretrained=False)
     assert rec["trainable_params"] == m.param_counts()[0]
     assert "analytic MB" in capsys.readouterr().out
+
+
+def test_profile_prints_tinytl_reference_table(capsys):
+    from repnet.cli import main
+
+    assert main(["profile", "--method", "last", "--image-size", "64", "--no-measure", "--tinytl-reference"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0] + line.split()[1]: line.split() for line in out.splitlines()
+             if line.split() and line.split()[0] in ("last", "full", "tinytl_lb") and len(line.split()) == 5}
+    assert lines["last224"][2:] == ["30.80", "29.01", "30.83"]
+    assert lines["full224"][2:] == ["390.80", "366.97", "390.84"]
+    assert lines["tinytl_lb320"][2:] == ["64.70", "64.70", "64.70"]

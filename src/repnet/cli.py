@@ -108,11 +108,13 @@ def cmd_profile(args) -> int:
         for mode in modes:
             rows.append(profile_one(args.backbone, m, args.image_size, args.batch_size, args.num_classes,
                                     memory=mode, pretrained=_weights_arg(args) if args.weights else False,
-                                    measure=not args.no_measure, peak=not args.no_peak,
+                                    measure=not args.no_measure, peak=not (args.no_peak or args.no_measure),
                                     options=_parse_opts(args.opt)))
     print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {args.num_classes} classes "
           "(MB = 1e6 bytes; analytic = the papers' model, SPEC §7)")
     print_table(rows, PROFILE_COLS)
+    if args.tinytl_reference:
+        _print_tinytl_reference(args)
     if args.json:
         out = rows[0] if len(rows) == 1 else rows
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -125,6 +127,19 @@ def cmd_profile(args) -> int:
         memory_bar_chart(rows, args.plot, title=f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}")
         print(f"wrote {args.plot}")
     return 0
+
+
+def _print_tinytl_reference(args) -> None:
+    """TinyTL's published rows next to ours and to the configuration TinyTL's script profiled."""
+    from .memory.tinytl_reference import reproduce
+
+    print("\nTinyTL's published table (ProxylessNAS-Mobile, batch 8, 102 classes), MB; 'TinyTL cfg' = its script's "
+          "network (lite residuals always inserted, every mask counted): repnet.memory.tinytl_reference")
+    rows = [r for r in reproduce((224, 320)) if r["published_mb"] is not None]
+    print_table([{"method": r["method"], "px": r["image_size"], "published": r["published_mb"], "ours": r["ours_mb"],
+                  "TinyTL cfg": r["tinytl_config_mb"]} for r in rows],
+                [("method", "TinyTL row"), ("px", "px"), ("published", "published MB"), ("ours", "our method MB"),
+                 ("TinyTL cfg", "TinyTL cfg MB")])
 
 
 # ----------------------------------------------------------------------------- parser
@@ -149,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-peak", action="store_true", help="skip the peak measurement")
     pp.add_argument("--json", help="write the record(s) to this JSON file")
     pp.add_argument("--plot", help="write a bar chart PNG across methods")
+    pp.add_argument("--tinytl-reference", action="store_true",
+                    help="also print TinyTL's published memory table, reproduced row by row (analytic, seconds)")
     pp.set_defaults(func=cmd_profile)
 
     try:
