@@ -139,6 +139,17 @@ def test_tinytl_configuration_flags_follow_its_script():
         analyze(model, 64, masks="sometimes")
 
 
+@pytest.mark.parametrize("backbone,method", [("efficientnet_lite0", "bias"), ("efficientnet_lite0", "repnet"),
+                                             ("timm:tf_efficientnet_lite0", "bias")])
+def test_engine_keeps_what_the_rules_say_with_same_padding_convs(backbone, method):
+    """TF-"same" conv classes (a pad, then a conv) keep nothing when frozen, like nn.Conv2d
+    (plain PyTorch keeps ~45x more here)."""
+    m = repnet.get_model(backbone, method, 10, image_size=64, pretrained=False)
+    rep = analyze(m, 64)
+    measured = measure_saved(m, torch.randn(4, 3, 64, 64)).bytes
+    assert rep.kept_bytes * 4 <= measured <= 1.15 * rep.kept_bytes * 4
+
+
 @pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb", "full", "norm_last", "da3")
                                     if m in repnet.METHODS])
 def test_engine_keeps_what_the_rules_say(method):

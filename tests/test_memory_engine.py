@@ -283,6 +283,9 @@ def _matrix():
         if m in methods:
             other = "batch" if repnet.METHODS.get(m).Options().bn == "frozen" else "frozen"
             cases += [(m, b, other, torch.float64) for b in ("proxylessnas_mobile", "mobilenet_v2")]
+    # TF-"same" convs: EfficientNet-Lite's static-padding conv, timm's Conv2dSame
+    cases += [(m, b, None, torch.float64) for m in ("repnet", "bias") if m in methods
+              for b in ("efficientnet_lite0", "timm:tf_efficientnet_lite0")]
     return cases
 
 
@@ -425,3 +428,15 @@ def test_profile_keys_and_consistency():
     assert r["measured_saved_mb"] == pytest.approx(r["analytic_saved_mb"], rel=0.15)  # + the dropout mask
     v = profile("proxylessnas_mobile", "bias", 10, batch_size=2, image_size=64, peak=False, memory="vanilla")
     assert v["analytic_mb"] == r["analytic_mb"] and v["measured_saved_mb"] > 20 * r["measured_saved_mb"]
+
+
+@pytest.mark.parametrize("backbone,same_type", [("efficientnet_lite0", "MemConv2dStaticSamePadding"),
+                                                 ("timm:tf_efficientnet_lite0", "MemConv2dSame")])
+def test_same_padding_convs_run_on_the_engine_and_pickle(backbone, same_type):
+    m = repnet.get_model(backbone, "bias", 5, image_size=64, pretrained=False)
+    names = {type(x).__name__ for x in m.modules()}
+    assert same_type in names and "Conv2dStaticSamePadding" not in names and "Conv2dSame" not in names
+    m2 = pickle.loads(pickle.dumps(m))
+    assert same_type in {type(x).__name__ for x in m2.modules()}
+    remove_engine(m)
+    assert same_type not in {type(x).__name__ for x in m.modules()}

@@ -576,6 +576,46 @@ try:  # timm's weight-standardised conv (Rep-Net / TinyTL side modules)
 except ImportError:  # pragma: no cover
     pass
 
+
+def _padded_conv_engine(base: type, pre_pad: Callable) -> type:
+    """Engine class for a conv subclass whose forward is ``F.conv2d(pre_pad(self, x), ...)`` with
+    its numeric ``padding`` (TF-style "same" convs): the padding keeps nothing for backward
+    (its gradient is a slice), the frozen conv keeps only its weight."""
+
+    def forward(self, x):
+        if _engine_off(x) or self._weight_trains() or not (x.requires_grad or _wants_grad(self.bias)):
+            return base.forward(self, x)
+        pad = _numeric_padding(self)
+        if pad is None:
+            return base.forward(self, x)
+        wparts, dq = self._frozen_weight()
+        return frozen_conv2d(pre_pad(self, x), self.bias, wparts, dq, self.stride, pad, self.dilation, self.groups)
+
+    name = f"Mem{base.__name__}"
+    cls = type(name, (_WeightMixin, base),
+               {"forward": forward, "__module__": __name__, "__qualname__": name,
+                "__doc__": f"``{base.__module__}.{base.__name__}`` that keeps nothing for backward when frozen."})
+    globals()[name] = cls  # importable by name: models stay picklable
+    __all__.append(name)
+    return cls
+
+
+try:  # timm's TF-"same" conv (tf_* models): pads in forward, then a plain conv
+    from timm.layers import Conv2dSame as _TimmConv2dSame
+    from timm.layers.padding import pad_same as _pad_same
+
+    _SWAP[_TimmConv2dSame] = _padded_conv_engine(
+        _TimmConv2dSame, lambda m, x: _pad_same(x, m.weight.shape[-2:], m.stride, m.dilation))
+except ImportError:  # pragma: no cover
+    pass
+
+try:  # EfficientNet-Lite (efficientnet-lite-pytorch): a static ZeroPad2d module, then a plain conv
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding as _StaticSame
+
+    _SWAP[_StaticSame] = _padded_conv_engine(_StaticSame, lambda m, x: m.static_padding(x))
+except ImportError:  # pragma: no cover - an optional offline package
+    pass
+
 _UNSWAP: dict[type, type] = {v: k for k, v in _SWAP.items()}
 ENGINE_TYPES: tuple[type, ...] = tuple(_SWAP.values())
 
@@ -584,8 +624,9 @@ def apply_engine(model: nn.Module) -> nn.Module:
     """Switch ``model`` to the memory engine, in place (idempotent); returns ``model``.
 
     Every module whose type is exactly one of ``nn.Conv2d, nn.Linear, nn.BatchNorm2d,
-    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish`` (and timm ``BatchNormAct2d``) gets the
-    engine subclass; subclasses of those (e.g. timm ``StdConv2d``) are left as they are.
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.AvgPool2d`` (and timm ``BatchNormAct2d``,
+    ``StdConv2d``, ``Conv2dSame``, EfficientNet-Lite's ``Conv2dStaticSamePadding``) gets the
+    engine subclass; other subclasses are left as they are (plain PyTorch).
     """
     for m in model.modules():
         new = _SWAP.get(type(m))
