@@ -139,15 +139,20 @@ def test_tinytl_configuration_flags_follow_its_script():
         analyze(model, 64, masks="sometimes")
 
 
-@pytest.mark.parametrize("backbone,method", [("efficientnet_lite0", "bias"), ("efficientnet_lite0", "repnet"),
-                                             ("timm:tf_efficientnet_lite0", "bias")])
-def test_engine_keeps_what_the_rules_say_with_same_padding_convs(backbone, method):
-    """TF-"same" conv classes (a pad, then a conv) keep nothing when frozen, like nn.Conv2d
-    (plain PyTorch keeps ~45x more here)."""
+@pytest.mark.parametrize("backbone,method", [
+    ("efficientnet_lite0", "bias"), ("efficientnet_lite0", "repnet"),  # TF-"same" static-padding convs
+    ("timm:tf_efficientnet_lite0", "bias"),  # timm Conv2dSame
+    ("resnet50", "bias"), ("timm:resnet18", "repnet"),  # max pooling (the engine keeps 1 B per output)
+    ("mobilenet_v3_large", "bias"), ("timm:efficientnet_b0", "bias"),  # squeeze-excitation products
+    ("timm:convnext_atto", "bias"),  # LayerNorm: per-sample statistics keep the input
+])
+def test_engine_keeps_what_the_rules_say_on_other_backbone_families(backbone, method):
+    """The engine covers what these families add (same-padding convs: plain PyTorch keeps ~45x
+    more; max pooling: ~4-16x) and the rules count what truly must be kept (SE, LayerNorm)."""
     m = repnet.get_model(backbone, method, 10, image_size=64, pretrained=False)
     rep = analyze(m, 64)
     measured = measure_saved(m, torch.randn(4, 3, 64, 64)).bytes
-    assert rep.kept_bytes * 4 <= measured <= 1.15 * rep.kept_bytes * 4
+    assert 0.97 * rep.kept_bytes * 4 <= measured <= 1.15 * rep.kept_bytes * 4
 
 
 @pytest.mark.parametrize("method", [m for m in ("bias", "last", "repnet", "tinytl_lb", "full", "norm_last", "da3")

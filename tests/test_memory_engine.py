@@ -286,6 +286,7 @@ def _matrix():
     # TF-"same" convs: EfficientNet-Lite's static-padding conv, timm's Conv2dSame
     cases += [(m, b, None, torch.float64) for m in ("repnet", "bias") if m in methods
               for b in ("efficientnet_lite0", "timm:tf_efficientnet_lite0")]
+    cases += [("bias", "timm:resnet18", None, torch.float64)]  # max pooling on the engine
     return cases
 
 
@@ -440,3 +441,17 @@ def test_same_padding_convs_run_on_the_engine_and_pickle(backbone, same_type):
     assert same_type in {type(x).__name__ for x in m2.modules()}
     remove_engine(m)
     assert same_type not in {type(x).__name__ for x in m.modules()}
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [
+    (3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 1, False), (3, 2, 1, 2, True), (2, None, 0, 1, True)])
+def test_max_pool_keeps_one_byte_per_output_and_equals_pytorch(kernel, stride, padding, dilation, ceil):
+    x = torch.randn(2, 3, 17, 18, dtype=torch.float64, requires_grad=True)
+    ref = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil)
+    eng = apply_engine(nn.Sequential(nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil)))[0]
+    assert isinstance(eng, E.MemMaxPool2d)
+    y = ref(x)
+    g = torch.randn_like(y)
+    assert torch.equal(eng(x), y)
+    assert torch.equal(torch.autograd.grad(eng(x), x, g)[0], torch.autograd.grad(y, x, g)[0])
+    assert measure_saved_bytes(eng, x) == y.numel()  # one uint8 window position per output

@@ -20,6 +20,13 @@ pooling, interpolation, add, dropout   0                           0
 An INT8-trained conv / linear (``repnet.int8``, int8 activations) keeps its input's 8-bit
 codes: ``|x|`` bytes instead of ``4|x|``.
 
+Beyond the papers' rules (their networks have none of these), so that every backbone's figure
+is what the engine really keeps: GroupNorm / LayerNorm normalise with each sample's own
+statistics, so they keep ``4|x|`` whenever a gradient passes (not only when gamma trains; the
+papers' rule is kept under ``masks="always"``, TinyTL's convention); a squeeze-excitation module
+(``x * gate(x)``) keeps ``4|x|`` + its gate; max pooling keeps 1 byte per output (the engine's
+window arg-max).
+
 A module may state its own rule with ``analytic_rule(args, out) -> (kept, transient)`` bytes
 (e.g. DA3's gate product, which keeps each factor for the other's gradient).
 
@@ -55,6 +62,8 @@ ACT_BYTES = 4
 _CONV = (nn.modules.conv._ConvNd,)
 _LINEAR = (nn.Linear,)
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_SAMPLE_NORM = (nn.GroupNorm, nn.LayerNorm)  # statistics of each sample: backward needs the input
+_SE_NAMES = ("SqueezeExcitation", "SqueezeExcite", "SEModule", "EffectiveSEModule")
 _MASK_ACT = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
 _SMOOTH_ACT = (nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Mish)
 _SMOOTH_NAMES = ("swish", "sigmoid", "silu", "gelu", "mish", "tanh")
@@ -156,8 +165,12 @@ def _residual_blocks(model: nn.Module, image_size: int) -> list[nn.Module]:
     return [m for m in model.modules() if list(m.children()) and has_shortcut(m)]
 
 
+def _is_se(m: nn.Module) -> bool:
+    return type(m).__name__ in _SE_NAMES
+
+
 def _counted(m: nn.Module) -> bool:
-    return not list(m.children()) or isinstance(m, _CONV + _LINEAR + _NORM)
+    return not list(m.children()) or isinstance(m, _CONV + _LINEAR + _NORM) or _is_se(m)
 
 
 MASK_RULES = ("gradient", "always")
@@ -208,11 +221,18 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
         elif isinstance(m, _LINEAR):
             kept = _input_bytes(m) * nx if _weight_trains(m) else 0.0
             tmp = ACT_BYTES * (nx + ny)
+        elif isinstance(m, _SAMPLE_NORM):  # per-sample statistics: the input is needed for any gradient
+            kept = ACT_BYTES * nx if _weight_trains(m) or (grad_in and masks == "gradient") else 0.0
+            tmp = ACT_BYTES * nx
         elif isinstance(m, _NORM):
             kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
             tmp = ACT_BYTES * nx
             if not kept and m in batch_stats and grad_in:
                 extra = ACT_BYTES * nx
+        elif _is_se(m):  # out = x * gate(x): the product keeps x (the gate's gradient) and the gate
+            kept = ACT_BYTES * (nx + nx // max(1, x.shape[-1] * x.shape[-2])) if grad_in else 0.0
+        elif isinstance(m, nn.MaxPool2d):  # the engine keeps the window arg-max: 1 byte per output
+            kept = float(ny) if grad_in else 0.0
         elif isinstance(m, _MASK_ACT):
             kept = nx / 8 if act_grad else 0.0
             tmp = ACT_BYTES * nx

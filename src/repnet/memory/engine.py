@@ -71,7 +71,7 @@ __all__ = [
     "apply_engine", "remove_engine", "engine_applied", "set_step_backward",
     "pack_bits", "unpack_bits", "apply_mask", "frozen_conv2d", "frozen_linear", "masked_activation", "avg_pool2d",
     "MemConv2d", "MemLinear", "MemBatchNorm2d", "MemReLU", "MemReLU6", "MemHardtanh", "MemHardswish",
-    "MemAvgPool2d",
+    "MemAvgPool2d", "MemMaxPool2d",
 ]
 
 
@@ -346,6 +346,54 @@ class MemAvgPool2d(nn.AvgPool2d):
                           self.count_include_pad, self.divisor_override)
 
 
+class _MaxPool2dFn(torch.autograd.Function):
+    """Max pooling that keeps, per output element, the arg-max's position inside its window
+    (1 byte) instead of the input and int64 indices (PyTorch: 4 B per input + 8 B per output)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        w_in = x.shape[-1]
+        top, left = _window_origins(y.shape, stride, padding, x.device)
+        row, col = idx.div(w_in, rounding_mode="floor") - top, idx.remainder(w_in) - left
+        offset = (row // dilation[0]) * kernel[1] + (col // dilation[1])
+        ctx.save_for_backward(offset.to(torch.uint8))
+        ctx.meta = (x.shape, kernel, stride, padding, dilation)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (offset,) = ctx.saved_tensors
+        in_shape, kernel, stride, padding, dilation = ctx.meta
+        top, left = _window_origins(g.shape, stride, padding, g.device)
+        off = offset.long()
+        idx = (top + (off // kernel[1]) * dilation[0]) * in_shape[-1] + left + (off % kernel[1]) * dilation[1]
+        n = g.shape[0] * g.shape[1]
+        gx = g.new_zeros(n, in_shape[-2] * in_shape[-1])
+        gx.scatter_add_(1, idx.reshape(n, -1), g.reshape(n, -1))
+        return gx.view(in_shape), None, None, None, None, None
+
+
+def _window_origins(out_shape, stride, padding, device):
+    """Top row / left column (in input coordinates) of every output element's window."""
+    top = torch.arange(out_shape[-2], device=device).view(-1, 1) * stride[0] - padding[0]
+    left = torch.arange(out_shape[-1], device=device).view(1, -1) * stride[1] - padding[1]
+    return top, left
+
+
+class MemMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` keeping 1 byte per output element for backward (the window arg-max)."""
+
+    def forward(self, x):
+        kernel = _pair(self.kernel_size)
+        if (_engine_off(x) or not x.requires_grad or self.return_indices or x.dim() != 4
+                or kernel[0] * kernel[1] > 256):
+            return super().forward(x)
+        stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+        return _MaxPool2dFn.apply(x, kernel, stride, _pair(self.padding), _pair(self.dilation), self.ceil_mode)
+
+
 # ----------------------------------------------------------------------------- batch norm
 class _FrozenBatchNormFn(torch.autograd.Function):
     """BatchNorm with a frozen (or absent) scale; the shift may train.
@@ -540,6 +588,7 @@ _SWAP: dict[type, type] = {
     nn.Hardtanh: MemHardtanh,
     nn.Hardswish: MemHardswish,
     nn.AvgPool2d: MemAvgPool2d,
+    nn.MaxPool2d: MemMaxPool2d,
 }
 
 try:  # timm's fused BN + drop + act
