@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from repnet.demo import LINEAR_PROBE, DemoConfig, compare, format_table, plot, provenance, verdict
+from repnet.demo import DemoConfig, LINEAR_PROBE, command_line, compare, format_table, plot, provenance, verdict
 from repnet.training import MEMORY_KEYS, load_recipe
 
 METHODS = ("repnet", "repnet@bn=batch", "tinytl_lb", "bias", "last", "full", LINEAR_PROBE)
@@ -74,7 +72,7 @@ def main(argv=None) -> dict:
             "memory_profile_error")
     result = {
         "benchmark": "accuracy: MobileNetV2 (ImageNet, offline weights) -> Fashion-MNIST",
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "scale": "full" if full else "reduced",
         "note": None if full else ("reduced-scale CPU run; the full benchmark (all of Fashion-MNIST, 224 px, "
                                    "batch 8, 50 epochs, on a GPU) is still owed"),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 import repnet
 from repnet.memory import analyze, measure_saved
+from repnet.demo import command_line
 
 BACKBONES = ("proxylessnas_mobile", "mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_large", "resnet50",
              "timm:tf_efficientnet_lite0", "timm:efficientnet_b0", "timm:resnet18", "timm:convnext_atto",
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{bb:28s} {method:7s} {analytic:9.2f} {engine:9.2f} {row['engine_over_analytic'] or 0:6.3f} "
                   f"{vanilla:9.1f}", flush=True)
     doc = {"benchmark": __doc__.splitlines()[0],
-           "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+           "command": command_line(argv),
            "image_size": args.image_size, "batch_size": args.batch_size, "device": "cpu",
            "note": "random weights (memory does not depend on them); MB = 1e6 bytes", "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from repnet.continual import train_sequence
-from repnet.demo import provenance
+from repnet.demo import command_line, provenance
 from repnet.training import atomic_write_text
 
 RUNS = ("repnet", "naive:bias", "naive:full")
@@ -69,7 +68,7 @@ def main(argv=None) -> dict:
         rows[run] = {k: r[k] for k in ("tasks", "acc", "average_accuracy", "backward_transfer", "forgetting",
                                        "average_forgetting", "per_task", "storage", "policy", "wall_time_s")}
     out = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line(argv),
         "setup": {"backbone": args.backbone, "weights": "offline ImageNet (torchvision MobileNetV2)",
                   "tasks": args.tasks.split(","), "image_size": args.image_size, "batch_size": args.batch_size,
                   "epochs": args.epochs, "train_subset": args.train_subset, "test_subset": args.test_subset,

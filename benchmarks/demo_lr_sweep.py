@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from repnet.demo import DemoConfig, method_config, provenance
+from repnet.demo import DemoConfig, command_line, method_config, provenance
 from repnet.training import train
 
 GRIDS = {  # (lr for head + biases, lr_side for side modules)
@@ -54,7 +52,7 @@ def main(argv=None) -> dict:
         best[method] = (pick["lr"], pick["lr_side"])
     result = {
         "what": "per-method learning rates of the demo, chosen on the validation split (final epoch)",
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "budget": {k: v for k, v in DemoConfig().__dict__.items() if k not in ("lrs", "methods", "progress")},
         "runs": runs, "chosen": best, "total_time_s": time.time() - t0,
         "provenance_start": start, "provenance_end": provenance(),

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from repnet.federated import run_federated
+from repnet.demo import command_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                   f" | message {row['message_bytes'] / 1e6:.2f} MB (model {row['full_model_bytes'] / 1e6:.2f} MB)"
                   f" | {row['wall_time_s']:.0f} s", flush=True)
     doc = {"benchmark": __doc__.splitlines()[0],
-           "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+           "command": command_line(argv),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "note": "lr 1e-3 (head + biases) / 3e-3 (side modules), Adam, no augmentation, CPU, 1 thread",
            "rows": rows}

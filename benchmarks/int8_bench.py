@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from repnet.api import get_model
-from repnet.demo import provenance
+from repnet.demo import command_line, provenance
 from repnet.int8 import enable_int8_training, int8_layers
 from repnet.memory.quant import quantized_weight_numel
 from repnet.training import MEMORY_KEYS, make_config, train
@@ -111,7 +109,7 @@ def main(argv=None) -> dict:
     full = args.train_subset is None and args.image_size == 224 and args.epochs >= 50
     result = {
         "benchmark": f"INT8 Rep-Net training: {args.backbone} (ImageNet, offline weights) -> {args.dataset}, fp32 vs int8",
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "scale": "full" if full else "reduced",
         "note": None if full else "reduced-scale CPU run; the full benchmark (224 px, 50 epochs, all data, GPU) is owed",
         "memory_note": "MB = 1e6 bytes at the run's batch size and resolution; measured_saved_mb = autograd's saved "

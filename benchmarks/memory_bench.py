@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from torch import nn
 
 import repnet
 from repnet.memory import analyze, measure_peak_bytes, measure_saved
+from repnet.demo import command_line
 
 TARGET_METHODS = ("repnet", "bias", "tinytl_lb", "last")
 
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
                            "value": r["engine_over_vanilla_time"], "ok": r["engine_over_vanilla_time"] <= 1.2})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+    meta = {"command": command_line(argv),
             "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "time_threads": args.time_threads if dev.type == "cpu" else None,

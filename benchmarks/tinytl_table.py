@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
 from repnet import get_model
 from repnet.memory import analyze
 from repnet.memory.tinytl_reference import reproduce
+from repnet.demo import command_line
 
 # Rep-Net paper (SPEC §4 / §6), ProxylessNAS-Mobile, batch 8: (label, image size, options, MB)
 REPNET_PUBLISHED = [
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "benchmark": "TinyTL's published memory table (ProxylessNAS-Mobile), reproduced and explained",
-            "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+            "command": command_line(argv),
             "units": "MB = 1e6 bytes; analytic (SPEC §7): peak activation x batch + params",
             "explanation": (
                 "TinyTL's script profiles one network for every method: ProxylessNAS-Mobile with the 19 lite "
@@ -92,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 "already counted (backbone biases train). No single configuration difference fits both published "
                 "dual figures: a parameter difference P and a peak-activation difference A (which scales with "
                 "the image area, x2.04 from 224 to 320 px) would need P + A in [1.97, 2.97] MB at 224 px and "
-                "P + 2.04 A in [-0.08, 0.92] MB at 320 px, i.e. A between -2.9 and -1.0 MB and P between 3.0 and 5.9 MB. The 224 px figure is "
-                "therefore most likely from another configuration than the 320 px one; it remains unexplained."),
+                "P + 2.04 A in [-0.08, 0.92] MB at 320 px, i.e. A between -2.9 and -1.0 MB and P between 3.0 "
+                "and 5.9 MB. The 224 px figure is therefore most likely from another configuration than the 320 px one; it remains unexplained."),
         }
         out.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {out}")

@@ -313,6 +313,16 @@ def run(cfg: DemoConfig) -> dict:
     return result
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running (a script's ``sys.argv[0]`` with ``argv``, or its own
+    arguments), as a shell line to record next to its results."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    return "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *args])
+
+
 def provenance() -> dict:
     """Which code produced a result: the git commit and any uncommitted source files."""
     import subprocess
