@@ -7,7 +7,7 @@ ProxylessNAS-Mobile, batch 8, 102 classes, prints and saves:
 * ``ours``: our method on our model (``repnet profile``'s analytic figure),
 * ``tinytl config``: the configuration TinyTL's released script actually profiles (lite
   residuals always inserted, its ``requires_grad`` per method, its profiler counting every
-  mask once anything trains) - see ``repnet.memory.tinytl_reference`` for the explanation.
+  mask once anything trains) - see ``repnet.tinytl_reference`` for the explanation.
 
     python benchmarks/tinytl_table.py --out benchmarks/results/tinytl_table.json
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from repnet import get_model
 from repnet.memory import analyze
-from repnet.memory.tinytl_reference import reproduce
+from repnet.tinytl_reference import reproduce
 from repnet.demo import command_line
 
 # Rep-Net paper (SPEC §4 / §6), ProxylessNAS-Mobile, batch 8: (label, image size, options, MB)

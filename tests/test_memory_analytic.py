@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import repnet
-from repnet.memory.tinytl_reference import PUBLISHED, tinytl_configuration
+from repnet.tinytl_reference import PUBLISHED, tinytl_configuration
 from repnet.memory import analyze, apply_engine, format_breakdown, measure_saved, quantize_frozen_weights
 from repnet.memory.analytic import param_bytes
 from repnet.memory.engine import set_step_backward

@@ -421,13 +421,15 @@ def test_peak_cpu_subprocess_sees_the_saving():
 
 
 def test_profile_keys_and_consistency():
-    r = profile("proxylessnas_mobile", "bias", 10, batch_size=2, image_size=64, peak=False)
+    r = profile(repnet.get_model("proxylessnas_mobile", "bias", 10, image_size=64, pretrained=False), batch_size=2,
+                peak=False)
     for k in ("trainable_params", "total_params", "analytic_mb", "analytic_saved_mb", "measured_saved_mb",
               "peak_mb", "analytic_frozen_bn_extra_mb"):
         assert k in r
     assert r["peak_mb"] is None and r["engine"] is True
     assert r["measured_saved_mb"] == pytest.approx(r["analytic_saved_mb"], rel=0.15)  # + the dropout mask
-    v = profile("proxylessnas_mobile", "bias", 10, batch_size=2, image_size=64, peak=False, memory="vanilla")
+    v = profile(repnet.get_model("proxylessnas_mobile", "bias", 10, image_size=64, pretrained=False, memory="vanilla"),
+                batch_size=2, peak=False)
     assert v["analytic_mb"] == r["analytic_mb"] and v["measured_saved_mb"] > 20 * r["measured_saved_mb"]
 
 

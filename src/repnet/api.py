@@ -1,13 +1,13 @@
 """The public entry points (PEFT-like): ``get_model``, ``from_pretrained``."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from .backbones import create_backbone
 from .errors import RepnetError
+from .storage import read_json, read_safetensors
 from .methods import METHODS, TransferModel, parse_options
 
 MEMORY_MODES = ("engine", "vanilla")
@@ -56,8 +56,14 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
     st_path = os.path.join(directory, "adapter.safetensors")
     if not os.path.isfile(cfg_path) or not os.path.isfile(st_path):
         raise RepnetError(f"{directory} is not a saved repnet adapter (expected config.json and adapter.safetensors)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_json(cfg_path, "adapter config")
+    required = {"backbone": str, "method": str, "num_classes": int, "image_size": int, "options": dict,
+                "backbone_fingerprint": str}
+    bad = [k for k, t in required.items() if not isinstance(cfg.get(k) if isinstance(cfg, dict) else None, t)
+           or isinstance(cfg.get(k), bool)]
+    if bad:
+        raise RepnetError(f"adapter config {cfg_path} is malformed: {', '.join(bad)} missing or of the wrong type")
+    stored = read_safetensors(st_path, "adapter", require_digest=True)  # damaged: refused before any build
     if backbone is not None and backbone != cfg["backbone"]:
         raise RepnetError(
             f"adapter in {directory} was trained on backbone '{cfg['backbone']}', not '{backbone}'"
@@ -79,11 +85,9 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
         from .int8 import enable_int8_training
 
         enable_int8_training(model, **cfg["int8"])
-    from safetensors.torch import load_file
-
     from .int8 import unpack_on_grid
 
-    tensors = unpack_on_grid(load_file(st_path))
+    tensors = unpack_on_grid(stored)
     expected = set(model.trainable_state_keys())
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

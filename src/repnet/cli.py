@@ -131,10 +131,10 @@ def cmd_profile(args) -> int:
 
 def _print_tinytl_reference(args) -> None:
     """TinyTL's published rows next to ours and to the configuration TinyTL's script profiled."""
-    from .memory.tinytl_reference import reproduce
+    from .tinytl_reference import reproduce
 
     print("\nTinyTL's published table (ProxylessNAS-Mobile, batch 8, 102 classes), MB; 'TinyTL cfg' = its script's "
-          "network (lite residuals always inserted, every mask counted): repnet.memory.tinytl_reference")
+          "network (lite residuals always inserted, every mask counted): repnet.tinytl_reference")
     rows = [r for r in reproduce((224, 320)) if r["published_mb"] is not None]
     print_table([{"method": r["method"], "px": r["image_size"], "published": r["published_mb"], "ours": r["ours_mb"],
                   "TinyTL cfg": r["tinytl_config_mb"]} for r in rows],

@@ -55,7 +55,8 @@ from .backbones import Backbone, create_backbone
 from .errors import RepnetError
 from .int8 import unpack_on_grid
 from .methods import METHODS, TransferModel, parse_options
-from .methods.base import _atomic_write, _version
+from .methods.base import _version
+from .storage import atomic_write_bytes, atomic_write_text, read_json, read_safetensors, tensors_to_bytes
 
 FORMAT = "repnet-multitask/1"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -234,17 +235,15 @@ class MultiTaskModel(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` + one safetensors file per task (crash-safe: see the module doc)."""
-        from safetensors.torch import save as to_bytes
-
         directory = Path(directory)
         (directory / "tasks").mkdir(parents=True, exist_ok=True)
         cfg = self.config()
 
         def put(stem: str, tensors: dict) -> str:
-            blob = to_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+            blob = tensors_to_bytes(tensors)
             rel = f"{stem}-{hashlib.sha256(blob).hexdigest()[:12]}.safetensors"
             if not (directory / rel).is_file():
-                _atomic_write(str(directory / rel), lambda p: Path(p).write_bytes(blob))
+                atomic_write_bytes(directory / rel, blob)
             return rel
 
         for entry in cfg["tasks"]:
@@ -254,7 +253,7 @@ class MultiTaskModel(nn.Module):
             keys = [k[len("backbone."):] for k in self.backbone_state_keys()]
             cfg["backbone_file"] = put("backbone", {k: sd[k] for k in keys})
         text = json.dumps(cfg, indent=2)
-        _atomic_write(str(directory / "config.json"), lambda p: Path(p).write_text(text))
+        atomic_write_text(directory / "config.json", text)
         keep = {e["file"] for e in cfg["tasks"]} | {cfg.get("backbone_file")}
         for old in [*directory.glob("tasks/*.safetensors"), *directory.glob("backbone-*.safetensors")]:
             if str(old.relative_to(directory)) not in keep:
@@ -266,14 +265,12 @@ class MultiTaskModel(nn.Module):
         """Rebuild a model written by :meth:`save`. The backbone (``pretrained``: True = the
         recorded / offline weights, or a file; or an already-built ``backbone``) must be the one
         the tasks were trained on (same name and weight fingerprint), else a one-line error."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         cfg_path = directory / "config.json"
         if not cfg_path.is_file():
             raise RepnetError(f"{directory} is not a saved multi-task model (no config.json)")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != FORMAT:
+        cfg = read_json(cfg_path, "multi-task config")
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise RepnetError(f"{directory} is not a saved multi-task model (format {cfg.get('format')!r})")
         if backbone is None:
             if pretrained is True:
@@ -289,8 +286,9 @@ class MultiTaskModel(nn.Module):
         model = cls(backbone, cfg["image_size"], memory=memory, naive=cfg["naive"], int8=cfg.get("int8"))
         for entry in cfg["tasks"]:
             m = model.add_task(entry["name"], entry["num_classes"], entry["method"], **entry["options"])
-            tensors = load_file(str(directory / entry["file"]), device=str(next(backbone.parameters()).device))
-            tensors = unpack_on_grid(tensors)
+            tensors = read_safetensors(directory / entry["file"], f"task '{entry['name']}'", require_digest=True)
+            device = next(backbone.parameters()).device
+            tensors = unpack_on_grid({k: v.to(device) for k, v in tensors.items()})
             expected = set(model.task_state_dict(entry["name"]))
             if set(tensors) != expected:
                 missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -298,7 +296,7 @@ class MultiTaskModel(nn.Module):
                                   f"(missing {missing[:3]}, unexpected {extra[:3]})")
             m.load_state_dict(tensors, strict=False)
         if cfg.get("backbone_file"):
-            tensors = load_file(str(directory / cfg["backbone_file"]))
+            tensors = read_safetensors(directory / cfg["backbone_file"], "backbone file", require_digest=True)
             missing = set(model.backbone_state_keys()) - {"backbone." + k for k in tensors}
             if missing:
                 raise RepnetError(f"{directory}: backbone file lacks {sorted(missing)[:3]}")
@@ -371,7 +369,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     """
     from tqdm.auto import tqdm
 
-    from .training import (CosineSchedule, EpochSampler, _loader, atomic_write_text, build_data, evaluate,
+    from .training import (CosineSchedule, EpochSampler, _loader, build_data, evaluate,
                            make_config, make_optimizer, plan_steps, resolve_device, seed_everything)
 
     pairs = parse_tasks(tasks)
@@ -520,7 +518,7 @@ def _resumable(out: Path, pairs, cfgs, backbone: str, method: str, naive: bool) 
     path = out / "results.json"
     if not path.is_file() or not (out / "model" / "config.json").is_file():
         raise RepnetError(f"cannot resume: {out} holds no continual run (results.json and model/)")
-    prev = json.loads(path.read_text())
+    prev = read_json(path, "continual results")
     if prev.get("complete"):
         raise RepnetError(f"{out} is complete: nothing to resume")
     names = [n for n, _ in pairs]

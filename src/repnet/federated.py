@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .errors import RepnetError
+from .storage import atomic_write_text, clean_temps, load_checkpoint, save_checkpoint
 
 __all__ = ["partition", "fedavg_states", "state_bytes", "run_federated", "configure_federated_parser",
            "cli_federated"]
@@ -127,7 +128,7 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
 
     from .api import get_model
     from .backbones import create_backbone
-    from .training import (atomic_torch_save, atomic_write_text, build_data, evaluate, make_config,
+    from .training import (build_data, evaluate, make_config,
                            resolve_device, rng_state, seed_everything, set_rng_state)
 
     if rounds < 1 or local_epochs < 1:
@@ -140,7 +141,8 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
             raise RepnetError(f"cannot resume: no checkpoint.pt in {out_dir}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        clean_temps(ckpt_path.parent)
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt["settings"] != settings:
             changed = sorted(k for k in settings if settings[k] != ckpt["settings"].get(k))
             raise RepnetError(f"cannot resume {out_dir}: its settings differ ({', '.join(changed)}); only --rounds "
@@ -199,7 +201,7 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
                         "client_train_loss": float(np.average(losses, weights=sizes))})
         bar.set_postfix(acc=f"{acc:.3f}")
         if ckpt_path is not None:
-            atomic_torch_save({"round": r, "global_state": {k: v.cpu() for k, v in global_state.items()},
+            save_checkpoint({"round": r, "global_state": {k: v.cpu() for k, v in global_state.items()},
                                "history": history, "rng": rng_state(), "settings": settings}, ckpt_path)
         if on_round is not None:
             on_round(r)

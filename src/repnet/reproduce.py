@@ -246,7 +246,7 @@ def _fmt(v, nd=1) -> str:
 def collect(table: str, root: str | Path, statuses: list[dict] | None = None, settings: dict | None = None,
             write: bool = True, **filters) -> dict:
     """Published vs ours for every (filtered) cell; writes ``summary.json`` / ``summary.md``."""
-    from .training import atomic_write_text
+    from .storage import atomic_write_text
 
     tdir = Path(root) / table
     rows = []

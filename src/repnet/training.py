@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import RepnetError
+from .storage import atomic_write_text, clean_temps, load_checkpoint, read_safetensors, save_checkpoint, save_tensors
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -341,24 +341,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, progress: bool = False, desc: str = "eval") -> dict:
     """Mean cross-entropy (no smoothing) and top-1 accuracy over ``loader``."""
@@ -435,7 +417,8 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     if resume:
         if not ckpt_path.is_file():
             raise RepnetError(f"cannot resume: no checkpoint.pt in {run_dir}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        clean_temps(run_dir)
+        ckpt = load_checkpoint(ckpt_path)
     else:
         if ckpt_path.exists():
             raise RepnetError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, or pick --out")
@@ -469,11 +452,11 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
           "epoch_stats": [0.0, 0, 0],  # loss sum, correct, images of the current epoch so far
           "elapsed": 0.0, "train_time": 0.0, "images": 0}
 
-    def save_checkpoint() -> None:
+    def checkpoint() -> None:
         if not _all_finite(model.trainable_state_dict().values()):
             raise RepnetError(f"weights became non-finite at epoch {st['epoch'] + 1} step {st['step']}; "
                               f"last good checkpoint: {ckpt_path}")
-        atomic_torch_save({
+        save_checkpoint({
             "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(),
             "state": {**st, "elapsed": st["elapsed"] + time.time() - t_start},
@@ -498,7 +481,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         say(f"resuming {run_dir} at epoch {st['epoch'] + 1}, step {st['step']}/{total_steps}")
         del ckpt
     else:
-        save_checkpoint()  # a last good checkpoint exists from step 0 on
+        checkpoint()  # a last good checkpoint exists from step 0 on
     elapsed_before = st["elapsed"]  # wall time of earlier sessions of this run
 
     val_loader = _loader(val_ds, cfg, device) if val_ds is not None else None
@@ -546,7 +529,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
             if st["step"] >= total_steps or st["batch"] >= steps_per_epoch:
                 break
             if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoint()
         bar.close()
         train_secs = time.time() - t_epoch
         st["train_time"] += train_secs
@@ -564,18 +547,18 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
             if st["best_val"] is None or v["accuracy"] > st["best_val"]:
                 st["best_val"], st["best_val_epoch"] = v["accuracy"], epoch + 1
                 if cfg.select_best_on == "val":
-                    atomic_torch_save(model.trainable_state_dict(), run_dir / "best.pt")
+                    save_tensors(model.trainable_state_dict(), run_dir / "best.safetensors")
         if cfg.select_best_on == "test":  # the released code's protocol: optimistic, opt-in only
             t = evaluate(model, _loader(test_ds, cfg, device), device)
             rec.update(test_accuracy=t["accuracy"])  # selection on test: see results["note"]
             if st["best_test"] is None or t["accuracy"] > st["best_test"]:
                 st["best_test"], st["best_test_epoch"] = t["accuracy"], epoch + 1
-                atomic_torch_save(model.trainable_state_dict(), run_dir / "best.pt")
+                save_tensors(model.trainable_state_dict(), run_dir / "best.safetensors")
         rec["time_s"] = elapsed_before + time.time() - t_start
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         st["epoch"], st["batch"], st["epoch_stats"] = epoch + 1, 0, [0.0, 0, 0]
-        save_checkpoint()
+        checkpoint()
         say(f"epoch {epoch + 1}/{cfg.epochs} step {st['step']}: train loss {rec['train_loss']:.4f} "
             f"acc {rec['train_accuracy']:.4f}" + (f" | val acc {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else "")
             + f" | {rec['images_per_s']:.0f} img/s")
@@ -593,7 +576,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         "selected_on": cfg.select_best_on,
     }
     if cfg.select_best_on != "none":
-        model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True), strict=False)
+        model.load_state_dict(read_safetensors(run_dir / "best.safetensors", "best weights", require_digest=True), strict=False)
         selected = evaluate(model, test_loader, device)
         results["test_accuracy"] = selected["accuracy"]
         results["selected_epoch"] = st["best_val_epoch"] if cfg.select_best_on == "val" else st["best_test_epoch"]
@@ -669,7 +652,14 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
     """Drop log records of epochs the resumed run will redo."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-write: dropped
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= epochs_done:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import RepnetError
+from ..storage import load_torch_file, read_safetensors
 
 
 def package_file(package: str, relpath: str) -> str | None:
@@ -34,15 +35,10 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
         path = os.path.expanduser(source)
         if not os.path.isfile(path):
             raise RepnetError(f"weights file not found: {source}")
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                sd = load_file(path)
-            else:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise RepnetError(f"could not read weights file {source}: {type(e).__name__}: {e}") from e
+        if path.endswith(".safetensors"):
+            sd = read_safetensors(path, "weights file")
+        else:
+            sd = load_torch_file(path, "weights file")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -15,13 +15,13 @@ dataset's official one (Flowers102: train+val vs test; Pets, Aircraft: trainval 
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import RepnetError
+from ..storage import restricted_unpickle
 from .core import ArraySource, ImageDataset, scan_files
 
 
@@ -59,13 +59,12 @@ _CIFAR = {
 
 
 def _unpickle(path: Path) -> dict:
+    """A CIFAR python batch: a pickle, read with the restricted unpickler (plain data only)."""
     _require(path, "CIFAR file")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as e:  # noqa: BLE001
-        raise RepnetError(f"CIFAR file '{path}' is corrupt or not a CIFAR python pickle "
-                          f"({type(e).__name__}: {e})") from e
+    entry = restricted_unpickle(path, "CIFAR file")
+    if not isinstance(entry, dict):
+        raise RepnetError(f"CIFAR file '{path}' does not hold a CIFAR batch (a dict)")
+    return entry
 
 
 def read_cifar(root: Path, which: int) -> tuple[ImageDataset, ImageDataset]:

@@ -5,7 +5,6 @@
 * :mod:`.quant` - frozen weights stored in 8 bits,
 * :mod:`.measure` - what autograd really keeps, and the real peak of a training step,
 * :mod:`.analytic` - SPEC §7's per-layer rules (the papers' MB figures),
-* :mod:`.tinytl_reference` - TinyTL's published table rebuilt and explained row by row,
 * :func:`profile` - all three side by side for one model.
 """
 from __future__ import annotations
@@ -23,14 +22,12 @@ __all__ = ["apply_engine", "remove_engine", "engine_applied", "set_step_backward
            "measure_peak_bytes", "profile", "breakdown"]
 
 
-def profile(model, method: str | None = None, num_classes: int = 10, *, batch_size: int = 8,
-            image_size: int | None = None, measure: bool = True, peak: bool = True,
-            device: str | torch.device | None = None, seed: int = 0, **options) -> dict:
+def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = None, measure: bool = True,
+            peak: bool = True, device: str | torch.device | None = None, seed: int = 0) -> dict:
     """Training-memory profile of one model: analytic, measured kept-for-backward, peak.
 
-    ``model`` is an ``nn.Module`` (e.g. a :class:`~repnet.methods.TransferModel`), or a
-    backbone name with ``method`` (built with ``pretrained=False``: memory does not depend
-    on the weights; ``options`` go to :func:`repnet.get_model`, e.g. ``memory="vanilla"``).
+    ``model`` is an ``nn.Module`` (e.g. a :class:`~repnet.methods.TransferModel`; build it with
+    ``pretrained=False``: memory does not depend on the weights).
     ``device``: where to measure (default: where the model is; CUDA gives the exact peak).
 
     Returned keys (MB = 1e6 bytes; per ``batch_size``):
@@ -44,15 +41,8 @@ def profile(model, method: str | None = None, num_classes: int = 10, *, batch_si
     :mod:`.measure`); ``peak_kind`` (``cuda-allocator`` / ``cpu-rss`` / None);
     ``engine`` (whether the engine is on). Unmeasured figures are None.
     """
-    if isinstance(model, str):
-        from ..api import get_model
-
-        if method is None:
-            raise TypeError("profile(backbone_name, method, ...): method is required")
-        kw = {"image_size": image_size} if image_size else {}
-        model = get_model(model, method, num_classes, pretrained=options.pop("pretrained", False), **kw, **options)
-    elif options:
-        raise TypeError(f"unexpected options for a model object: {sorted(options)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError("profile takes a model: build it with repnet.get_model(backbone, method, ...)")
     if image_size is None:
         image_size = int(getattr(model, "image_size", 224))
     if device is not None:

@@ -39,7 +39,7 @@ rules reproduce to the published 37.1 / 64.7 MB for TinyTL-L+B on ProxylessNAS-M
 (224 / 320 px, batch 8, 102 classes). TinyTL's other rows (FT-Last 30.8, B 31.7, L 37.1,
 Norm+Last 192.4, Full 390.8) are reproduced too, to 0.05 MB, once the network TinyTL's
 script actually profiled is rebuilt (lite residuals inserted for every method, and every
-mask counted, ``masks="always"``): see :mod:`repnet.memory.tinytl_reference`. Our own
+mask counted, ``masks="always"``): see :mod:`repnet.tinytl_reference`. Our own
 models give less for those methods (29.0 / 29.9 / 36.3 / 183.0 / 367.0 MB).
 
 Only modules are seen: a functional op inside a ``forward`` (``torch.sigmoid``, an

@@ -686,11 +686,9 @@ def apply_engine(model: nn.Module) -> nn.Module:
 
 def remove_engine(model: nn.Module) -> nn.Module:
     """Restore plain PyTorch modules (8-bit weights are dequantised back to float first)."""
-    from .quant import dequantize_module, is_quantized
-
     for m in model.modules():
-        if is_quantized(m):
-            dequantize_module(m)
+        if hasattr(m, "dequantize_"):  # 8-bit frozen weights (memory.quant)
+            m.dequantize_()
         old = _UNSWAP.get(type(m))
         if old is not None:
             m.__class__ = old

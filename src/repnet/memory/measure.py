@@ -19,7 +19,8 @@ backward, Adam ``step``), minus what was resident before the step:
   workspaces, the gradients of the trainable parameters, and Adam's two state tensors
   (created by this first step). Excluded: the CUDA context, the model's weights and
   buffers and the input batch (resident before the step), cached-but-free allocator blocks.
-* CPU: the step runs in a fresh subprocess (the model is pickled to a temporary file).
+* CPU: the step runs in a fresh subprocess; the model reaches it pickled over the child's stdin
+  pipe (bytes from this process's memory, never a file anyone else could write).
   After one warm-up forward/backward on 2 samples (library initialisation, kernel caches),
   gradients are cleared, the kernel's peak-RSS counter is reset
   (``/proc/self/clear_refs``) and ``VmRSS`` read as the baseline; after the step,
@@ -33,7 +34,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -138,9 +138,9 @@ def _cuda_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 _CHILD = r"""
-import gc, json, sys, torch
+import json, sys
 from repnet.memory.measure import _child_main
-print("REPNET_PEAK " + json.dumps(_child_main(sys.argv[1])))
+print("REPNET_PEAK " + json.dumps(_child_main(sys.stdin.buffer.read())))
 """
 
 
@@ -152,10 +152,12 @@ def _proc_status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _child_main(path: str) -> dict:
+def _child_main(data: bytes) -> dict:
     import gc
+    import pickle
 
-    blob = torch.load(path, weights_only=False)
+    # ``data`` is the parent's own pickle of the model, sent over a pipe (measure_peak_bytes)
+    blob = pickle.loads(data)
     model, x, y = blob["model"], blob["x"], blob["y"]
     torch.set_num_threads(blob["threads"])
     model.train()
@@ -197,18 +199,15 @@ def measure_peak_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         return _cuda_peak(model, inputs, targets)
     if not os.path.exists("/proc/self/status"):
         return None
-    fd, path = tempfile.mkstemp(suffix=".pt", prefix="repnet-peak-")
-    os.close(fd)
-    try:
-        torch.save({"model": model, "x": inputs, "y": targets, "threads": threads or torch.get_num_threads()}, path)
-        # the child sees the same import path, so classes defined next to the caller unpickle
-        path_env = os.pathsep.join(p for p in sys.path if p)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=path_env)
-        r = subprocess.run([sys.executable, "-c", _CHILD, path], capture_output=True, text=True,
-                           env=env, timeout=timeout)
-    finally:
-        os.unlink(path)
-    for line in r.stdout.splitlines():
+    import pickle
+
+    data = pickle.dumps({"model": model, "x": inputs, "y": targets, "threads": threads or torch.get_num_threads()})
+    # the child sees the same import path, so classes defined next to the caller unpickle
+    path_env = os.pathsep.join(p for p in sys.path if p)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=path_env)
+    r = subprocess.run([sys.executable, "-c", _CHILD], input=data, capture_output=True, env=env, timeout=timeout)
+    stdout, stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    for line in stdout.splitlines():
         if line.startswith("REPNET_PEAK "):
             return json.loads(line[len("REPNET_PEAK "):])["peak_bytes"]
-    raise RuntimeError(f"peak-memory subprocess failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    raise RuntimeError(f"peak-memory subprocess failed (exit {r.returncode}):\n{stderr[-2000:]}")

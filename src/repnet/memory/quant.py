@@ -50,6 +50,10 @@ class _QuantMixin:
     def _weight_trains(self) -> bool:
         return False
 
+    def dequantize_(self) -> None:
+        """Back to a float weight (``remove_engine`` calls this before restoring plain PyTorch)."""
+        dequantize_module(self)
+
     @property
     def weight(self) -> torch.Tensor:  # the dequantised float weight (a transient copy)
         parts, fn = self._frozen_weight()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import RepnetError
+from ..storage import atomic_write_text, save_tensors
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -213,16 +213,16 @@ class TransferModel(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """Write only what training changed: ``config.json`` + ``adapter.safetensors`` (atomic)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
         from ..int8 import pack_on_grid
 
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise RepnetError(f"cannot create {directory}: {e.strerror or e}") from None
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
         tensors = pack_on_grid(self, tensors)  # int8-master weights: 1 byte each, exactly
-        _atomic_write(os.path.join(directory, "adapter.safetensors"), lambda p: save_file(tensors, p))
-        cfg = json.dumps(self.config(), indent=2)
-        _atomic_write(os.path.join(directory, "config.json"), lambda p: open(p, "w").write(cfg))
+        save_tensors(tensors, os.path.join(directory, "adapter.safetensors"))
+        atomic_write_text(os.path.join(directory, "config.json"), json.dumps(self.config(), indent=2))
 
 
 class _BlockHook:
@@ -237,18 +237,6 @@ class _BlockHook:
         for fn in self.owner._block_fns[self.index]:
             out = fn(args[0], out)
         return out
-
-
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _version() -> str:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import RepnetError
-from .analytic import AnalyticReport, analyze
+from .errors import RepnetError
+from .memory.analytic import AnalyticReport, analyze
 
 __all__ = ["PUBLISHED", "TINYTL_METHODS", "tinytl_configuration", "reproduce"]
 
@@ -68,7 +68,7 @@ def tinytl_configuration(method: str, image_size: int = 224, num_classes: int = 
     bias (lite residuals' included); ``tinytl_l`` / ``tinytl_lb``: the lite residuals, whose
     last-norm bias stays frozen when biases or norms also train.
     """
-    from ..api import get_model
+    from .api import get_model
 
     if method not in TINYTL_METHODS:
         raise RepnetError(f"TinyTL published no figure for '{method}'; choose from: {', '.join(TINYTL_METHODS)}")
@@ -99,7 +99,7 @@ def tinytl_configuration(method: str, image_size: int = 224, num_classes: int = 
 
 def reproduce(image_sizes=(224, 320), batch_size: int = 8, num_classes: int = 102) -> list[dict]:
     """One row per (method, image size): published, our method, TinyTL's configuration (MB)."""
-    from ..api import get_model
+    from .api import get_model
 
     rows = []
     for method in TINYTL_METHODS:

@@ -1,0 +1,178 @@
+"""Accuracy at the paper's resolution, with seeds: Rep-Net against TinyTL-L+B and the baselines.
+
+Each (method, seed) is one ``repnet train`` run of the dataset's recipe (SPEC §5: Adam, two
+parameter groups, cosine per step, batch 8, the recipe's label smoothing and augmentation) at
+``--image-size`` (default 224), on ``--train-subset`` training images for ``--epochs`` epochs,
+tested once at the end (final epoch) on ``--test-subset`` test images. Rows of ``OUT.json``::
+
+    {"method", "backbone", "dataset", "image_size", "seeds": [test accuracy per seed],
+     "mean", "std", "kept_mb", ...}
+
+``kept_mb`` is what autograd really keeps for backward at batch 8 (memory engine, measured).
+Runs are resumable: each finished run's ``results.json`` is reused, and ``OUT.json`` is
+rewritten after every run, so several invocations (other methods, seeds, backbones, sizes)
+merge into one file. Every invocation's command line is recorded.
+
+    python benchmarks/accuracy_224.py --dataset fashion_mnist --methods repnet,tinytl_lb,bias,last \\
+        --seeds 0,1,2 --train-subset 1000 --test-subset 1000 --epochs 2 --threads 1
+    python benchmarks/accuracy_224.py --plot-sweep benchmarks/results/accuracy_224_fashion_mnist.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from repnet.demo import command_line, parse_method, provenance
+from repnet.storage import atomic_write_text
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["method"], r["backbone"], r["image_size"])
+
+
+def kept_mb(backbone: str, method: str, options: dict, num_classes: int, image_size: int) -> float:
+    import repnet
+
+    torch.manual_seed(0)
+    model = repnet.get_model(backbone, method, num_classes, image_size=image_size, pretrained=False, **options)
+    return repnet.memory.profile(model, batch_size=8, image_size=image_size, peak=False)["measured_saved_mb"]
+
+
+def run_one(args, spec: str, seed: int, size: int) -> dict:
+    from repnet.training import make_config, train
+
+    method, options = parse_method(spec)
+    tag = spec.replace("@", "_").replace(",", "_").replace("=", "-")
+    run_dir = Path(args.runs_dir) / args.dataset / args.backbone / f"{size}px" / f"{tag}-s{seed}"
+    done = run_dir / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if run_dir.exists():  # an interrupted run: continue it
+        from repnet.training import TrainConfig, train as train_cfg
+        import yaml
+
+        cfg = TrainConfig(**yaml.safe_load((run_dir / "config.yaml").read_text()))
+        return train_cfg(cfg, resume=str(run_dir))
+    ov = dict(dataset=args.dataset, backbone=args.backbone, method=method, options=options, image_size=size,
+              batch_size=8, epochs=args.epochs, train_subset=args.train_subset, test_subset=args.test_subset,
+              seed=seed, workers=args.workers, progress=not args.quiet, profile_memory=False,
+              out_dir=str(run_dir), device=args.device)
+    for kv in args.set or []:
+        k, _, v = kv.partition("=")
+        ov[k] = v
+    return train(make_config(ov))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--methods", default="repnet,tinytl_lb,bias,last", help="comma-separated; name@key=value;...")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--image-sizes", default="224", help="comma-separated resolutions (a sweep)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-subset", type=int, default=1000)
+    p.add_argument("--test-subset", type=int, default=1000)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra training config key (every run)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--runs-dir", default="runs/accuracy_224")
+    p.add_argument("--out", default=None, help="OUT.json (default benchmarks/results/accuracy_224_<dataset>.json)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--plot-sweep", metavar="JSON", help="only plot the resolution sweep of a results file")
+    args = p.parse_args(argv)
+    if args.plot_sweep:
+        return plot_sweep(Path(args.plot_sweep))
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or f"benchmarks/results/accuracy_224_{args.dataset}.json")
+    result = json.loads(out.read_text()) if out.is_file() else {
+        "benchmark": "accuracy at the paper's resolution (batch 8, the dataset's recipe, final epoch, seeds)",
+        "dataset": args.dataset, "rows": [], "runs": [], "commands": []}
+    result["commands"].append({"command": command_line(argv), "provenance": provenance(),
+                               "budget": {"train_subset": args.train_subset, "test_subset": args.test_subset,
+                                          "epochs": args.epochs, "threads": args.threads, "extra": args.set}})
+    specs = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(s) for s in args.image_sizes.split(",")]
+    kept_cache: dict = {}
+    for size in sizes:
+        for seed in seeds:  # every method at one seed before the next seed: partial results stay comparable
+            for spec in specs:
+                t0 = time.time()
+                res = run_one(args, spec, seed, size)
+                method, options = parse_method(spec)
+                run = {"method": spec, "backbone": args.backbone, "image_size": size, "seed": seed,
+                       "test_accuracy": res["test_accuracy"], "final_val_accuracy": res.get("final_val_accuracy"),
+                       "train_images": res.get("train_images"), "test_images": res.get("test_images"),
+                       "steps": res.get("steps"), "lr": res["config"]["lr"], "lr_side": res["config"]["lr_side"],
+                       "extra": args.set, "wall_time_s": res.get("wall_time_s"), "run_dir": res.get("run_dir")}
+                result["runs"] = [r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"],
+                                                                 r["seed"]) != (spec, args.backbone, size, seed)]
+                result["runs"].append(run)
+                key = (method, tuple(sorted(options.items())), size)
+                if key not in kept_cache:
+                    kept_cache[key] = kept_mb(args.backbone, method, options, res["num_classes"], size)
+                _update_row(result, spec, args, size, kept_cache[key])
+                atomic_write_text(out, json.dumps(result, indent=2))
+                print(f"{spec} seed {seed} {size}px: test {res['test_accuracy']:.4f} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+    print(format_rows(result))
+    return result
+
+
+def _update_row(result: dict, spec: str, args, size: int, kept: float) -> None:
+    runs = sorted((r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"]) ==
+                   (spec, args.backbone, size)), key=lambda r: r["seed"])
+    accs = [r["test_accuracy"] for r in runs]
+    row = {"method": spec, "backbone": args.backbone, "dataset": args.dataset, "image_size": size,
+           "seeds": accs, "seed_ids": [r["seed"] for r in runs], "mean": statistics.fmean(accs),
+           "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "kept_mb": kept,
+           "train_images": runs[-1]["train_images"], "test_images": runs[-1]["test_images"],
+           "epochs": args.epochs, "steps": runs[-1]["steps"], "lr": runs[-1]["lr"], "lr_side": runs[-1]["lr_side"],
+           "extra": args.set}
+    result["rows"] = [r for r in result["rows"] if _row_key(r) != _row_key(row)] + [row]
+
+
+def format_rows(result: dict) -> str:
+    lines = [f"{'method':<28} {'backbone':<20} {'px':>4} {'mean':>7} {'std':>6} {'kept MB':>8}  seeds"]
+    for r in sorted(result["rows"], key=lambda r: (r["backbone"], r["image_size"], -r["mean"])):
+        lines.append(f"{r['method']:<28} {r['backbone']:<20} {r['image_size']:>4} {r['mean']:>7.4f} {r['std']:>6.4f} "
+                     f"{r['kept_mb']:>8.2f}  {', '.join(f'{a:.4f}' for a in r['seeds'])}")
+    return "\n".join(lines)
+
+
+def plot_sweep(path: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(path.read_text())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in ("repnet", "tinytl_lb"):
+        rows = sorted((r for r in result["rows"] if r["method"] == method and r["backbone"] == "mobilenet_v2"),
+                      key=lambda r: r["image_size"])
+        if rows:
+            ax.errorbar([r["image_size"] for r in rows], [100 * r["mean"] for r in rows],
+                        yerr=[100 * r["std"] for r in rows], marker="o", capsize=3,
+                        label=f"{method} ({rows[-1]['kept_mb']:.1f} MB kept @ {rows[-1]['image_size']} px)")
+    ax.set_xlabel("resolution (px)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"MobileNetV2 -> {result['dataset']}: accuracy vs resolution", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = path.with_name(path.stem + "_sweep.png")
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Everything repnet writes to disk or reads back from a user: one place, one set of rules.
+
+* **One atomic writer** (:func:`atomic_write`): the bytes go to a temporary file in the target's
+  folder, are flushed to disk, and replace the target in one ``os.replace``; a kill, a full disk
+  or an exception leaves the old file as it was and no temporary behind (a kill *during* the
+  write can leave a ``.tmp-*`` file: :func:`clean_temps` removes those on the next start).
+* **Checkpoints** (``checkpoint.pt``, ``best.pt``) are ``torch.save`` files read back with
+  ``weights_only=True`` (tensors, numbers, strings and plain containers only: a crafted file
+  cannot run code), and carry a SHA-256 of their content (:func:`content_digest`: every tensor's
+  dtype, shape and bytes, and every other value) that is checked on load, so flipped bytes are
+  one error naming the file instead of silently damaged weights.
+* **Pickled datasets** (CIFAR's python batches) go through :class:`RestrictedUnpickler`, which
+  admits plain containers, strings, numbers and numpy arrays, nothing that can call code.
+* Every failure to read is a :class:`~repnet.errors.RepnetError` with one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import RepnetError
+
+TMP_PREFIX = ".tmp-"
+DIGEST_KEY = "__sha256__"
+
+
+# ----------------------------------------------------------------------------- writing
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, then move ``tmp_path`` onto ``path`` atomically (same folder, fsynced).
+
+    An OS error (missing parent, read-only folder, full disk) is one :class:`RepnetError`; the
+    previous ``path``, if any, is untouched.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix="-" + path.name)
+        os.close(fd)
+    except OSError as e:
+        raise RepnetError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise RepnetError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda p: Path(p).write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def clean_temps(folder: str | os.PathLike) -> int:
+    """Remove temporary files an interrupted :func:`atomic_write` left in ``folder``; how many."""
+    n = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(TMP_PREFIX + "*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: tensors by dtype, shape and bytes; other values by repr."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"V{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` (a dict) atomically, with its content digest inside."""
+    payload = {**obj, DIGEST_KEY: content_digest(obj)}
+    atomic_write(path, lambda p: torch.save(payload, p))
+
+
+def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint", verify: bool = True) -> dict:
+    """Read a file written by :func:`save_checkpoint`: weights only, digest checked, one-line errors."""
+    obj = load_torch_file(path, what)
+    if not isinstance(obj, dict):
+        raise RepnetError(f"{what} {path} does not hold a repnet checkpoint")
+    digest = obj.pop(DIGEST_KEY, None)
+    if verify and (digest is None or digest != content_digest(obj)):
+        raise RepnetError(f"{what} {path} is damaged (its checksum does not match its content)"
+                          if digest is not None else f"{what} {path} carries no checksum: not written by repnet")
+    return obj
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "file") -> Any:
+    """``torch.load(..., weights_only=True)``, every failure as one line (never PyTorch's advice to unpickle anyway)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RepnetError(f"{what} {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise RepnetError(f"could not read {what} {path}: refused, it holds objects other than tensors and "
+                              "plain values (a pickle that could run code)") from None
+        raise RepnetError(f"could not read {what} {path}: damaged or not a PyTorch file ({first[:200]})") from None
+    except Exception as e:  # noqa: BLE001 - zip / EOF / runtime errors from a damaged file come in many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RepnetError(f"could not read {what} {path}: damaged or not a PyTorch file "
+                          f"({type(e).__name__}: {first[:200]})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """``json.load`` with one-line errors (missing, unreadable, not JSON)."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RepnetError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RepnetError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    except ValueError as e:
+        raise RepnetError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- safetensors
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
+    """Safetensors bytes of ``tensors`` with their digest in the file's metadata."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {**(metadata or {}), DIGEST_KEY: content_digest(dict(sorted(tensors.items())))}
+    return save(tensors, metadata=meta)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write ``tensors`` as safetensors, atomically, with their digest in the file's metadata."""
+    atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "file", require_digest: bool = False) -> dict:
+    """Read a safetensors file (never code); check the digest :func:`save_tensors` put in it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise RepnetError(f"{what} {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - header / size errors come in many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RepnetError(f"{what} {path} is damaged or not a safetensors file ({first[:200]})") from None
+    digest = meta.get(DIGEST_KEY)
+    if digest is None and require_digest:
+        raise RepnetError(f"{what} {path} carries no checksum: not written by repnet")
+    if digest is not None and digest != content_digest(dict(sorted(tensors.items()))):
+        raise RepnetError(f"{what} {path} is damaged (its checksum does not match its tensors)")
+    return tensors
+
+
+# ----------------------------------------------------------------------------- restricted pickles
+class Refused(pickle.UnpicklingError):
+    """A pickle asked for something :class:`RestrictedUnpickler` does not admit."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, strings, numbers and numpy arrays, and refuses everything else.
+
+    Python's pickle can call any importable function while loading (``find_class`` + ``REDUCE``);
+    this one resolves only the handful of globals that numpy arrays and dtypes are rebuilt with,
+    so a crafted file fails before anything runs.
+    """
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("numpy", "dtype"):
+            return _plain_dtype
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise Refused(f"global '{module}.{name}' is not allowed")
+
+
+def _plain_dtype(*args):
+    """``numpy.dtype`` without object dtypes (raw bytes read as object pointers could crash)."""
+    import numpy as np
+
+    dt = np.dtype(*args)
+    if dt.hasobject:
+        raise Refused("object arrays are not allowed")
+    return dt
+
+
+def restricted_unpickle(path: str | os.PathLike, what: str = "file", encoding: str = "latin1") -> Any:
+    """Read a pickle of plain data (:class:`RestrictedUnpickler`); anything else is one line."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise RepnetError(f"{what} '{path}' is missing")
+    try:
+        with open(path, "rb") as f:
+            obj = RestrictedUnpickler(io.BufferedReader(f), encoding=encoding).load()
+    except Refused as e:
+        raise RepnetError(f"{what} '{path}' refused: {e} (only plain data and numpy arrays are read)") from None
+    except Exception as e:  # noqa: BLE001 - truncated / garbage files fail in many ways
+        raise RepnetError(f"{what} '{path}' is corrupt or not a python pickle ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]})") from None
+
+    def check(o: Any) -> None:
+        if isinstance(o, np.ndarray) and o.dtype.hasobject:
+            raise RepnetError(f"{what} '{path}' refused: it holds an object array")
+        if isinstance(o, dict):
+            for k, v in o.items():
+                check(k)
+                check(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                check(v)
+
+    check(obj)
+    return obj

@@ -1,0 +1,229 @@
+"""No file a user hands us runs code, and damaged files are caught: every path that reads one.
+
+The payload is a real pickle whose ``__reduce__`` calls ``exec``: loading it with plain
+``pickle`` / ``torch.load(weights_only=False)`` writes a marker file. Each reader must refuse it
+with one :class:`RepnetError` line (CLI: one ``error:`` line, exit 2), and the marker must not
+appear.
+"""
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import repnet
+from repnet import RepnetError
+from repnet.cli import main
+from repnet.storage import (content_digest, load_checkpoint, read_safetensors, restricted_unpickle,
+                            save_checkpoint, save_tensors)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def _evil_pickle(path, marker, wrap=lambda p: p):
+    with open(path, "wb") as f:
+        pickle.dump(wrap(_Payload(marker)), f)
+
+
+def _evil_torch(path, marker):
+    """A ``torch.save`` zip whose data.pkl runs code (what a crafted checkpoint looks like)."""
+    torch.save({"model": {}, "x": _Payload(marker)}, path)
+
+
+def _one_line(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg, msg
+    assert "weights_only=False" not in msg
+    return msg
+
+
+def test_the_payload_really_runs_code_when_unpickled_naively(tmp_path):
+    """Guard for the tests below: the payload is live, so its absence there means something."""
+    _evil_pickle(tmp_path / "p.pkl", tmp_path / "marker")
+    with open(tmp_path / "p.pkl", "rb") as f:
+        pickle.load(f)
+    assert (tmp_path / "marker").read_text() == "pwned"
+
+
+# ----------------------------------------------------------------------------- each file-taking path
+def test_cifar_batches_go_through_the_restricted_unpickler(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    _evil_pickle(base / "batches.meta", tmp_path / "marker", wrap=lambda p: {"label_names": p})
+    from repnet.data import build_datasets
+
+    with pytest.raises(RepnetError) as e:
+        build_datasets("cifar10", data_root=tmp_path)
+    assert "refused" in _one_line(e) and not (tmp_path / "marker").exists()
+    # a payload inside a data batch too
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    for b in range(1, 6):
+        _evil_pickle(base / f"data_batch_{b}", tmp_path / "marker",
+                     wrap=lambda p: {"labels": [0], "data": np.zeros((1, 3072), np.uint8), "x": p})
+    with pytest.raises(RepnetError) as e:
+        build_datasets("cifar10", data_root=tmp_path)
+    _one_line(e)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_restricted_unpickler_reads_real_cifar_style_pickles(tmp_path):
+    """Protocol 2 (python-2 style, as the real files) and the current protocol both load."""
+    obj = {"data": np.arange(12, dtype=np.uint8).reshape(2, 6), "labels": [1, 2], "batch_label": "b",
+           "f": 1.5, "t": (1, None, True)}
+    for proto in (2, pickle.HIGHEST_PROTOCOL):
+        path = tmp_path / f"p{proto}"
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=proto)
+        got = restricted_unpickle(path)
+        assert np.array_equal(got["data"], obj["data"]) and got["labels"] == [1, 2] and got["t"] == (1, None, True)
+    with open(tmp_path / "obj", "wb") as f:  # object arrays are refused (they can hold anything)
+        pickle.dump({"data": np.array([1, "a"], dtype=object)}, f)
+    with pytest.raises(RepnetError, match="object arrays"):
+        restricted_unpickle(tmp_path / "obj")
+
+
+def test_weights_file_with_code_is_refused(tmp_path):
+    _evil_torch(tmp_path / "w.pth", tmp_path / "marker")
+    with pytest.raises(RepnetError) as e:
+        repnet.get_model("proxylessnas_mobile", "last", 10, image_size=32, pretrained=str(tmp_path / "w.pth"))
+    assert "refused" in _one_line(e) and not (tmp_path / "marker").exists()
+
+
+def _tiny_train(tmp_path, name):
+    from repnet.training import make_config, train
+
+    cfg = make_config(dict(dataset="digits", backbone="proxylessnas_mobile", random_init=True, method="last",
+                           memory="vanilla", image_size=32, epochs=1, steps_per_epoch=2, workers=0,
+                           progress=False, profile_memory=False, out_dir=str(tmp_path / name)))
+    train(cfg)
+    return tmp_path / name
+
+
+def test_train_resume_refuses_a_checkpoint_with_code(tmp_path, capsys):
+    run = _tiny_train(tmp_path, "run")
+    _evil_torch(run / "checkpoint.pt", tmp_path / "marker")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "refused" in err
+    assert not (tmp_path / "marker").exists()
+
+
+def test_federated_resume_refuses_a_checkpoint_with_code(tmp_path, capsys):
+    out = tmp_path / "fl"
+    out.mkdir()
+    _evil_torch(out / "checkpoint.pt", tmp_path / "marker")
+    code = main(["federated", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--clients", "2",
+                 "--rounds", "1", "--out", str(out), "--resume", "--quiet", "--set", "random_init=true",
+                 "--set", "image_size=32", "--set", "workers=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err and "refused" in err
+    assert not (tmp_path / "marker").exists()
+
+
+def test_adapter_and_multitask_files_with_code_are_refused(tmp_path):
+    model = repnet.get_model("proxylessnas_mobile", "repnet", 5, image_size=32, pretrained=False)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    _evil_pickle(tmp_path / "adapter" / "adapter.safetensors", tmp_path / "marker")
+    with pytest.raises(RepnetError) as e:
+        repnet.from_pretrained(str(tmp_path / "adapter"))
+    _one_line(e)
+    from repnet.continual import MultiTaskModel
+
+    mt = MultiTaskModel("proxylessnas_mobile", image_size=32, pretrained=False)
+    mt.add_task("a", 3, method="last")
+    mt.save(tmp_path / "mt")
+    task_file = next((tmp_path / "mt" / "tasks").glob("*.safetensors"))
+    _evil_pickle(task_file, tmp_path / "marker")
+    with pytest.raises(RepnetError) as e:
+        MultiTaskModel.load(tmp_path / "mt")
+    _one_line(e)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_exported_program_file_with_code_is_refused(tmp_path):
+    from repnet.export import load_exported
+
+    _evil_torch(tmp_path / "model.pt2", tmp_path / "marker")
+    with pytest.raises(RepnetError) as e:
+        load_exported(tmp_path / "model.pt2")
+    _one_line(e)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_no_weights_only_false_in_the_package():
+    from pathlib import Path
+
+    src = Path(repnet.__file__).parent
+    offenders = [str(p) for p in src.rglob("*.py") if "weights_only=False" in p.read_text()]
+    assert offenders == []
+
+
+# ----------------------------------------------------------------------------- integrity
+def _flip(path, where, n=64):
+    data = bytearray(path.read_bytes())
+    for i in range(where, where + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_checkpoint_tensor_are_detected(tmp_path):
+    w = torch.arange(4096, dtype=torch.float32)
+    save_checkpoint({"model": {"w": w}, "step": 3}, tmp_path / "c.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["w"], w)
+    with zipfile.ZipFile(tmp_path / "c.pt") as z:  # find where the tensor's bytes lie in the zip
+        info = next(i for i in z.infolist() if "/data/" in i.filename)
+    _flip(tmp_path / "c.pt", info.header_offset + 30 + len(info.filename) + len(info.extra) + 1000)
+    with pytest.raises(RepnetError, match="damaged") as e:
+        load_checkpoint(tmp_path / "c.pt")
+    _one_line(e)
+
+
+def test_flipped_bytes_in_an_adapter_are_detected_and_export_refuses(tmp_path):
+    model = repnet.get_model("proxylessnas_mobile", "repnet", 5, image_size=32, pretrained=False)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    path = tmp_path / "adapter" / "adapter.safetensors"
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    _flip(path, 8 + header + 200)
+    with pytest.raises(RepnetError, match="damaged") as e:
+        repnet.from_pretrained(str(tmp_path / "adapter"))
+    _one_line(e)
+
+
+def test_digest_covers_every_value():
+    a = {"model": {"w": torch.zeros(3)}, "history": [{"acc": 0.5}]}
+    b = {"model": {"w": torch.zeros(3)}, "history": [{"acc": 0.25}]}
+    c = {"model": {"w": torch.zeros(3, dtype=torch.float64)}, "history": [{"acc": 0.5}]}
+    assert len({content_digest(a), content_digest(b), content_digest(c)}) == 3
+    assert content_digest(a) == content_digest({"model": {"w": torch.zeros(3)}, "history": [{"acc": 0.5}]})
+
+
+def test_safetensors_roundtrip_and_missing_digest(tmp_path):
+    from safetensors.torch import save_file
+
+    t = {"a": torch.randn(3, 4), "b": torch.tensor(7)}
+    save_tensors(t, tmp_path / "x.safetensors")
+    got = read_safetensors(tmp_path / "x.safetensors", require_digest=True)
+    assert all(torch.equal(got[k], t[k]) for k in t)
+    save_file(t, str(tmp_path / "y.safetensors"))
+    with pytest.raises(RepnetError, match="no checksum"):
+        read_safetensors(tmp_path / "y.safetensors", require_digest=True)
+
+
+def test_torn_log_line_does_not_break_resume(tmp_path):
+    run = _tiny_train(tmp_path, "run")
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "tra')
+    from repnet.training import _truncate_log
+
+    _truncate_log(run / "log.jsonl", 1)
+    lines = (run / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1]
