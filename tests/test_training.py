@@ -11,7 +11,9 @@ import yaml
 
 from repnet import RepnetError
 from repnet.cli import main
-from repnet.training import EpochSampler, TrainConfig, load_recipe, make_config, train
+from repnet.config import TrainConfig, load_recipe, make_config
+from repnet.loop import EpochSampler
+from repnet.training import train
 
 
 def _cfg(tmp_path, name="run", **kw):

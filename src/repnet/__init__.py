@@ -1,9 +1,31 @@
-"""repnet: memory-efficient on-device transfer learning (Rep-Net and its baselines)."""
-from .api import from_pretrained, get_model
-from .backbones import BACKBONES, create_backbone, list_backbones
-from .errors import RepnetError
-from .methods import METHODS, TransferModel
+"""repnet: memory-efficient on-device transfer learning (Rep-Net and its baselines).
 
-__all__ = ["get_model", "from_pretrained", "create_backbone", "list_backbones", "BACKBONES", "METHODS",
-           "TransferModel", "RepnetError"]
+The names below are imported on first use (PEP 562), so ``import repnet`` - and the command
+line's ``--help`` - does not pay for PyTorch until a model is built.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import RepnetError
+
+_EXPORTS = {
+    "get_model": "api", "from_pretrained": "api",
+    "create_backbone": "backbones", "list_backbones": "backbones", "BACKBONES": "backbones",
+    "METHODS": "methods", "TransferModel": "methods",
+}
+__all__ = [*_EXPORTS, "RepnetError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # a subpackage used as an attribute: repnet.memory, repnet.int8, ...
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module 'repnet' has no attribute '{name}'") from None

@@ -1,11 +1,11 @@
 """The public entry points (PEFT-like): ``get_model``, ``from_pretrained``."""
 from __future__ import annotations
 
+import numbers
 import os
 
-import torch
 
-from .backbones import create_backbone
+from .backbones import Backbone, create_backbone
 from .errors import RepnetError
 from .storage import read_json, read_safetensors
 from .methods import METHODS, TransferModel, parse_options
@@ -14,39 +14,66 @@ MEMORY_MODES = ("engine", "vanilla")
 
 
 def get_model(
-    backbone: str,
+    backbone: "str | Backbone",
     method: str,
     num_classes: int,
     image_size: int = 224,
     pretrained=True,
     memory: str = "engine",
+    int8: dict | bool | None = None,
+    frozen_bits: str | None = None,
     **options,
 ) -> TransferModel:
-    """Build ``method`` on a frozen ``backbone`` with a new ``num_classes``-way head.
+    """Build ``method`` on a frozen ``backbone`` with a new ``num_classes``-way head: the one
+    place a model is made (training, continual tasks, federated clients, profiling, loading).
 
-    ``pretrained``: True (offline ImageNet weights where packaged), False (random init),
-    or a checkpoint path / URL. ``memory``: ``engine`` (default; frozen layers keep nothing
-    for backward) or ``vanilla`` (plain PyTorch, for comparison). ``options`` are the
-    method's options (see ``repnet list`` / the method's ``Options`` dataclass).
+    ``backbone``: a registered name, or an existing :class:`~repnet.backbones.Backbone` to build
+    on (continual learning shares one). ``pretrained``: True (offline ImageNet weights where
+    packaged), False (random init), or a checkpoint path / URL (ignored for a backbone object).
+    Construction options, recorded in ``model.config()`` and restored by :func:`from_pretrained`:
+
+    * ``memory``: ``engine`` (default; frozen layers keep nothing for backward) or ``vanilla``
+      (plain PyTorch, for comparison);
+    * ``int8``: INT8 training of the side network (``True`` or :class:`repnet.int8.Int8Config`
+      fields, e.g. ``{"rounding": "nearest", "master": "int8"}``); implies 8-bit frozen weights;
+    * ``frozen_bits``: store the frozen backbone's conv / linear weights in 8 bits (``linear``
+      per-channel, or the paper's ``kmeans``) without INT8 training.
+
+    ``options`` are the method's options (see ``repnet list -v`` / the method's ``Options``).
     """
     cls = METHODS.get(method)
     if memory not in MEMORY_MODES:
         raise RepnetError(f"unknown memory mode '{memory}'; choose from: {', '.join(MEMORY_MODES)}")
-    if int(num_classes) < 1:
-        raise RepnetError(f"num_classes must be >= 1, got {num_classes}")
-    if int(image_size) < 32:
-        raise RepnetError(f"image_size must be >= 32, got {image_size}")
+    for name, value, low in (("num_classes", num_classes, 1), ("image_size", image_size, 32)):
+        if isinstance(value, bool) or not (isinstance(value, numbers.Integral)
+                                           or isinstance(value, float) and value.is_integer()):
+            raise RepnetError(f"{name} must be a whole number, got {value!r}")
+        if int(value) < low:
+            raise RepnetError(f"{name} must be >= {low}, got {value}")
     opts = parse_options(cls.Options, options, method)
-    model = cls(create_backbone(backbone, pretrained), int(num_classes), int(image_size), opts)
+    net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, pretrained)
+    model = cls(net, int(num_classes), int(image_size), opts)
+    if isinstance(backbone, Backbone):  # built on a shared backbone: same device and dtype
+        ref = next(net.parameters())
+        model.to(device=ref.device, dtype=ref.dtype)
     model.memory_mode = memory
     if memory == "engine":
         from .memory import apply_engine
 
         apply_engine(model)
+    if frozen_bits:
+        from .memory import quantize_frozen_weights
+
+        quantize_frozen_weights(model, frozen_bits)
+        model.frozen_bits = frozen_bits
+    if int8:
+        from .int8 import enable_int8_training
+
+        enable_int8_training(model, **({} if int8 is True else dict(int8)))
     return model
 
 
-def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str = "engine") -> TransferModel:
+def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str | None = None) -> TransferModel:
     """Rebuild a model saved by ``save_pretrained``.
 
     The frozen backbone is rebuilt from ``pretrained`` (default: the offline weights) and must
@@ -75,16 +102,13 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
         elif os.path.isfile(recorded):
             pretrained = recorded  # the very file it was trained on
     model = get_model(cfg["backbone"], cfg["method"], cfg["num_classes"], cfg["image_size"],
-                      pretrained=pretrained, memory=memory, **cfg["options"])
+                      pretrained=pretrained, memory=memory or cfg.get("memory", "engine"), int8=cfg.get("int8"),
+                      frozen_bits=cfg.get("frozen_bits"), **cfg["options"])
     if model.backbone.fingerprint != cfg["backbone_fingerprint"]:
         raise RepnetError(
             f"backbone weights do not match the adapter in {directory}: it was trained on {cfg['backbone']} "
             f"with weights fingerprint {cfg['backbone_fingerprint']}, these weights have {model.backbone.fingerprint}"
         )
-    if cfg.get("int8"):  # trained with repnet.int8: the same quantised forward
-        from .int8 import enable_int8_training
-
-        enable_int8_training(model, **cfg["int8"])
     from .int8 import unpack_on_grid
 
     tensors = unpack_on_grid(stored)

@@ -37,12 +37,10 @@ command line.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -51,6 +49,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import loop
+from .api import get_model
 from .backbones import Backbone, create_backbone
 from .errors import RepnetError
 from .int8 import unpack_on_grid
@@ -128,19 +128,10 @@ class MultiTaskModel(nn.Module):
             raise RepnetError(f"duplicate task name '{name}'; tasks: {', '.join(self.tasks)}")
         if int(num_classes) < 1:
             raise RepnetError(f"num_classes must be >= 1, got {num_classes}")
-        cls, opts = self.check_method(method, **options)
-        model = cls(self.backbone, int(num_classes), self.image_size, opts)
-        model.memory_mode = self.memory
-        ref = next(self.backbone.parameters())
-        model.to(device=ref.device, dtype=ref.dtype)
-        if self.memory == "engine":
-            from .memory import apply_engine
-
-            apply_engine(model)
-        if self.int8 is not None:
-            from .int8 import enable_int8_training
-
-            enable_int8_training(model, **self.int8)  # the shared backbone is already 8-bit: unchanged
+        _, opts = self.check_method(method, **options)
+        # the one build path, on the shared backbone (already on the engine / in 8 bits: unchanged)
+        model = get_model(self.backbone, method, int(num_classes), self.image_size, memory=self.memory,
+                          int8=self.int8, **dataclasses.asdict(opts))
         self.models[name] = model
         self.active = name
         return model
@@ -367,10 +358,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     task (same tasks and settings): each task starts from its own seed, so the result is the
     one an uninterrupted run gives, bit for bit. A task cut off midway is trained again.
     """
-    from tqdm.auto import tqdm
-
-    from .training import (CosineSchedule, EpochSampler, _loader, build_data, evaluate,
-                           make_config, make_optimizer, plan_steps, resolve_device, seed_everything)
+    from .config import build_data, make_config
+    from .loop import CosineSchedule, evaluate, make_loader, make_optimizer, plan_steps, resolve_device, seed_everything
 
     pairs = parse_tasks(tasks)
     overrides = {"val_fraction": 0.0, **overrides}
@@ -431,49 +420,19 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
         optimizer = make_optimizer(tm, cfg)
         steps_per_epoch, total_steps = plan_steps(len(train_ds), cfg, f"task '{name}': ")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(total_steps))
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         say(f"task {i + 1}/{len(pairs)} '{name}' ({ds}, {num_classes} classes): {method}{' (naive)' if naive else ''} "
             f"on {backbone}, {len(train_ds)} train / {len(test_ds)} test images, {cfg.image_size}px, "
             f"{total_steps} steps on {device}; trainable {sum(p.numel() for p in params):,d} params")
         model.set_task(name)
-        model.train()
-        step, t0, images = 0, time.time(), 0
-        for epoch in range(cfg.epochs):
-            if step >= total_steps:
-                break
-            sampler = EpochSampler(len(train_ds), cfg.seed + i, epoch, limit=steps_per_epoch * cfg.batch_size)
-            n_batches = min(steps_per_epoch, total_steps - step)
-            bar = tqdm(total=n_batches, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not cfg.progress, dynamic_ncols=True)
-            loss_sum = correct = seen = 0
-            for x, y in _loader(train_ds, cfg, device, sampler):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = model(x)
-                loss = criterion(logits, y)
-                if not math.isfinite(loss.item()):
-                    bar.close()
-                    raise RepnetError(f"task '{name}': loss became {loss.item()} at step {step + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_sum += loss.item() * y.numel()
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += y.numel()
-                images += y.numel()
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-                bar.update()
-                if step >= total_steps:
-                    break
-            bar.close()
-            say(f"  {name} epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / max(seen, 1):.4f} "
-                f"acc {correct / max(seen, 1):.4f}")
+        t0 = time.time()
+        st = loop.fit(model, train_ds, cfg, device, optimizer, scheduler=scheduler, seed=cfg.seed + i,
+                      name=f"task '{name}'")
+        step, images = st["step"], st["images"]
         train_time = time.time() - t0
         model.eval()
         row = []
         for j, (other, _) in enumerate(pairs[: i + 1]):
-            r = evaluate(model[other], _loader(data[other][1], cfgs[j], device), device,
+            r = evaluate(model[other], make_loader(data[other][1], cfgs[j], device), device,
                          progress=cfg.progress, desc=f"test {other}")
             row.append(r["accuracy"])
         acc.append(row + [None] * (len(pairs) - i - 1))
@@ -553,39 +512,3 @@ def format_matrix(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-_KEYS = ("backbone", "method", "weights", "memory", "image_size", "epochs", "batch_size", "lr", "lr_side",
-         "label_smoothing", "train_subset", "test_subset", "steps_per_epoch", "max_steps", "seed", "device",
-         "workers", "data_root")
-
-
-def configure_continual_parser(p: argparse.ArgumentParser) -> None:
-    """``repnet continual``'s arguments (the ``repnet train`` flags that make sense per sequence)."""
-    from .training import _FLAGS, FIELDS
-
-    p.add_argument("--tasks", required=True, help="comma-separated datasets in training order (name=dataset to "
-                   "name a task), e.g. digits,fashion_mnist,mnist5k")
-    for key in _KEYS:
-        f = FIELDS[key]
-        choices = f.metadata.get("choices")
-        p.add_argument(_FLAGS[key], dest=key, default=None, choices=choices,
-                       metavar=None if choices else key.upper(), help=f.metadata["help"])
-    p.add_argument("--out", dest="out_dir", default=None, help="output folder (default: runs/continual-...)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out after its last "
-                   "finished task")
-    p.add_argument("--naive", action="store_true", help="the forgetting baseline: tasks train backbone tensors in "
-                   "place, one after another (e.g. --method bias or full)")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any training config key (repeatable)")
-    p.add_argument("--random-init", action="store_true", default=None, help="randomly initialised backbone (tests)")
-    p.add_argument("--int8", action="store_true", default=None, help="backbone frozen in INT8, each task's side "
-                   "network trained with int8 weights, activations and errors (SPEC §8; repnet.int8)")
-    p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bars")
-
-
-def run_continual(args: argparse.Namespace) -> dict:
-    from .training import args_to_overrides
-
-    overrides = args_to_overrides(args)
-    overrides.pop("profile_memory", None)
-    kw = {k: overrides.pop(k) for k in ("backbone", "method", "options", "out_dir") if k in overrides}
-    return train_sequence(args.tasks, naive=args.naive, resume=args.resume, **kw, **overrides)

@@ -25,23 +25,19 @@ peak training memory at the demo's batch and resolution; test accuracy; time) an
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
 import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import RepnetError
-from .training import MEMORY_KEYS, TrainConfig, memory_profile, train
-
-DEFAULT_METHODS = ("repnet", "tinytl_lb", "bias", "last", "linear_probe", "full")
-LINEAR_PROBE = "linear_probe"
+from .config import LINEAR_PROBE, DemoConfig, TrainConfig
+from .keyvalue import parse_pairs
+from .training import MEMORY_KEYS, memory_profile, train
 
 #: (lr, lr_side) per method for the demo's short schedule (3 epochs, batch 32): the best of a
 #: 3-point grid per method on the validation split (benchmarks/demo_lr_sweep.py ->
@@ -56,41 +52,10 @@ DEMO_LRS = {
 DEFAULT_LRS = (1e-3, 3e-3)
 
 
-@dataclass
-class DemoConfig:
-    out_dir: str = "demo_out"
-    methods: tuple = DEFAULT_METHODS
-    backbone: str = "mobilenet_v2"
-    dataset: str = "fashion_mnist"
-    data_root: str | None = None
-    image_size: int = 112
-    train_subset: int = 2000
-    test_subset: int = 1000
-    epochs: int = 3
-    batch_size: int = 32
-    label_smoothing: float = 0.1
-    augment: str = "none"
-    memory: str = "engine"
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    profile_memory: bool = True
-    progress: bool = True
-    random_init: bool = False  # tests only
-    steps_per_epoch: int | None = None  # tests only
-    lrs: dict = field(default_factory=dict)  # method -> (lr, lr_side) overrides
-
-
 def parse_method(spec: str) -> tuple[str, dict]:
     """``"repnet"`` -> ("repnet", {}); ``"repnet@bn=batch,connector=up"`` -> ("repnet", {...})."""
     name, _, rest = spec.partition("@")
-    options = {}
-    for pair in filter(None, rest.split(",")):
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise RepnetError(f"method spec '{spec}': expected name@key=value,...")
-        options[key.strip()] = value.strip()
-    return name.strip(), options
+    return name.strip(), parse_pairs(filter(None, rest.split(",")), f"method spec '{spec}'")
 
 
 def method_config(cfg: DemoConfig, spec: str) -> TrainConfig:
@@ -142,7 +107,8 @@ def linear_probe(cfg: DemoConfig, l2_grid=(1e-5, 1e-4, 1e-3, 1e-2)) -> dict:
     """Logistic regression on frozen pooled features; L2 picked on the validation split."""
     from .api import get_model
     from .backbones import create_backbone
-    from .training import build_data, resolve_device
+    from .config import build_data
+    from .loop import resolve_device
 
     t0 = time.time()
     tc = method_config(cfg, "last")
@@ -338,35 +304,3 @@ def provenance() -> dict:
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()]
     return {"git_commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_src": dirty,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-
-
-# ----------------------------------------------------------------------------- command line
-def configure_demo_parser(p: argparse.ArgumentParser) -> None:
-    d = DemoConfig()
-    p.add_argument("--out", default=d.out_dir, help=f"output folder (default: {d.out_dir})")
-    p.add_argument("--methods", default=",".join(d.methods),
-                   help=f"comma-separated methods; '{LINEAR_PROBE}' = logistic regression on frozen features "
-                        f"(default: {','.join(d.methods)})")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--train-subset", type=int, default=d.train_subset, help="training images")
-    p.add_argument("--test-subset", type=int, default=d.test_subset, help="test images")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--memory", choices=["engine", "vanilla"], default=d.memory)
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loader workers (default: 0)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
-    p.add_argument("--no-profile", action="store_true", help="skip the memory measurements")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run_demo(args: argparse.Namespace) -> dict:
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if not methods:
-        raise RepnetError("--methods is empty")
-    cfg = DemoConfig(out_dir=args.out, methods=methods, image_size=args.image_size, train_subset=args.train_subset,
-                     test_subset=args.test_subset, epochs=args.epochs, batch_size=args.batch_size,
-                     memory=args.memory, workers=args.workers, seed=args.seed, device=args.device,
-                     data_root=args.data_root, profile_memory=not args.no_profile, progress=not args.quiet)
-    return run(cfg)

@@ -6,3 +6,7 @@ class RepnetError(Exception):
 
     The CLI prints ``error: <message>`` and exits with status 2.
     """
+
+
+class Interrupted(RepnetError):
+    """Training stopped by Ctrl-C after writing a checkpoint; the CLI exits with status 130."""

@@ -14,7 +14,6 @@ onnxscript, and onnxruntime for the check).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import os
@@ -26,7 +25,7 @@ from torch import nn
 
 from .errors import RepnetError
 
-__all__ = ["FORMATS", "export_model", "load_exported", "configure_export_parser", "run_export"]
+__all__ = ["FORMATS", "export_model", "load_exported"]
 
 FORMATS = ("pt2", "onnx")
 
@@ -125,24 +124,3 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str | None =
 
 
 # ----------------------------------------------------------------------------- CLI
-def configure_export_parser(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--adapter", help="a saved adapter folder (save_pretrained; a run's <run>/adapter)")
-    src.add_argument("--run", help="a training run folder (uses <run>/adapter)")
-    p.add_argument("--weights", help="the backbone checkpoint the adapter was trained on (default: offline weights)")
-    p.add_argument("--format", choices=FORMATS, help="default: from the --out suffix")
-    p.add_argument("--out", required=True, help="output file (.pt2 or .onnx)")
-    p.add_argument("--image-size", type=int, help="input resolution (default: the model's)")
-    p.add_argument("--no-verify", action="store_true", help="skip the eager-vs-exported check")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from .api import from_pretrained
-
-    adapter = args.adapter or os.path.join(args.run, "adapter")
-    model = from_pretrained(adapter, pretrained=args.weights or True)
-    rep = export_model(model, args.out, args.format, args.image_size, verify=not args.no_verify)
-    check = "" if rep["max_abs_diff"] is None else f"; max |exported - eager| = {rep['max_abs_diff']:.2g}"
-    print(f"wrote {rep['path']} ({rep['format']}, {rep['bytes'] / 1e6:.2f} MB, {rep['params']:,d} parameters, "
-          f"{rep['image_size']} px, dynamic batch{check})")
-    return 0

@@ -11,9 +11,11 @@ counted from the tensors actually exchanged.
 * Shards: ``iid`` (a seeded shuffle cut into equal parts) or ``dirichlet:ALPHA`` (per class,
   the images are divided among clients in proportions drawn from Dirichlet(ALPHA); small
   ALPHA = each client sees few classes). Every training image goes to exactly one client.
-* Local training: the config's optimizer (Adam by default; ``optimizer``, ``weight_decay``)
-  with the method's two parameter groups (``lr`` / ``lr_side``), a fresh optimizer each round
-  (no optimizer state travels), label smoothing from the recipe; no learning-rate schedule.
+* Local training: :func:`repnet.loop.fit` (the one training loop) with the config's optimizer
+  (Adam by default; ``optimizer``, ``weight_decay``) over the method's two parameter groups
+  (``lr`` / ``lr_side``), a fresh optimizer each round (no optimizer state travels), label
+  smoothing from the recipe, no learning-rate schedule; client ``k``'s data order in round ``r``
+  is seeded by ``(seed, r, k)``.
 * Integer buffers (e.g. ``num_batches_tracked``) are summed counters, not averaged: the
   server keeps the largest.
 * ``--set int8=true``: every client trains the side network in INT8 (``repnet.int8``). With
@@ -24,21 +26,21 @@ counted from the tensors actually exchanged.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
+
+from . import loop
 
 from .errors import RepnetError
 from .storage import atomic_write_text, clean_temps, load_checkpoint, save_checkpoint
 
-__all__ = ["partition", "fedavg_states", "state_bytes", "run_federated", "configure_federated_parser",
-           "cli_federated"]
+__all__ = ["partition", "fedavg_states", "state_bytes", "run_federated"]
 
 
 def partition(targets, clients: int, scheme: str = "iid", seed: int = 0) -> list[np.ndarray]:
@@ -91,25 +93,14 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _local_train(model, loader, cfg, device, epochs: int) -> tuple[float, int]:
-    from .training import make_optimizer
-
-    opt = make_optimizer(model, cfg)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    model.train()
-    loss_sum, seen = 0.0, 0
-    for _ in range(epochs):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            loss = criterion(model(x), y)
-            if not torch.isfinite(loss):
-                raise RepnetError(f"loss became {loss.item()} during local training; lower --lr / --lr-side")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * y.numel()
-            seen += y.numel()
-    return loss_sum / max(seen, 1), seen
+def _local_train(model, shard_ds, cfg, device, seed: int) -> float:
+    """One client's local training (``cfg.epochs`` = the local epochs) through the one loop, a
+    fresh optimizer and no schedule; returns the mean training loss."""
+    losses: list[float] = []
+    loop.fit(model, shard_ds, cfg, device, loop.make_optimizer(model, cfg), seed=seed,
+             on_epoch=lambda state, rec: losses.append(rec["train_loss"]), name="local training",
+             stop_hint="; lower --lr / --lr-side")
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epochs: int = 1,
@@ -126,10 +117,8 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
     """
     from tqdm.auto import tqdm
 
-    from .api import get_model
-    from .backbones import create_backbone
-    from .training import (build_data, evaluate, make_config,
-                           resolve_device, rng_state, seed_everything, set_rng_state)
+    from .config import build_data, build_model, make_config
+    from .loop import evaluate, make_loader, mix_seed, resolve_device, rng_state, seed_everything, set_rng_state
 
     if rounds < 1 or local_epochs < 1:
         raise RepnetError("rounds and local_epochs must be >= 1")
@@ -150,26 +139,19 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
     elif ckpt_path is not None and ckpt_path.exists():
         raise RepnetError(f"{out_dir} already holds a federated run; continue it with --resume, or pick --out")
     device = resolve_device(cfg.device)
-    probe = create_backbone(cfg.backbone, pretrained=False)
-    train_ds, _val, test_ds, num_classes, _names = build_data(cfg, probe.mean, probe.std)
-    del probe
+    train_ds, _val, test_ds, num_classes, _names = build_data(cfg)
     shards = partition(train_ds.targets, clients, scheme, cfg.seed)
     if min(len(s) for s in shards) < cfg.batch_size:
         raise RepnetError(f"a client got {min(len(s) for s in shards)} images, less than one batch of "
                           f"{cfg.batch_size}: fewer clients, a milder partition, or a smaller batch")
     seed_everything(cfg.seed)
-    pretrained = False if cfg.random_init else (cfg.weights or True)
-    model = get_model(cfg.backbone, cfg.method, num_classes, image_size=cfg.image_size, pretrained=pretrained,
-                      memory=cfg.memory, **cfg.options).to(device)
-    if cfg.int8:  # int8 side network on every client (repnet.int8); the averaged state stays fp32 / on-grid
-        from .int8 import enable_int8_training
-
-        enable_int8_training(model, rounding=cfg.int8_rounding, master=cfg.int8_master)
+    model = build_model(cfg, num_classes).to(device)  # --set int8=true: every client trains in INT8
+    local_cfg = dataclasses.replace(cfg, epochs=local_epochs, max_steps=None, checkpoint_every=0, progress=False)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     global_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
     msg_bytes = state_bytes(global_state)
     full_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    test_loader = DataLoader(test_ds, batch_size=max(cfg.batch_size, 64), num_workers=cfg.workers)
+    test_loader = make_loader(test_ds, cfg, device)
     first = 1
     if ckpt is not None:
         global_state = {k: v.to(device) for k, v in ckpt["global_state"].items()}
@@ -187,10 +169,7 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
         states, sizes, losses = [], [], []
         for k, shard in enumerate(shards):
             model.load_state_dict(global_state, strict=False)
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r * 1009 + k)
-            loader = DataLoader(Subset(train_ds, shard.tolist()), batch_size=cfg.batch_size, shuffle=True,
-                                drop_last=True, generator=g, num_workers=cfg.workers)
-            loss, _ = _local_train(model, loader, cfg, device, local_epochs)
+            loss = _local_train(model, Subset(train_ds, shard.tolist()), local_cfg, device, mix_seed(cfg.seed, r, k))
             states.append({k2: v.detach().clone() for k2, v in model.trainable_state_dict().items()})
             sizes.append(len(shard))
             losses.append(loss)
@@ -227,40 +206,3 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         results["out_dir"] = str(out)
     return results
-
-
-def configure_federated_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--method", default="repnet")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default: iid)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="training config key (repeatable), e.g. --set image_size=96 --set train_subset=2000")
-    p.add_argument("--out", help="folder for the per-round checkpoint, results.json and the final adapter")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last round")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def cli_federated(args: argparse.Namespace) -> int:
-    from .training import _pairs
-
-    ov = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "progress": not args.quiet}
-    ov.update(_pairs(args.set, "--set"))
-    opts = _pairs(args.opt, "--opt")
-    if opts:
-        ov["options"] = opts
-    if args.resume and not args.out:
-        raise RepnetError("--resume needs --out (the run folder)")
-    res = run_federated(ov, args.clients, args.rounds, args.local_epochs, args.partition, args.out,
-                        progress=not args.quiet, resume=args.resume)
-    accs = " -> ".join(f"{h['test_accuracy']:.3f}" for h in res["history"])
-    print(f"test accuracy by round: {accs}")
-    print(f"each message {res['message_bytes'] / 1e6:.2f} MB (the whole model: {res['full_model_bytes'] / 1e6:.2f} MB); "
-          f"{res['total_bytes'] / 1e6:.1f} MB exchanged in {res['rounds']} rounds x {res['clients']} clients")
-    if args.out:
-        print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'adapter'}")
-    return 0

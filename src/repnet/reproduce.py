@@ -22,7 +22,6 @@ backbone). MNIST (Table 2's input-reprogramming column) is not a dataset here an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -30,8 +29,7 @@ from pathlib import Path
 
 from .errors import RepnetError
 
-__all__ = ["Cell", "Table", "TABLES", "plan", "run_table", "collect", "configure_reproduce_parser",
-           "run_reproduce"]
+__all__ = ["Cell", "Table", "TABLES", "plan", "run_table", "collect", "train_command"]
 
 PM = "proxylessnas_mobile"
 
@@ -186,24 +184,15 @@ def plan(table: str, root: str | Path, data_dir: str | Path | None = None, weigh
 
 def train_command(run: Run) -> str:
     """The ``repnet train`` command line equivalent to ``run``."""
-    from .training import _FLAGS
+    from .config import train_arguments
 
-    parts = ["repnet", "train"]
-    for k, v in run.overrides.items():
-        if k == "options":
-            parts += [a for ok, ov in v.items() for a in ("--opt", f"{ok}={ov}")]
-        elif k in _FLAGS:
-            parts += [_FLAGS[k], str(v)]
-        elif isinstance(v, bool):
-            parts += ["--set", f"{k}={str(v).lower()}"]
-        else:
-            parts += ["--set", f"{k}={v}"]
-    return " ".join(shlex.quote(p) for p in parts)
+    return " ".join(shlex.quote(p) for p in ["repnet", "train", *train_arguments(run.overrides)])
 
 
 def run_one(run: Run) -> tuple[str, str]:
     """Train, resume or skip one run: ``(status, message)``; status done | trained | resumed | error."""
-    from .training import FIELDS, TrainConfig, _read_yaml, coerce, make_config, train
+    from .config import FIELDS, TrainConfig, _read_yaml, coerce, make_config
+    from .training import train
 
     out = Path(run.overrides["out_dir"])
     if (out / "results.json").is_file():
@@ -287,49 +276,3 @@ def collect(table: str, root: str | Path, statuses: list[dict] | None = None, se
         atomic_write_text(tdir / "summary.md", md)
     summary["markdown"] = md
     return summary
-
-
-# ----------------------------------------------------------------------------- CLI
-def configure_reproduce_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("table", help=f"which paper table: {', '.join(TABLES)}")
-    p.add_argument("--root", default="runs/reproduce", help="where runs and summaries go (default: runs/reproduce)")
-    p.add_argument("--data-dir", help="folder holding one folder per dataset (DIR/flowers102, DIR/cars, ...)")
-    p.add_argument("--weights", action="append", metavar="BACKBONE=PATH",
-                   help="checkpoint of a backbone (repeatable), e.g. proxylessnas_mobile=proxylessnas_mobile.pth")
-    p.add_argument("--datasets", help="only these datasets (comma-separated)")
-    p.add_argument("--methods", help="only these methods (comma-separated)")
-    p.add_argument("--image-sizes", help="only these resolutions (comma-separated)")
-    p.add_argument("--backbones", help="only these backbones (comma-separated)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="change a training setting of every run (repeatable), e.g. --set epochs=1")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the plan as repnet train commands; run nothing")
-    mode.add_argument("--collect", action="store_true", help="only collect finished runs into the summary")
-
-
-def run_reproduce(args: argparse.Namespace) -> int:
-    from .training import _pairs, coerce
-
-    settings = {k: coerce(k, v) for k, v in _pairs(args.set, "--set").items()}
-    for k in ("out_dir", "dataset", "backbone", "method"):
-        if k in settings:
-            raise RepnetError(f"--set {k} would change what the table compares; use the filters instead")
-    weights = _pairs(args.weights, "--weights")
-    filters = {"datasets": args.datasets, "methods": args.methods, "image_sizes": args.image_sizes,
-               "backbones": args.backbones}
-    if args.dry_run:
-        for run in plan(args.table, args.root, args.data_dir, weights, settings, **filters):
-            print(train_command(run))
-        return 0
-    failed = []
-    if args.collect:
-        summary = collect(args.table, args.root, settings=settings, **filters)
-    else:
-        statuses = run_table(args.table, args.root, args.data_dir, weights, settings, **filters)
-        summary = collect(args.table, args.root, statuses=statuses, settings=settings, write=False, **filters)
-        failed = [s for s in statuses if s["status"] == "error"]
-        if failed:
-            print(f"{len(failed)} run(s) could not start; first: {failed[0]['key']}: {failed[0]['message']}")
-    print(summary["markdown"], end="")
-    print(f"wrote {Path(args.root) / args.table / 'summary.md'}")
-    return 1 if not args.collect and failed else 0

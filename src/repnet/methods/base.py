@@ -25,21 +25,31 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import RepnetError
+from ..keyvalue import coerce_value, type_name
 from ..storage import atomic_write_text, save_tensors
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A method option: a dataclass field with help text and optional allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices: tuple | None = None, check: tuple | None = None):
+    """A method option: a dataclass field with help text, optional allowed values, and an optional
+    ``check = (predicate, "what it must be")`` (e.g. :data:`POSITIVE`), enforced on construction."""
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check})
+
+
+POSITIVE = (lambda v: v > 0, "> 0")
+AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+KERNEL_OR_RULE = (lambda v: v == 0 or (v >= 1 and v % 2 == 1), "0 (the size rule) or an odd size >= 1")
+ODD_KERNEL = (lambda v: v >= 1 and v % 2 == 1, "an odd size >= 1")
 
 
 @dataclass
 class MethodOptions:
     bn: str = opt("frozen", "backbone norm statistics: frozen (fixed, backward keeps nothing) or batch "
                   "(batch statistics, as the released Rep-Net code)", ("frozen", "batch"))
-    dropout: float = opt(0.2, "dropout before the new classifier")
+    dropout: float = opt(0.2, "dropout before the new classifier", check=FRACTION)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -47,6 +57,9 @@ class MethodOptions:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise RepnetError(f"option {f.name}={value!r} is not valid; choose from: {', '.join(map(str, choices))}")
+            check = f.metadata.get("check")
+            if check and not check[0](value):
+                raise RepnetError(f"option {f.name}={value!r} is not valid: it must be {check[1]}")
 
 
 def parse_options(cls: type[MethodOptions], raw: dict[str, Any], method: str) -> MethodOptions:
@@ -56,29 +69,8 @@ def parse_options(cls: type[MethodOptions], raw: dict[str, Any], method: str) ->
     for key, value in raw.items():
         if key not in fields:
             raise RepnetError(f"unknown option '{key}' for method '{method}'; valid options: {', '.join(fields)}")
-        kwargs[key] = _coerce(value, fields[key], key)
+        kwargs[key] = coerce_value(value, type_name(fields[key].type), f"option {key}")
     return cls(**kwargs)
-
-
-def _coerce(value, f: dataclasses.Field, key: str):
-    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if not isinstance(value, str):
-        return value
-    try:
-        if typ == "bool":
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if typ == "int":
-            return int(value)
-        if typ == "float":
-            return float(value)
-    except ValueError:
-        raise RepnetError(f"option {key}={value!r}: expected a {typ}") from None
-    return value
 
 
 class TransferModel(nn.Module):
@@ -208,7 +200,10 @@ class TransferModel(nn.Module):
             "image_size": self.image_size,
             "options": dataclasses.asdict(self.options),
             "repnet_version": _version(),
+            # construction options (repnet.get_model): restored by from_pretrained
+            "memory": getattr(self, "memory_mode", "vanilla"),
             **({"int8": self.int8_config} if getattr(self, "int8_config", None) else {}),  # repnet.int8
+            **({"frozen_bits": self.frozen_bits} if getattr(self, "frozen_bits", None) else {}),
         }
 
     def save_pretrained(self, directory: str) -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import METHODS
-from .base import MethodOptions, TransferModel, opt
+from .base import AT_LEAST_ONE, MethodOptions, NON_NEGATIVE, ODD_KERNEL, TransferModel, opt
 from .bias import backbone_biases
 from .repnet import make_divisible8
 
@@ -102,9 +102,10 @@ class AttentionAdaptor(nn.Module):
 @dataclass
 class DA3Options(MethodOptions):
     train_bias: bool = opt(True, "also train the backbone's biases")
-    kernel: int = opt(3, "depthwise kernel of the attention branch")
-    reduction: int = opt(4, "gate MLP hidden width = round8(input channels / reduction)")
-    skip_threshold: float = opt(0.0, "at eval, skip an adaptor whose mean gate is below this (0 = never)")
+    kernel: int = opt(3, "depthwise kernel of the attention branch", check=ODD_KERNEL)
+    reduction: int = opt(4, "gate MLP hidden width = round8(input channels / reduction)", check=AT_LEAST_ONE)
+    skip_threshold: float = opt(0.0, "at eval, skip an adaptor whose mean gate is below this (0 = never)",
+                                 check=NON_NEGATIVE)
 
 
 @METHODS.register("da3", help="DA3: gated additive attention adaptors at stage starts (CVPR-W 2022; our design)")

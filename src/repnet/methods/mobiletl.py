@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import RepnetError
 from . import METHODS
-from .base import NORM_TYPES, MethodOptions, TransferModel, opt
+from .base import AT_LEAST_ONE, MethodOptions, NORM_TYPES, TransferModel, opt
 
 # class names of the ReLU-like activations of torch and timm whose backward the step approximates
 # (sigmoid-like gates are not among them: their derivative is not a step)
@@ -84,7 +84,7 @@ def _kind(m: nn.Module) -> str:
 
 @dataclass
 class MobileTLOptions(MethodOptions):
-    k: int = opt(4, "number of top (non-identity) blocks fine-tuned")
+    k: int = opt(4, "number of top (non-identity) blocks fine-tuned", check=AT_LEAST_ONE)
     train_top: bool = opt(True, "also fine-tune the layers between the last block and the classifier")
     step_backward: bool = opt(True, "approximate ReLU-like backward by the step 1[x >= 0] in the fine-tuned layers")
 

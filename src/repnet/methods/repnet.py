@@ -35,7 +35,7 @@ from torch import nn
 
 from . import METHODS
 from .bias import backbone_biases
-from .base import MethodOptions, TransferModel, opt
+from .base import AT_LEAST_ONE, KERNEL_OR_RULE, MethodOptions, POSITIVE, TransferModel, opt
 
 
 def make_divisible8(c: int) -> int:
@@ -72,9 +72,10 @@ class RepNetOptions(MethodOptions):
     connector: str = opt("dual", "feature exchange with the backbone", ("none", "down", "up", "dual"))
     placement: str = opt("stages", "connectors at stage starts (paper) or at every block", ("stages", "all"))
     train_bias: bool = opt(True, "also train the backbone's biases (the paper's '+bias' mode)")
-    kernel: int = opt(0, "module kernel size; 0 = SPEC rule (5, or 3 where the connector map is <= 7 px)")
-    groups: int = opt(2, "groups of the kxk conv (module 1 always uses 1)")
-    width: float = opt(1.0, "module width = round8(input channels x width)")
+    kernel: int = opt(0, "module kernel size; 0 = SPEC rule (5, or 3 where the connector map is <= 7 px)",
+                      check=KERNEL_OR_RULE)
+    groups: int = opt(2, "groups of the kxk conv (module 1 always uses 1)", check=AT_LEAST_ONE)
+    width: float = opt(1.0, "module width = round8(input channels x width)", check=POSITIVE)
 
 
 @METHODS.register("repnet", help="Rep-Net: tiny reprogramming network + additive connectors (CVPR 2022)")

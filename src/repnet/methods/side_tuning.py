@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import METHODS
-from .base import MethodOptions, TransferModel, opt
+from .base import AT_LEAST_ONE, KERNEL_OR_RULE, MethodOptions, POSITIVE, TransferModel, opt
 from .repnet import RepNetModule, make_divisible8
 
 
@@ -50,9 +50,10 @@ class Down(nn.Sequential):
 
 @dataclass
 class SideTuningOptions(MethodOptions):
-    width: float = opt(0.25, "side width at a tap = round8(backbone channels x width)")
-    kernel: int = opt(0, "side module kernel; 0 = Rep-Net's rule (5, or 3 where the tap map is <= 7 px)")
-    groups: int = opt(2, "groups of the side modules' k x k conv (M_0 always uses 1)")
+    width: float = opt(0.25, "side width at a tap = round8(backbone channels x width)", check=POSITIVE)
+    kernel: int = opt(0, "side module kernel; 0 = Rep-Net's rule (5, or 3 where the tap map is <= 7 px)",
+                      check=KERNEL_OR_RULE)
+    groups: int = opt(2, "groups of the side modules' k x k conv (M_0 always uses 1)", check=AT_LEAST_ONE)
 
 
 @METHODS.register("side_tuning", help="LST-style detached side network: zero backprop through the backbone")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import METHODS
-from .base import MethodOptions, TransferModel, opt
+from .base import AT_LEAST_ONE, MethodOptions, ODD_KERNEL, POSITIVE, TransferModel, opt
 from .bias import backbone_biases
 from .repnet import RepNetModule, make_divisible8
 
@@ -69,9 +69,10 @@ def lite_residual_kernels(strides: list[int], max_kernel: int = 5,
 
 @dataclass
 class TinyTLOptions(MethodOptions):
-    kernel: int = opt(5, "largest lite-residual kernel (shrunk by TinyTL's nominal-resolution rule)")
-    groups: int = opt(2, "groups of the lite residual's k x k conv")
-    width: float = opt(1.0, "lite-residual width = round8(block input channels x width)")
+    kernel: int = opt(5, "largest lite-residual kernel (shrunk by TinyTL's nominal-resolution rule)",
+                      check=ODD_KERNEL)
+    groups: int = opt(2, "groups of the lite residual's k x k conv", check=AT_LEAST_ONE)
+    width: float = opt(1.0, "lite-residual width = round8(block input channels x width)", check=POSITIVE)
 
 
 class _TinyTL(TransferModel):

@@ -1,0 +1,43 @@
+"""``repnet demo``: the offline demo (MobileNetV2 -> Fashion-MNIST, Rep-Net vs its baselines; repnet.demo)."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import LINEAR_PROBE, DemoConfig
+from ..errors import RepnetError
+
+HELP = "offline demo: MobileNetV2 -> Fashion-MNIST, repnet vs baselines"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    p.add_argument("--out", default=d.out_dir, help=f"output folder (default: {d.out_dir})")
+    p.add_argument("--methods", default=",".join(d.methods),
+                   help=f"comma-separated methods; '{LINEAR_PROBE}' = logistic regression on frozen features "
+                        f"(default: {','.join(d.methods)})")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--train-subset", type=int, default=d.train_subset, help="training images")
+    p.add_argument("--test-subset", type=int, default=d.test_subset, help="test images")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--memory", choices=["engine", "vanilla"], default=d.memory)
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loader workers (default: 0)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
+    p.add_argument("--no-profile", action="store_true", help="skip the memory measurements")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo import run as run_demo
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods:
+        raise RepnetError("--methods is empty")
+    cfg = DemoConfig(out_dir=args.out, methods=methods, image_size=args.image_size, train_subset=args.train_subset,
+                     test_subset=args.test_subset, epochs=args.epochs, batch_size=args.batch_size,
+                     memory=args.memory, workers=args.workers, seed=args.seed, device=args.device,
+                     data_root=args.data_root, profile_memory=not args.no_profile, progress=not args.quiet)
+    run_demo(cfg)
+    return 0

@@ -1,0 +1,119 @@
+"""``repnet profile``: training memory of methods on a backbone: analytic, measured kept, peak."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+from ..errors import RepnetError
+from ..keyvalue import parse_pairs
+
+HELP = "training-memory profile: analytic, measured kept-for-backward, peak"
+
+
+def configure(pp: argparse.ArgumentParser) -> None:
+    pp.add_argument("--backbone", default="proxylessnas_mobile")
+    pp.add_argument("--method", default="repnet", help="a method, or several separated by commas")
+    pp.add_argument("--image-size", type=int, default=224)
+    pp.add_argument("--batch-size", type=int, default=8)
+    pp.add_argument("--num-classes", type=int, default=102)
+    pp.add_argument("--memory", choices=["engine", "vanilla", "both"], default="engine")
+    pp.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    pp.add_argument("--weights", help="backbone checkpoint (memory does not depend on it; default random init)")
+    pp.add_argument("--no-measure", action="store_true", help="analytic figures only")
+    pp.add_argument("--no-peak", action="store_true", help="skip the peak measurement")
+    pp.add_argument("--json", help="write the record(s) to this JSON file")
+    pp.add_argument("--plot", help="write a bar chart PNG across methods")
+    pp.add_argument("--tinytl-reference", action="store_true",
+                    help="also print TinyTL's published memory table, reproduced row by row (analytic, seconds)")
+
+
+PROFILE_KEYS = ("backbone", "method", "image_size", "batch_size", "trainable_params", "total_params",
+                "analytic_mb", "analytic_saved_mb", "measured_saved_mb", "peak_mb")
+
+
+def profile_one(backbone: str, method: str, image_size: int, batch_size: int, num_classes: int,
+                memory: str = "engine", pretrained=False, measure: bool = True, peak: bool = True,
+                options: dict | None = None) -> dict:
+    """Build a model and return the profile record (the CLI contract's keys, and more)."""
+    from ..api import get_model
+    from ..memory import profile
+
+    model = get_model(backbone, method, num_classes, image_size=image_size, pretrained=pretrained,
+                      memory=memory, **(options or {}))
+    rec = {"backbone": backbone, "method": method, "image_size": image_size, "batch_size": batch_size,
+           "num_classes": num_classes, "memory_mode": memory, "options": dataclasses.asdict(model.options)}
+    rec.update(profile(model, batch_size=batch_size, image_size=image_size, measure=measure, peak=peak))
+    return rec
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,d}"
+    return str(v)
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
+    data = [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(h), *(len(d[i]) for d in data)) for i, (_, h) in enumerate(cols)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for d in data:
+        print("  ".join(v.ljust(w) for v, w in zip(d, widths)))
+
+
+PROFILE_COLS = [("method", "method"), ("memory_mode", "mode"), ("trainable_params", "trainable"),
+                ("analytic_mb", "analytic MB"), ("analytic_saved_mb", "analytic kept MB"),
+                ("measured_saved_mb", "measured kept MB"), ("peak_mb", "peak MB")]
+
+
+def run(args) -> int:
+    from ..storage import atomic_write_text
+
+    if args.batch_size < 1:
+        raise RepnetError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_classes < 2:
+        raise RepnetError(f"--num-classes must be >= 2, got {args.num_classes}")
+    methods = args.method.split(",")
+    modes = ["engine", "vanilla"] if args.memory == "both" else [args.memory]
+    rows = []
+    for m in methods:
+        for mode in modes:
+            rows.append(profile_one(args.backbone, m, args.image_size, args.batch_size, args.num_classes,
+                                    memory=mode, pretrained=args.weights or False,
+                                    measure=not args.no_measure, peak=not (args.no_peak or args.no_measure),
+                                    options=parse_pairs(args.opt, "--opt")))
+    print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {args.num_classes} classes "
+          "(MB = 1e6 bytes; analytic = the papers' model, SPEC §7)")
+    print_table(rows, PROFILE_COLS)
+    if args.tinytl_reference:
+        _print_tinytl_reference(args)
+    if args.json:
+        out = rows[0] if len(rows) == 1 else rows
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        atomic_write_text(args.json, json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from ..plots import memory_bar_chart
+
+        memory_bar_chart(rows, args.plot, title=f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _print_tinytl_reference(args) -> None:
+    """TinyTL's published rows next to ours and to the configuration TinyTL's script profiled."""
+    from ..tinytl_reference import reproduce
+
+    print("\nTinyTL's published table (ProxylessNAS-Mobile, batch 8, 102 classes), MB; 'TinyTL cfg' = its script's "
+          "network (lite residuals always inserted, every mask counted): repnet.tinytl_reference")
+    rows = [r for r in reproduce((224, 320)) if r["published_mb"] is not None]
+    print_table([{"method": r["method"], "px": r["image_size"], "published": r["published_mb"], "ours": r["ours_mb"],
+                  "TinyTL cfg": r["tinytl_config_mb"]} for r in rows],
+                [("method", "TinyTL row"), ("px", "px"), ("published", "published MB"), ("ours", "our method MB"),
+                 ("TinyTL cfg", "TinyTL cfg MB")])

@@ -1,0 +1,26 @@
+"""``repnet train``: one method on one dataset, the dataset's recipe unless told otherwise."""
+from __future__ import annotations
+
+import argparse
+
+from .flags import add_config_flags, overrides_from
+
+HELP = "train a method on a dataset (paper recipe by default)"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    add_config_flags(p)
+    p.add_argument("--config", metavar="YAML", help="a config file (e.g. a run's config.yaml); flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import make_config
+    from ..training import resume_config, train
+
+    overrides = overrides_from(args)
+    if args.resume:
+        train(resume_config(args.resume, overrides), resume=args.resume)
+    else:
+        train(make_config(overrides, args.config))
+    return 0
