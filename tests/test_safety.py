@@ -227,3 +227,60 @@ def test_torn_log_line_does_not_break_resume(tmp_path):
     _truncate_log(run / "log.jsonl", 1)
     lines = (run / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, run folders, exports
+def test_ctrl_c_writes_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_path):
+    import os
+    import signal
+
+    from repnet.errors import Interrupted
+    from repnet.training import make_config, resume_config, train
+
+    kw = dict(dataset="digits", backbone="proxylessnas_mobile", random_init=True, method="repnet", memory="vanilla",
+              image_size=32, epochs=2, steps_per_epoch=4, workers=0, progress=False, profile_memory=False,
+              augment="basic")
+    train(make_config({**kw, "out_dir": str(tmp_path / "ref")}))
+
+    def ctrl_c(info):
+        if info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match="continue with: repnet train --resume"):
+        train(make_config({**kw, "out_dir": str(tmp_path / "cut")}), on_step=ctrl_c)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state"]["step"] == 3
+    train(resume_config(tmp_path / "cut"), resume=str(tmp_path / "cut"))
+    a = read_safetensors(tmp_path / "ref" / "adapter" / "adapter.safetensors")
+    b = read_safetensors(tmp_path / "cut" / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_out_on_a_folder_of_the_users_is_refused_and_left_untouched(tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.yaml").write_text("my: own\n")
+    (user / "results.json").write_text('{"mine": 1}')
+    code = main(["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init", "--image-size",
+                 "32", "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0", "--quiet", "--no-profile",
+                 "--out", str(user)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "not empty" in err and "\n" not in err
+    assert sorted(p.name for p in user.iterdir()) == ["config.yaml", "results.json"]
+    assert (user / "config.yaml").read_text() == "my: own\n" and (user / "results.json").read_text() == '{"mine": 1}'
+
+
+def test_exported_onnx_copied_alone_to_another_folder_runs(tmp_path):
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    from repnet.export import export_model, load_exported
+
+    model = repnet.get_model("proxylessnas_mobile", "repnet", 3, image_size=32, pretrained=False)
+    rep = export_model(model, tmp_path / "a" / "model.onnx")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["model.onnx"]
+    assert rep["bytes"] == (tmp_path / "a" / "model.onnx").stat().st_size
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "model.onnx", tmp_path / "b" / "model.onnx")
+    shutil.rmtree(tmp_path / "a")
+    out = load_exported(tmp_path / "b" / "model.onnx")(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()

@@ -37,6 +37,7 @@ import torch
 
 from .config import LINEAR_PROBE, DemoConfig, TrainConfig
 from .keyvalue import parse_pairs
+from .storage import atomic_write_text
 from .training import MEMORY_KEYS, memory_profile, train
 
 #: (lr, lr_side) per method for the demo's short schedule (3 epochs, batch 32): the best of a
@@ -274,7 +275,7 @@ def run(cfg: DemoConfig) -> dict:
         "budget": budget, "demo_config": dataclasses.asdict(cfg), "total_time_s": total, **provenance(),
         "rows": [{k: r[k] for k in keep if k in r} for r in rows], "table": table, "verdict": lines,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     print(f"wrote {out / 'results.json'} and {plot_path}")
     return result
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import RepnetError
+from .storage import TMP_PREFIX, atomic_write
 
 __all__ = ["FORMATS", "export_model", "load_exported"]
 
@@ -39,13 +39,6 @@ def _inference_copy(model: nn.Module) -> nn.Module:
     for p in m.parameters():
         p.requires_grad_(False)
     return m
-
-
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
 
 
 def load_exported(path: str | os.PathLike):
@@ -88,16 +81,18 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str | None =
     net = _inference_copy(model)
     example = torch.zeros(2, 3, size, size)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
-    tmp = _atomic_target(path)
-    try:
+    report: dict = {}
+
+    def write(tmp_name: str) -> None:  # into the atomic writer's temporary file, checked before it is kept
+        tmp = Path(tmp_name)
         if fmt == "pt2":
             program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
             torch.export.save(program, str(tmp))
-        else:
-            torch.onnx.export(net, (example,), str(tmp), dynamo=True, dynamic_shapes=dynamic,
+        else:  # weights inside the file (no sidecar): the .onnx alone is the model
+            torch.onnx.export(net, (example,), str(tmp), dynamo=True, dynamic_shapes=dynamic, external_data=False,
                               input_names=["images"], output_names=["logits"], verbose=False)
-        report = {"format": fmt, "path": str(path), "image_size": size, "bytes": tmp.stat().st_size,
-                  "params": sum(p.numel() for p in net.parameters())}
+        report.update({"format": fmt, "path": str(path), "image_size": size, "bytes": tmp.stat().st_size,
+                       "params": sum(p.numel() for p in net.parameters()), "max_abs_diff": None})
         if verify and not (fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None):
             run = load_exported(tmp)
             g = torch.Generator().manual_seed(0)
@@ -114,13 +109,14 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str | None =
                 raise RepnetError(f"the exported model disagrees with the eager one (max |diff| {diff:.3g} "
                                   f"> {limit:.3g}); nothing was written")
             report["max_abs_diff"] = diff
-        else:
-            report["max_abs_diff"] = None
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RepnetError(f"cannot create {path.parent}: {e.strerror or e}") from None
+    atomic_write(path, write)
+    for stray in path.parent.glob(f"{TMP_PREFIX}*{path.name}*"):  # an exporter's sidecar of the temp file
+        stray.unlink(missing_ok=True)
     return report
 
 
-# ----------------------------------------------------------------------------- CLI

@@ -84,7 +84,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .errors import RepnetError
-from .memory.engine import _numeric_padding, _standardize, conv2d_input_grad
+from .memory.ops.conv import _numeric_padding, _standardize, conv2d_input_grad
 from .memory.quant import SCHEMES, quantize_frozen_weights
 
 try:

@@ -56,17 +56,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .ops import RULES
+from .ops.base import ACT_BYTES, RuleContext
+
 __all__ = ["AnalyticReport", "LayerRow", "analyze", "param_bytes", "format_breakdown", "MASK_RULES"]
 
-ACT_BYTES = 4
-_CONV = (nn.modules.conv._ConvNd,)
-_LINEAR = (nn.Linear,)
-_NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_SAMPLE_NORM = (nn.GroupNorm, nn.LayerNorm)  # statistics of each sample: backward needs the input
-_SE_NAMES = ("SqueezeExcitation", "SqueezeExcite", "SEModule", "EffectiveSEModule")
-_MASK_ACT = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
-_SMOOTH_ACT = (nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Mish)
-_SMOOTH_NAMES = ("swish", "sigmoid", "silu", "gelu", "mish", "tanh")
+# the layer rules live with their ops (repnet.memory.ops: conv, norm, activations, pooling)
 
 
 @dataclass
@@ -112,32 +107,10 @@ class AnalyticReport:
         return format_breakdown(self, batch, top)
 
 
-def _weight_trains(m: nn.Module) -> bool:
-    fn = getattr(m, "_weight_trains", None)
-    if callable(fn):
-        return bool(fn())
-    w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
-    return w is not None and w.requires_grad
-
-
-def _input_bytes(m: nn.Module) -> int:
-    """Bytes per kept input element of a trained conv / linear: 1 for an INT8-trained layer with
-    int8 activations (it keeps the input's int8 codes, ``repnet.int8``), else 4."""
-    cfg = getattr(m, "_int8", None)
-    return 1 if cfg is not None and cfg.activations else ACT_BYTES
-
-
 def _int8_master_numel(model: nn.Module) -> int:
     """Trainable weights held on their int8 grid (``repnet.int8`` master="int8"): 1 byte each."""
     return sum(m.weight.numel() for m in model.modules()
                if getattr(m, "_int8", None) is not None and m._int8.master == "int8" and m.weight.requires_grad)
-
-
-def _is_smooth(m: nn.Module) -> bool:
-    if isinstance(m, _SMOOTH_ACT):
-        return True
-    name = type(m).__name__.lower()
-    return not list(m.children()) and any(s in name for s in _SMOOTH_NAMES)
 
 
 def param_bytes(model: nn.Module, trainable_bytes: int = 4, frozen_bytes: int = 1) -> tuple[float, int, int]:
@@ -165,12 +138,8 @@ def _residual_blocks(model: nn.Module, image_size: int) -> list[nn.Module]:
     return [m for m in model.modules() if list(m.children()) and has_shortcut(m)]
 
 
-def _is_se(m: nn.Module) -> bool:
-    return type(m).__name__ in _SE_NAMES
-
-
 def _counted(m: nn.Module) -> bool:
-    return not list(m.children()) or isinstance(m, _CONV + _LINEAR + _NORM) or _is_se(m)
+    return not list(m.children()) or any(claims(m) for claims, _ in RULES)
 
 
 MASK_RULES = ("gradient", "always")
@@ -215,30 +184,12 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
         rule = getattr(m, "analytic_rule", None)  # a module's own (kept, transient) rule
         if callable(rule):
             kept, tmp = rule(args, out)
-        elif isinstance(m, _CONV):
-            kept = _input_bytes(m) * nx if _weight_trains(m) else 0.0
-            tmp = ACT_BYTES * nx + ACT_BYTES * ny // m.groups
-        elif isinstance(m, _LINEAR):
-            kept = _input_bytes(m) * nx if _weight_trains(m) else 0.0
-            tmp = ACT_BYTES * (nx + ny)
-        elif isinstance(m, _SAMPLE_NORM):  # per-sample statistics: the input is needed for any gradient
-            kept = ACT_BYTES * nx if _weight_trains(m) or (grad_in and masks == "gradient") else 0.0
-            tmp = ACT_BYTES * nx
-        elif isinstance(m, _NORM):
-            kept = ACT_BYTES * nx if _weight_trains(m) else 0.0
-            tmp = ACT_BYTES * nx
-            if not kept and m in batch_stats and grad_in:
-                extra = ACT_BYTES * nx
-        elif _is_se(m):  # out = x * gate(x): the product keeps x (the gate's gradient) and the gate
-            kept = ACT_BYTES * (nx + nx // max(1, x.shape[-1] * x.shape[-2])) if grad_in else 0.0
-        elif isinstance(m, nn.MaxPool2d):  # the engine keeps the window arg-max: 1 byte per output
-            kept = float(ny) if grad_in else 0.0
-        elif isinstance(m, _MASK_ACT):
-            kept = nx / 8 if act_grad else 0.0
-            tmp = ACT_BYTES * nx
-        elif _is_smooth(m):
-            if act_grad:
-                kept = nx / 8 if getattr(m, "_step_backward", False) else ACT_BYTES * nx
+        else:
+            ctx = RuleContext(grad_in=grad_in, act_grad=act_grad, masks=masks, batch_stats=batch_stats)
+            for claims, op_rule in RULES:  # the op's own rule (repnet.memory.ops)
+                if claims(m):
+                    kept, tmp, extra = op_rule(m, x, out, ctx)
+                    break
         held = float(sum(state["held"]))
         running = tmp + state["kept"] + held
         if running > state["peak"]:
