@@ -284,3 +284,37 @@ def test_exported_onnx_copied_alone_to_another_folder_runs(tmp_path):
     shutil.rmtree(tmp_path / "a")
     out = load_exported(tmp_path / "b" / "model.onnx")(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- data scanning
+def test_symlink_loop_in_an_image_folder_is_walked_once(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from repnet.data.imagefolder import load_split_folders
+
+    for split in ("train", "val"):
+        for ci, c in enumerate(("a", "b")):
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", (8, 8), (40 * i, 100 * ci, 0)).save(d / f"{i}.png")
+    os.symlink(tmp_path / "train", tmp_path / "train" / "a" / "loop")  # a -> .. -> a -> ...
+    train, test = load_split_folders(tmp_path, verify=False)
+    assert len(train) == 10 and sorted(np.bincount(train.targets).tolist()) == [5, 5]
+    assert len(test) == 10
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from repnet.data.core import to_rgb
+
+    a = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63,000 of 65,535
+    Image.fromarray(a).save(tmp_path / "x.png")
+    with Image.open(tmp_path / "x.png") as im:
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert rgb[..., 0].max() == round(63000 / 65535 * 255) and rgb[0, 1, 0] == round(1000 / 65535 * 255)
+    assert (rgb[..., 0] == 255).mean() == 0  # PIL's convert("RGB") makes 98% of these pixels white

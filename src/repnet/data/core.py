@@ -57,6 +57,19 @@ class ArraySource:
         return f"array image {i}"
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. High-depth images (16-bit grey ``I;16``, 32-bit ``I`` / ``F``) are scaled from
+    their type's range to 0..255; PIL's ``convert`` would clip every value above 255 to white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255) else 255.0
+        if im.mode == "F":
+            top = 1.0 if arr.max(initial=0) <= 1.0 else top
+        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 class FileSource:
     """Image files read lazily: ``samples`` is a list of ``(path, label)``."""
 
@@ -76,7 +89,7 @@ class FileSource:
 
     def load(self, i: int) -> Image.Image:
         with Image.open(self.samples[i][0]) as im:
-            return im.convert("RGB")  # convert() decodes the whole file: corrupt data fails here
+            return to_rgb(im)  # decodes the whole file: corrupt data fails here
 
     def describe(self, i: int) -> str:
         return self.samples[i][0]

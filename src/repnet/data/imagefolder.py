@@ -26,10 +26,30 @@ def _subdirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[str]:
-    out = []
+def _images_under(folder: Path, root: Path | None = None) -> list[str]:
+    """Image files under ``folder``. Symlinked folders are followed, but each real folder is
+    visited once: a link back up the tree (a loop), or to a folder that the scan of ``root``
+    reaches anyway (e.g. another class's folder), is not walked, so no image is read twice or
+    under another class's label."""
+    inside = os.path.realpath(root if root is not None else folder)
+    out, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if d.startswith("."):
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if target in seen or target == inside or target.startswith(inside + os.sep):
+                    continue
+            keep.append(d)
+        dirnames[:] = keep
         out += [os.path.join(dirpath, f) for f in sorted(filenames)
                 if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
     return out
@@ -62,7 +82,7 @@ def scan_class_folders(folder: Path, classes: list[str] | None = None, verify: b
         if name not in index:
             raise RepnetError(f"class folder '{folder / name}' has no matching class folder in the training "
                               f"data (training classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
-        files = _images_under(folder / name)
+        files = _images_under(folder / name, root=folder)
         if not files:
             raise RepnetError(f"class folder '{folder / name}' has no images (expected files ending in {_EXT_HINT})")
         samples += [(f, index[name]) for f in files]
