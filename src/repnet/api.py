@@ -116,5 +116,11 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise RepnetError(f"adapter in {directory} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+    own = model.state_dict()
+    wrong = [k for k in tensors if tuple(tensors[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise RepnetError(f"adapter in {directory} does not fit its own config: {k} has shape {tuple(tensors[k].shape)}, "
+                          f"the model built from config.json expects {tuple(own[k].shape)} (a damaged or edited adapter)")
     model.load_state_dict(tensors, strict=False)
     return model

@@ -14,11 +14,22 @@ from .commands import COMMANDS
 from .errors import Interrupted, RepnetError
 
 
+class UsageError(RepnetError):
+    """A command line argparse refused (unknown flag, bad choice, missing value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: ...``, exit 2) instead of usage + message."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="repnet", description="Memory-efficient on-device transfer learning (Rep-Net).")
+    p = _Parser(prog="repnet", description="Memory-efficient on-device transfer learning (Rep-Net).")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's, the machine's cores)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         mod = importlib.import_module(f".commands.{name}", __package__)
         sp = sub.add_parser(name, help=mod.HELP)
@@ -29,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

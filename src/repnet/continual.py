@@ -56,7 +56,8 @@ from .errors import RepnetError
 from .int8 import unpack_on_grid
 from .methods import METHODS, TransferModel, parse_options
 from .methods.base import _version
-from .storage import atomic_write_bytes, atomic_write_text, read_json, read_safetensors, tensors_to_bytes
+from .storage import (atomic_write_bytes, atomic_write_text, claim_folder, read_json, read_safetensors,
+                      tensors_to_bytes)
 
 FORMAT = "repnet-multitask/1"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -383,7 +384,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
         previous = _resumable(out, pairs, cfgs, backbone, method, naive)
     elif (out / "results.json").exists():
         raise RepnetError(f"{out} already holds a continual run; continue it with --resume, or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    else:
+        claim_folder(out)
 
     pretrained = False if base.random_init else (base.weights or True)
     seed_everything(base.seed)

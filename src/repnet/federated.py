@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 from . import loop
 
 from .errors import RepnetError
-from .storage import atomic_write_text, clean_temps, load_checkpoint, save_checkpoint
+from .storage import atomic_write_text, claim_folder, clean_temps, load_checkpoint, save_checkpoint
 
 __all__ = ["partition", "fedavg_states", "state_bytes", "run_federated"]
 
@@ -138,6 +138,8 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
                               "may change")
     elif ckpt_path is not None and ckpt_path.exists():
         raise RepnetError(f"{out_dir} already holds a federated run; continue it with --resume, or pick --out")
+    elif ckpt_path is not None:
+        claim_folder(ckpt_path.parent)
     device = resolve_device(cfg.device)
     train_ds, _val, test_ds, num_classes, _names = build_data(cfg)
     shards = partition(train_ds.targets, clients, scheme, cfg.seed)

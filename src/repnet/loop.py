@@ -274,7 +274,14 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
                             break
                         raise
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    logits = model(x)
+                    try:
+                        logits = model(x)
+                    except ValueError as e:
+                        if "Expected more than 1 value per channel" not in str(e):
+                            raise
+                        raise RepnetError(f"{prefix}batch size {x.shape[0]} cannot train a batch-norm layer on a "
+                                          "1x1 feature map (it needs 2+ values per channel): use a larger "
+                                          "--batch-size or --image-size") from None
                     loss = criterion(logits, y)
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):

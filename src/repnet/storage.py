@@ -64,6 +64,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def claim_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
+    """Create ``folder`` for a new run, or accept it if it is empty; anything else is one line.
+
+    A run folder is ours only: one with the user's own files (or another run) is refused
+    before anything is written into it, so nothing the user owned is ever replaced.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RepnetError(f"{what} {folder} is a file, not a folder")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX))
+        if foreign:
+            more = ", ..." if len(foreign) > 3 else ""
+            raise RepnetError(f"{what} {folder} is not empty ({', '.join(foreign[:3])}{more}): give a new or "
+                              "empty folder, or resume the run it holds")
+        return folder
+    try:
+        folder.mkdir(parents=True)
+    except OSError as e:
+        raise RepnetError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    return folder
+
+
 def clean_temps(folder: str | os.PathLike) -> int:
     """Remove temporary files an interrupted :func:`atomic_write` left in ``folder``; how many."""
     n = 0
@@ -130,7 +153,7 @@ def load_torch_file(path: str | os.PathLike, what: str = "file") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise RepnetError(f"could not read {what} {path}: refused, it holds objects other than tensors and "
                               "plain values (a pickle that could run code)") from None
         raise RepnetError(f"could not read {what} {path}: damaged or not a PyTorch file ({first[:200]})") from None

@@ -39,7 +39,8 @@ from .config import FIELDS, RUNTIME_KEYS, TrainConfig, _read_yaml, build_data, b
 from .errors import RepnetError
 from .loop import CosineSchedule, all_finite, evaluate, make_loader, make_optimizer, plan_steps, resolve_device
 from .loop import rng_state, seed_everything, set_rng_state
-from .storage import atomic_write_text, clean_temps, load_checkpoint, read_safetensors, save_checkpoint, save_tensors
+from .storage import (atomic_write_text, claim_folder, clean_temps, load_checkpoint, read_safetensors, save_checkpoint,
+                      save_tensors)
 
 __all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
 
@@ -72,7 +73,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     else:
         if ckpt_path.exists():
             raise RepnetError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, or pick --out")
-        _claim_run_dir(run_dir)
+        claim_folder(run_dir)
         cfg.out_dir = str(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     device = resolve_device(cfg.device)
@@ -189,26 +190,6 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         + (f", best val {st['best_val']:.4f} at epoch {st['best_val_epoch']}" if st["best_val"] is not None else "")
         + f"); wrote {run_dir / 'results.json'} and {run_dir / 'adapter'}")
     return results
-
-
-#: What a ``repnet train`` run folder may hold; anything else means the folder is not ours.
-RUN_FILES = {"config.yaml", "log.jsonl", "checkpoint.pt", "results.json", "best.safetensors", "adapter"}
-
-
-def _claim_run_dir(run_dir: Path) -> None:
-    """Create ``run_dir``, or accept it if empty: a folder with other contents is refused in one line."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RepnetError(f"--out {run_dir} is a file, not a folder")
-    if run_dir.is_dir():
-        foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".tmp-"))
-        if foreign:
-            raise RepnetError(f"--out {run_dir} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
-                              "): give a new or empty folder, or --resume a run")
-        return
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as e:
-        raise RepnetError(f"cannot create --out {run_dir}: {e.strerror or e}") from None
 
 
 def resume_config(run_dir: str | Path, overrides: dict | None = None) -> TrainConfig:

@@ -206,9 +206,30 @@ class TransferModel(nn.Module):
             **({"frozen_bits": self.frozen_bits} if getattr(self, "frozen_bits", None) else {}),
         }
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write only what training changed: ``config.json`` + ``adapter.safetensors`` (atomic)."""
+    def save_pretrained(self, directory: str, overwrite: bool = False) -> None:
+        """Write only what training changed: ``config.json`` + ``adapter.safetensors`` (atomic).
+
+        A folder holding another model's adapter (other method, backbone, classes or size) is
+        refused unless ``overwrite``; one holding files that are not an adapter always is.
+        """
         from ..int8 import pack_on_grid
+
+        existing = os.path.join(directory, "config.json")
+        if os.path.isdir(directory) and os.listdir(directory):
+            names = set(os.listdir(directory)) - {"config.json", "adapter.safetensors"}
+            if any(not n.startswith(".tmp-") for n in names):
+                raise RepnetError(f"{directory} holds files that are not a repnet adapter; save into a new folder")
+            if os.path.isfile(existing) and not overwrite:
+                try:
+                    with open(existing) as f:
+                        old = json.load(f)
+                except (OSError, ValueError):
+                    old = None
+                mine = self.config()
+                keys = ("method", "backbone", "num_classes", "image_size")
+                if not isinstance(old, dict) or any(old.get(k) != mine[k] for k in keys):
+                    raise RepnetError(f"{directory} holds the adapter of another model; save elsewhere, or pass "
+                                      "overwrite=True")
 
         try:
             os.makedirs(directory, exist_ok=True)
