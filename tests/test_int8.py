@@ -455,3 +455,11 @@ def test_int8_master_adapter_is_saved_as_exact_int8_codes(tmp_path):
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(m(x), m2(x))
+
+
+def test_parameter_totals_count_8_bit_frozen_weights():
+    import repnet
+
+    fp = repnet.get_model("proxylessnas_mobile", "repnet", 10, image_size=64, pretrained=False)
+    q = repnet.get_model("proxylessnas_mobile", "repnet", 10, image_size=64, pretrained=False, int8=True)
+    assert q.param_counts() == fp.param_counts()  # the frozen weights are still there, as 8-bit codes

@@ -16,8 +16,10 @@ def _plt():
 def memory_bar_chart(rows: list[dict], path: str, title: str = "") -> None:
     """Grouped bars per method: analytic total, analytic kept, measured kept, peak (MB, log scale)."""
     plt = _plt()
+    kinds = sorted({r.get("peak_kind") for r in rows if r.get("peak_kind")})
+    peak = "measured peak" + (f" ({', '.join(kinds)})" if kinds else "")  # cpu-rss is coarse, cuda-allocator exact
     series = [("analytic_mb", "analytic total"), ("analytic_saved_mb", "analytic kept"),
-              ("measured_saved_mb", "measured kept"), ("peak_mb", "measured peak")]
+              ("measured_saved_mb", "measured kept"), ("peak_mb", peak)]
     labels = [f"{r['method']}" + (f"\n({r['memory_mode']})" if r.get("memory_mode") else "") for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
     width = 0.8 / len(series)

@@ -123,6 +123,9 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         checkpoint(st)  # a last good checkpoint exists from step 0 on
     elapsed_before = st["elapsed"]  # wall time of earlier sessions of this run
 
+    if device.type == "cpu" and total_steps * cfg.batch_size * cfg.image_size ** 2 > 2e10:  # ~1 h and more on 2 cores
+        say(f"note: {total_steps:,d} steps at {cfg.image_size} px on the CPU take many hours (the paper's recipe is "
+            "for a GPU); a quick run: --image-size 64 --epochs 1 --train-subset 1000 --test-subset 500")
     say(f"{cfg.method} on {cfg.backbone} -> {cfg.dataset} ({num_classes} classes): {n_train} train / "
         f"{len(val_ds) if val_ds is not None else 0} val / {len(test_ds)} test images, {cfg.image_size}px, "
         f"batch {cfg.batch_size}, {total_steps} steps on {device}; trainable {trainable:,d} of {total:,d} params")

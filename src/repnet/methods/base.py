@@ -172,8 +172,12 @@ class TransferModel(nn.Module):
         return {k: sd[k] for k in self.trainable_state_keys()}
 
     def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; frozen weights stored as 8-bit codes (int8 training,
+        ``frozen_bits``) are buffers, not parameters, and count in the total all the same."""
+        from ..memory.quant import quantized_weight_numel
+
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() for p in self.parameters()) + quantized_weight_numel(self)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
