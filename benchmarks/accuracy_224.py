@@ -90,10 +90,14 @@ def main(argv=None) -> dict:
     p.add_argument("--runs-dir", default="runs/accuracy_224")
     p.add_argument("--out", default=None, help="OUT.json (default benchmarks/results/accuracy_224_<dataset>.json)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--plot-sweep", metavar="JSON", help="only plot the resolution sweep of a results file")
+    p.add_argument("--plot-sweep", metavar="JSON", nargs="+",
+                   help="only plot the resolution sweep from these results files (rows merged)")
+    p.add_argument("--report", metavar="JSON", nargs="+", help="only print these results files' rows as markdown")
     args = p.parse_args(argv)
     if args.plot_sweep:
-        return plot_sweep(Path(args.plot_sweep))
+        return plot_sweep([Path(f) for f in args.plot_sweep])
+    if args.report:
+        return report([Path(f) for f in args.report])
     torch.set_num_threads(args.threads)
     out = Path(args.out or f"benchmarks/results/accuracy_224_{args.dataset}.json")
     result = json.loads(out.read_text()) if out.is_file() else {
@@ -153,16 +157,28 @@ def format_rows(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(path: Path) -> dict:
+def report(paths: list[Path]) -> dict:
+    """Markdown rows: method, backbone, px, test accuracy mean +- std (seeds), kept MB."""
+    rows = [r for p in paths for r in json.loads(p.read_text())["rows"]]
+    print("| dataset | method | backbone | px | test accuracy (mean +- std) | seeds | kept MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["backbone"], -r["image_size"], -r["mean"])):
+        print(f"| {r['dataset']} | {r['method']} | {r['backbone']} | {r['image_size']} | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} | "
+              f"{', '.join(f'{100 * a:.1f}' for a in r['seeds'])} | {r['kept_mb']:.2f} |")
+    return {"rows": rows}
+
+
+def plot_sweep(paths: list[Path]) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    result = json.loads(path.read_text())
+    results = [json.loads(p.read_text()) for p in paths]
+    rows_all = [r for res in results for r in res["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in ("repnet", "tinytl_lb"):
-        rows = sorted((r for r in result["rows"] if r["method"] == method and r["backbone"] == "mobilenet_v2"),
+        rows = sorted((r for r in rows_all if r["method"] == method and r["backbone"] == "mobilenet_v2"),
                       key=lambda r: r["image_size"])
         if rows:
             ax.errorbar([r["image_size"] for r in rows], [100 * r["mean"] for r in rows],
@@ -170,14 +186,18 @@ def plot_sweep(path: Path) -> dict:
                         label=f"{method} ({rows[-1]['kept_mb']:.1f} MB kept @ {rows[-1]['image_size']} px)")
     ax.set_xlabel("resolution (px)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"MobileNetV2 -> {result['dataset']}: accuracy vs resolution", fontsize=10)
+    budget = results[0]["commands"][-1]["budget"]
+    ax.set_title(f"MobileNetV2 -> {results[0]['dataset']}: accuracy vs resolution\n"
+                 f"({budget['train_subset']} train images, {budget['epochs']} epochs, batch 8; 224 px: mean of seeds)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = path.with_name(path.stem + "_sweep.png")
+    png = paths[0].with_name(paths[0].stem + "_sweep.png") if not paths[0].stem.endswith("_sweep") else \
+        paths[0].with_suffix(".png")
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
-    return result
+    return {"rows": rows_all}
 
 
 if __name__ == "__main__":
