@@ -32,25 +32,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-subset", type=int, default=2000)
     ap.add_argument("--test-subset", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (partition, init, data order); rows per seed")
     ap.add_argument("--out", default="benchmarks/results/federated_cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    for method in args.methods.split(","):
-        for scheme in args.partitions.split(","):
-            ov = dict(dataset=args.dataset, backbone=args.backbone, method=method, image_size=args.image_size,
-                      train_subset=args.train_subset, test_subset=args.test_subset, batch_size=args.batch_size,
-                      workers=0, progress=False, augment="none", lr=1e-3, lr_side=3e-3, label_smoothing=0.0)
-            with tempfile.TemporaryDirectory() as tmp:
-                res = run_federated(ov, args.clients, args.rounds, args.local_epochs, scheme, tmp, progress=False)
-            row = {k: res[k] for k in ("method", "partition", "clients", "rounds", "client_images", "test_accuracy",
-                                       "message_bytes", "full_model_bytes", "total_bytes", "wall_time_s",
-                                       "frozen_backbone_tensors_changed")}
-            row["accuracy_by_round"] = [h["test_accuracy"] for h in res["history"]]
-            rows.append(row)
-            print(f"{method:<8} {scheme:<14} acc by round {' -> '.join(f'{a:.3f}' for a in row['accuracy_by_round'])}"
-                  f" | message {row['message_bytes'] / 1e6:.2f} MB (model {row['full_model_bytes'] / 1e6:.2f} MB)"
-                  f" | {row['wall_time_s']:.0f} s", flush=True)
+    for method, scheme, seed in [(m, p, int(s)) for m in args.methods.split(",") for p in args.partitions.split(",")
+                                 for s in args.seeds.split(",")]:
+        ov = dict(seed=seed, dataset=args.dataset, backbone=args.backbone, method=method, image_size=args.image_size,
+                  train_subset=args.train_subset, test_subset=args.test_subset, batch_size=args.batch_size,
+                  workers=0, progress=False, augment="none", lr=1e-3, lr_side=3e-3, label_smoothing=0.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            res = run_federated(ov, args.clients, args.rounds, args.local_epochs, scheme, tmp, progress=False)
+        row = {k: res[k] for k in ("method", "partition", "clients", "rounds", "client_images", "test_accuracy",
+                                   "message_bytes", "full_model_bytes", "total_bytes", "wall_time_s",
+                                   "frozen_backbone_tensors_changed")}
+        row["accuracy_by_round"] = [h["test_accuracy"] for h in res["history"]]
+        row["seed"] = seed
+        rows.append(row)
+        print(f"{method:<8} {scheme:<14} seed {seed} acc by round {' -> '.join(f'{a:.3f}' for a in row['accuracy_by_round'])}"
+              f" | message {row['message_bytes'] / 1e6:.2f} MB (model {row['full_model_bytes'] / 1e6:.2f} MB)"
+              f" | {row['wall_time_s']:.0f} s", flush=True)
     doc = {"benchmark": __doc__.splitlines()[0],
            "command": command_line(argv),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
