@@ -54,15 +54,6 @@ def run_one(args, spec: str, seed: int, size: int) -> dict:
     method, options = parse_method(spec)
     tag = label(spec, args).replace("@", "_").replace(",", "_").replace("=", "-").replace("[", "_").replace("]", "")
     run_dir = Path(args.runs_dir) / args.dataset / args.backbone / f"{size}px" / f"{tag}-s{seed}"
-    done = run_dir / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    if run_dir.exists():  # an interrupted run: continue it
-        from repnet.training import TrainConfig, train as train_cfg
-        import yaml
-
-        cfg = TrainConfig(**yaml.safe_load((run_dir / "config.yaml").read_text()))
-        return train_cfg(cfg, resume=str(run_dir))
     ov = dict(dataset=args.dataset, backbone=args.backbone, method=method, options=options, image_size=size,
               batch_size=8, epochs=args.epochs, train_subset=args.train_subset, test_subset=args.test_subset,
               seed=seed, workers=args.workers, progress=not args.quiet, profile_memory=False,
@@ -70,7 +61,25 @@ def run_one(args, spec: str, seed: int, size: int) -> dict:
     for kv in args.set or []:
         k, _, v = kv.partition("=")
         ov[k] = v
-    return train(make_config(ov))
+    cfg = make_config(ov)
+    done = run_dir / "results.json"
+    if run_dir.exists():  # a finished run is reused, an interrupted one continued - if it ran this config
+        import yaml
+
+        ran = yaml.safe_load((run_dir / "config.yaml").read_text())
+        stale = {k: (ran.get(k), v) for k, v in cfg.to_dict().items()
+                 if k in RECIPE_KEYS and ran.get(k) != v}
+        if stale:  # e.g. the dataset's recipe changed since: the cached run is not this row's run
+            raise SystemExit(f"{run_dir} ran another config ({stale}); move it away to rerun")
+        if done.is_file():
+            return json.loads(done.read_text())
+        return train(cfg, resume=str(run_dir))
+    return train(cfg)
+
+
+#: The config keys that decide a run's result (a cached run with other values is not reused).
+RECIPE_KEYS = ("dataset", "backbone", "method", "options", "image_size", "batch_size", "epochs", "lr", "lr_side",
+               "label_smoothing", "augment", "weight_decay", "train_subset", "test_subset", "seed", "int8")
 
 
 def main(argv=None) -> dict:
