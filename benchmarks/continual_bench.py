@@ -9,6 +9,9 @@ tasks seen so far on their test splits:
 * ``naive:bias`` / ``naive:full``: sequential fine-tuning on the same shared backbone, a head
   per task, the backbone's biases / all its weights trained in place task after task (the
   forgetting baseline).
+* ``hyblearn@freeze_ratio=0.8``: Hyb-Learn (``repnet.hyblearn``): per task, the backbone tiles most
+  correlated with the earlier tasks frozen, the rest retrained in place; weights written per task
+  and training memory (what autograd keeps, batch 8) reported per task.
 * ``int8:repnet``: as ``repnet``, with the backbone stored in 8 bits and every task's Rep-Net
   and head trained with int8 weights, activations and errors (SPEC §8, ``repnet.int8``).
 
@@ -16,6 +19,9 @@ CPU run (offline MobileNetV2 weights, 1 thread, the JSON records the exact comma
 
     python benchmarks/continual_bench.py --image-size 64 --train-subset 1500 --test-subset 1000 --epochs 2 \\
         --out benchmarks/results/continual_cpu.json
+    python benchmarks/continual_bench.py --image-size 64 --train-subset 1500 --test-subset 1000 --epochs 2 \\
+        --runs hyblearn@freeze_ratio=0.8,hyblearn@freeze_ratio=0.5,repnet,naive:full,naive:bias \\
+        --out benchmarks/results/continual_hyblearn_cpu.json
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from pathlib import Path
 import torch
 
 from repnet.continual import train_sequence
-from repnet.demo import command_line, provenance
+from repnet.demo import command_line, parse_method, provenance
 from repnet.storage import atomic_write_text
 
 RUNS = ("repnet", "naive:bias", "naive:full")
@@ -38,7 +44,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="digits,fashion_mnist,mnist5k")
     p.add_argument("--runs", default=",".join(RUNS),
-                   help="comma-separated: a method, naive:<method>, or int8:<method>")
+                   help="comma-separated: a method (name@key=value;... for options), naive:<method>, or "
+                        "int8:<method>")
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
@@ -56,17 +63,20 @@ def main(argv=None) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = {}
     for run in (r.strip() for r in args.runs.split(",") if r.strip()):
-        kind, _, method = run.rpartition(":")
+        kind, _, spec = run.rpartition(":")
+        method, options = parse_method(spec)
         if kind not in ("", "naive", "int8"):
             p.error(f"run '{run}': use a method, naive:<method> or int8:<method>")
         extra = {"int8": True} if kind == "int8" else {}
+        tag = run.replace(":", "_").replace("@", "_").replace("=", "-").replace(";", "_")
         r = train_sequence(args.tasks, backbone=args.backbone, method=method, naive=kind == "naive", **extra,
-                           out_dir=Path(args.runs_dir) / f"{run.replace(':', '_')}-{stamp}",
+                           options=options, out_dir=Path(args.runs_dir) / f"{tag}-{stamp}",
                            image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
                            train_subset=args.train_subset, test_subset=args.test_subset, workers=0,
                            device=args.device, seed=args.seed, progress=sys.stderr.isatty())
         rows[run] = {k: r[k] for k in ("tasks", "acc", "average_accuracy", "backward_transfer", "forgetting",
-                                       "average_forgetting", "per_task", "storage", "policy", "wall_time_s")}
+                                       "average_forgetting", "per_task", "storage", "policy", "hyblearn", "wall_time_s")
+                     if k in r}
     out = {
         "command": command_line(argv),
         "setup": {"backbone": args.backbone, "weights": "offline ImageNet (torchvision MobileNetV2)",

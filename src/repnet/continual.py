@@ -30,6 +30,10 @@ per task (only that task's trained tensors; ``backbone-<hash>.safetensors`` for 
 baseline's trained backbone tensors). Files are content-addressed and ``config.json`` is
 replaced last, atomically: a save killed midway leaves the previous save loadable.
 
+``method="hyblearn"`` (:mod:`repnet.hyblearn`) is the other end of the trade-off: one shared
+backbone whose tiles are partly retrained per task (a head per task), the tiles most correlated
+with the earlier tasks frozen.
+
 :func:`train_sequence` trains tasks one after another (the ``repnet train`` recipe per dataset)
 and, after each, evaluates every task seen so far: the accuracy matrix, average accuracy,
 backward transfer and forgetting, and what it all costs to store. ``repnet continual`` is its
@@ -53,14 +57,23 @@ from . import loop
 from .api import get_model
 from .backbones import Backbone, create_backbone
 from .errors import RepnetError
+from .hyblearn import HybLearn, HybLearnOptions
 from .int8 import unpack_on_grid
 from .methods import METHODS, TransferModel, parse_options
 from .methods.base import _version
+from .registry import Registry
 from .storage import (atomic_write_bytes, atomic_write_text, claim_folder, read_json, read_safetensors,
-                      tensors_to_bytes)
+                      save_tensors, tensors_to_bytes)
 
 FORMAT = "repnet-multitask/1"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+#: Continual methods that are more than one adapter per task: name -> (options class, driver).
+#: Any transfer method of ``METHODS`` is also a continual method (one adapter per task).
+CONTINUAL_METHODS: Registry = Registry("continual method")
+CONTINUAL_METHODS.register("hyblearn", help="Hyb-Learn (DAC 2024): per task, freeze the backbone tiles most "
+                           "correlated with earlier tasks, retrain the rest (repnet.hyblearn)")(
+    (HybLearnOptions, HybLearn))
 
 
 def _tensor_bytes(tensors) -> int:
@@ -372,7 +385,19 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     cfgs = [make_config({**overrides, "dataset": ds, "backbone": backbone, "method": method,
                          "options": dict(options or {})}) for _, ds in pairs]
     base = cfgs[0]
-    METHODS.get(method)
+    hyb_options, task_method, task_options = None, method, dict(base.options)
+    if method in CONTINUAL_METHODS:
+        options_cls, _ = CONTINUAL_METHODS.get(method)
+        hyb_options = parse_options(options_cls, base.options, method)
+        if naive:
+            raise RepnetError(f"{method} decides itself which backbone tensors train; it does not combine with naive")
+        if base.int8:
+            raise RepnetError(f"{method} retrains backbone tiles in fp32; it does not combine with int8")
+        if base.weight_decay:
+            raise RepnetError(f"{method} needs weight_decay=0 (decay would move the frozen tiles)")
+        task_method, task_options = "full", {"bn": hyb_options.bn, "dropout": hyb_options.dropout}
+    else:
+        METHODS.get(method)
     device = resolve_device(base.device)
     say = print if base.progress else (lambda *a, **k: None)
     if resume and not out_dir:
@@ -393,10 +418,16 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     if previous is not None:
         model = MultiTaskModel.load(out / "model", pretrained=pretrained, memory=base.memory)
     else:
-        model = MultiTaskModel(backbone, base.image_size, pretrained=pretrained, memory=base.memory, naive=naive,
-                               int8=int8)
+        model = MultiTaskModel(backbone, base.image_size, pretrained=pretrained, memory=base.memory,
+                               naive=naive or hyb_options is not None, int8=int8)
     model.to(device)
-    model.check_method(method, **base.options)  # refuse a method before any data is read
+    model.check_method(task_method, **task_options)  # refuse a method before any data is read
+    hyb = None
+    if hyb_options is not None:
+        hyb = HybLearn(hyb_options, model.backbone)
+        if previous is not None:
+            state = out / str(previous.get("hyblearn_state"))
+            hyb.load_state(read_safetensors(state, "hyblearn state", require_digest=True), str(state))
 
     data = {}
     for (name, ds), cfg in zip(pairs, cfgs):
@@ -417,7 +448,12 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
             continue
         train_ds, test_ds, num_classes = data[name]
         seed_everything(cfg.seed + i)
-        tm = model.add_task(name, num_classes, method, **cfg.options)
+        tm = model.add_task(name, num_classes, task_method, **task_options)
+        hyb_record = {}
+        if hyb is not None:
+            hyb_record = hyb.before_task(tm, train_ds, cfg, device, seed=cfg.seed + i, name=f"task '{name}'")
+            say(f"  hyblearn: {hyb_record['tiles_frozen']}/{hyb_record['tiles']} tiles frozen "
+                f"({hyb_record['freeze_ratio']:.1%} of the tiled weights); the rest retrains")
         params = model.trainable_parameters(name)
         optimizer = make_optimizer(tm, cfg)
         steps_per_epoch, total_steps = plan_steps(len(train_ds), cfg, f"task '{name}': ")
@@ -431,6 +467,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
                       name=f"task '{name}'")
         step, images = st["step"], st["images"]
         train_time = time.time() - t0
+        if hyb is not None:
+            hyb_record.update(hyb.after_task(tm))
         model.eval()
         row = []
         for j, (other, _) in enumerate(pairs[: i + 1]):
@@ -443,19 +481,26 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
                          "test_images": len(test_ds), "steps": step, "train_time_s": train_time,
                          "train_images_per_s": images / max(train_time, 1e-9),
                          "trainable_params": sum(p.numel() for p in params),
-                         "lr": cfg.lr, "lr_side": cfg.lr_side, "label_smoothing": cfg.label_smoothing})
+                         "lr": cfg.lr, "lr_side": cfg.lr_side, "label_smoothing": cfg.label_smoothing,
+                         **({"hyblearn": hyb_record} if hyb is not None else {})})
         model.save(out / "model")
+        if hyb is not None:  # one file per finished task: results.json names the one that fits it
+            save_tensors(hyb.state(), out / f"hyblearn-{i + 1}.safetensors")
         storage = model.storage()
         for rec in per_task:
             rec["adapter_bytes"] = storage["task_bytes"][rec["name"]]
-        if naive:
+        if naive or hyb is not None:
             storage["trained_backbone_bytes"] = _tensor_bytes(
                 model.backbone.state_dict()[k[len("backbone."):]] for k in model.backbone_state_keys())
         square = [[a for a in r[: k + 1]] for k, r in enumerate(acc)]
         results = {
             "backbone": backbone, "method": method, "naive": naive,
             "policy": "naive sequential fine-tuning (shared backbone tensors train in place)" if naive
+            else "Hyb-Learn: per task, the backbone tiles most correlated with earlier tasks frozen, the rest "
+                 "retrained in place; a head per task" if hyb is not None
             else "frozen shared backbone, per-task trainable parts",
+            **({"hyblearn": dataclasses.asdict(hyb_options), "hyblearn_state": f"hyblearn-{i + 1}.safetensors"}
+               if hyb is not None else {}),
             "tasks": [n for n, _ in pairs[: i + 1]],
             "acc": acc[: i + 1], **continual_metrics(square),
             "per_task": per_task, "storage": storage,
@@ -466,6 +511,9 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
             "complete": i == len(pairs) - 1,
         }
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        for old in out.glob("hyblearn-*.safetensors"):
+            if old.name != results.get("hyblearn_state"):
+                old.unlink()
     print(format_matrix(results))  # the result itself: printed even with --quiet
     say(f"wrote {out / 'results.json'} and {out / 'model'}")
     return results

@@ -231,7 +231,7 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
         scheduler=None, state: dict | None = None, seed: int | None = None, val_ds=None,
         checkpoint: Callable[[dict], None] | None = None, on_step: Callable[[dict], None] | None = None,
         on_epoch: Callable[[dict, dict], None] | None = None, name: str = "", stop_hint: str = "",
-        resume_hint: str = "") -> dict:
+        resume_hint: str = "", objective: Callable | None = None) -> dict:
     """Train ``model`` on ``train_ds`` for ``cfg.epochs`` (within ``cfg``'s step limits); returns the state.
 
     * ``state``: where to continue (``new_state()`` when None); updated in place and returned.
@@ -241,6 +241,8 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
     * ``checkpoint(state)``: called every ``cfg.checkpoint_every`` steps, at every epoch end and on
       Ctrl-C; ``on_step(info)`` after every step (``{"step", "epoch", "loss", "model"}``; raising
       stops the run); ``on_epoch(state, record)`` at every epoch end, before the checkpoint.
+    * ``objective(x, y) -> (loss, logits or None)``: another loss than the classification one
+      (e.g. a self-supervised warm-up); without logits no training accuracy is counted.
     * ``name`` prefixes messages (``task 'digits': ``); ``stop_hint`` / ``resume_hint`` end the
       non-finite and the interrupt messages (e.g. the last good checkpoint, the resume command).
     """
@@ -275,14 +277,17 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
                         raise
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     try:
-                        logits = model(x)
+                        if objective is None:
+                            logits = model(x)
+                            loss = criterion(logits, y)
+                        else:
+                            loss, logits = objective(x, y)
                     except ValueError as e:
                         if "Expected more than 1 value per channel" not in str(e):
                             raise
                         raise RepnetError(f"{prefix}batch size {x.shape[0]} cannot train a batch-norm layer on a "
                                           "1x1 feature map (it needs 2+ values per channel): use a larger "
                                           "--batch-size or --image-size") from None
-                    loss = criterion(logits, y)
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise RepnetError(f"{prefix}loss became {loss_value} at epoch {epoch + 1} step "
@@ -296,7 +301,8 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
                     st["batch"] += 1
                     stats = st["epoch_stats"]
                     stats[0] += loss_value * y.numel()
-                    stats[1] += int((logits.detach().argmax(1) == y).sum())
+                    if logits is not None:
+                        stats[1] += int((logits.detach().argmax(1) == y).sum())
                     stats[2] += y.numel()
                     images_epoch += y.numel()
                     bar.set_postfix(loss=f"{stats[0] / stats[2]:.3f}", acc=f"{stats[1] / stats[2]:.3f}",

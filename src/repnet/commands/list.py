@@ -20,16 +20,26 @@ def run(args) -> int:
         print(f"  {n:<22} {BACKBONES.help(n)}")
     print("methods:")
     for n in METHODS.names():
-        cls = METHODS.get(n)
         print(f"  {n:<22} {METHODS.help(n)}")
         if args.verbose:
-            for f in dataclasses.fields(cls.Options):
-                ch = f.metadata.get("choices")
-                extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
-                print(f"      --opt {f.name}={f.default}{extra}  {f.metadata.get('help', '')}")
+            _options(METHODS.get(n).Options)
+    from ..continual import CONTINUAL_METHODS
+
+    print("continual methods (repnet continual; every method above is one too: an adapter per task):")
+    for n in CONTINUAL_METHODS.names():
+        print(f"  {n:<22} {CONTINUAL_METHODS.help(n)}")
+        if args.verbose:
+            _options(CONTINUAL_METHODS.get(n)[0])
     from ..data import DATASETS
 
     print("datasets:")
     for n in DATASETS.names(with_prefixes=True):
         print(f"  {n:<22} {DATASETS.help(n)}")
     return 0
+
+
+def _options(cls) -> None:
+    for f in dataclasses.fields(cls):
+        ch = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
+        print(f"      --opt {f.name}={f.default}{extra}  {f.metadata.get('help', '')}")
