@@ -73,3 +73,22 @@ def test_bn_modes():
     before = bn.running_mean.clone()
     frozen(torch.randn(2, 3, 64, 64))
     assert torch.equal(bn.running_mean, before)
+
+
+def test_ablation_options_ws_zero_init_image_pool():
+    from timm.layers import StdConv2d
+
+    kw = dict(image_size=64, pretrained=False, memory="vanilla")
+    ref = repnet.get_model("mobilenet_v2", "repnet", 5, **kw)
+    plain = repnet.get_model("mobilenet_v2", "repnet", 5, ws="false", zero_init="false", image_pool=1, **kw)
+    assert isinstance(ref.repnet[2].conv1, StdConv2d) and not isinstance(plain.repnet[2].conv1, StdConv2d)
+    assert plain.repnet[2].conv1.padding == ref.repnet[2].conv1.padding
+    assert _repnet_params(plain) == _repnet_params(ref)  # same shapes, other parametrisation
+    assert torch.count_nonzero(plain.repnet[3].bn2.weight) > 0
+    seen = {}
+    plain.repnet[0].register_forward_pre_hook(lambda mod, args: seen.update(shape=args[0].shape))
+    plain.eval()
+    x = torch.randn(2, 3, 64, 64)
+    out = plain(x)
+    assert seen["shape"][-1] == 64  # module 1 read the full-resolution image
+    assert not torch.allclose(out, plain.head(plain.backbone(x)), atol=1e-4)  # gamma != 0: not the backbone

@@ -45,18 +45,21 @@ def make_divisible8(c: int) -> int:
 class RepNetModule(nn.Module):
     """AvgPool(d) -> WS-conv kxk (groups g) -> BN -> ReLU -> WS-conv 1x1 -> BN(gamma=0) -> resize."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, groups: int, mid: int, pool: int):
+    def __init__(self, cin: int, cout: int, kernel: int, groups: int, mid: int, pool: int, ws: bool = True,
+                 zero_init: bool = True):
         super().__init__()
         # a module (not F.avg_pool2d) so that the memory engine makes its backward keep nothing
         self.pool = nn.AvgPool2d(pool) if pool > 1 else None
-        self.conv1 = StdConv2d(cin, mid, kernel, groups=groups, bias=False, eps=1e-5)
+        conv = functools.partial(StdConv2d, eps=1e-5) if ws else nn.Conv2d
+        self.conv1 = conv(cin, mid, kernel, groups=groups, bias=False, padding=kernel // 2)
         self.bn1 = nn.BatchNorm2d(mid, eps=1e-3)
         self.act = nn.ReLU(inplace=True)
-        self.conv2 = StdConv2d(mid, cout, 1, bias=False, eps=1e-5)
+        self.conv2 = conv(mid, cout, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout, eps=1e-3)
         for m in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        nn.init.zeros_(self.bn2.weight)  # the network starts as the backbone
+        if zero_init:
+            nn.init.zeros_(self.bn2.weight)  # the network starts as the backbone
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.pool is not None and min(x.shape[-2:]) >= self.pool.kernel_size:
@@ -76,6 +79,11 @@ class RepNetOptions(MethodOptions):
                       check=KERNEL_OR_RULE)
     groups: int = opt(2, "groups of the kxk conv (module 1 always uses 1)", check=AT_LEAST_ONE)
     width: float = opt(1.0, "module width = round8(input channels x width)", check=POSITIVE)
+    ws: bool = opt(True, "weight standardisation in the module convs (paper)")
+    zero_init: bool = opt(True, "each module's last norm starts with gamma = 0: the model starts as the backbone "
+                                "(paper)")
+    image_pool: int = opt(2, "module 1 reads the image average-pooled by this factor (paper: 2; 1 = full image)",
+                          check=AT_LEAST_ONE)
 
 
 @METHODS.register("repnet", help="Rep-Net: tiny reprogramming network + additive connectors (CVPR 2022)")
@@ -97,7 +105,8 @@ class RepNet(TransferModel):
             mid = make_divisible8(round(cin * o.width))
             g = 1 if j == 0 or cin % o.groups or mid % o.groups else o.groups
             k = o.kernel or (3 if max(info.out_size) <= 7 else 5)
-            mods.append(RepNetModule(cin, info.out_channels, k, g, mid, pool=4 if j == 0 else 2))
+            mods.append(RepNetModule(cin, info.out_channels, k, g, mid, pool=4 if j == 0 else 2, ws=o.ws,
+                                     zero_init=o.zero_init))
         self.repnet = nn.ModuleList(mods)
         self._last_block = len(infos) - 1
         for j, b in enumerate(starts):
@@ -111,7 +120,8 @@ class RepNet(TransferModel):
     def _connect(self, j: int, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         c = self.options.connector
         if j == 0:
-            src = F.avg_pool2d(self._state["image"], 2)
+            img = self._state["image"]
+            src = F.avg_pool2d(img, self.options.image_pool) if self.options.image_pool > 1 else img
         elif c in ("none", "down"):
             src = self._state["p"]
         elif c == "up":
