@@ -183,3 +183,19 @@ def test_breakdown_printer():
     text = format_breakdown(rep, batch=8)
     assert "MemConv2d" in text and "kept for backward" in text and f"{rep.total_mb(8):.2f} MB" in text
     assert len(rep.breakdown(8, top=2).splitlines()) == 2 + 2 + 2
+
+
+def test_paper_execution_order_counts_module_1_before_the_stem():
+    """order="paper": Rep-Net's module 1 runs before the backbone (the released code), so what it
+    keeps is alive at the early peak - exactly its kept bytes more, nothing else changes."""
+    m = repnet.get_model("proxylessnas_mobile", "repnet", 102, image_size=224, pretrained=False)
+    run, paper = analyze(m, 224), analyze(m, 224, order="paper")
+    module1 = sum(r.kept_bytes for r in run.rows if r.name.startswith("repnet.0."))
+    assert module1 == 9408 + 25088 + 784 + 25088 + 100352  # 3x28x28 in, 8 / 8 / 32 channels at 28x28
+    assert paper.kept_bytes == run.kept_bytes and len(paper.rows) == len(run.rows)
+    assert paper.peak_activation_bytes == run.peak_activation_bytes + module1
+    assert round(paper.total_mb(8) - run.total_mb(8), 2) == 1.29
+    t = repnet.get_model("proxylessnas_mobile", "tinytl_lb", 102, image_size=224, pretrained=False)
+    assert analyze(t, 224, order="paper").total_mb(8) == analyze(t, 224).total_mb(8)  # no prelude: unchanged
+    with pytest.raises(ValueError, match="order must be one of"):
+        analyze(m, 224, order="later")

@@ -149,6 +149,42 @@ def test_adapter_and_multitask_files_with_code_are_refused(tmp_path):
     assert not (tmp_path / "marker").exists()
 
 
+@pytest.mark.parametrize("method", ["last", "hyblearn"])
+def test_continual_resume_refuses_files_with_code(tmp_path, capsys, monkeypatch, method):
+    """``repnet continual --resume``: a crafted task file, backbone file or Hyb-Learn state."""
+    from repnet.continual import MultiTaskModel
+
+    real, calls = MultiTaskModel.save, {"n": 0}
+
+    def crash_on_second(self, directory):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, directory)
+
+    out = tmp_path / "cl"
+    args = ["continual", "--tasks", "digits,mnist5k", "--method", method, "--backbone", "proxylessnas_mobile",
+            "--random-init", "--image-size", "32", "--epochs", "1", "--train-subset", "32", "--test-subset", "16",
+            "--batch-size", "16", "--workers", "0", "--quiet", "--out", str(out)]
+    if method == "hyblearn":
+        args += ["--opt", "score_batches=1"]
+    monkeypatch.setattr(MultiTaskModel, "save", crash_on_second)
+    assert main(args) != 0  # interrupted while saving the second task
+    monkeypatch.setattr(MultiTaskModel, "save", real)
+    files = [*(out / "model" / "tasks").glob("*.safetensors"), *(out / "model").glob("backbone-*.safetensors"),
+             *out.glob("hyblearn-*.safetensors")]
+    assert len(files) == (3 if method == "hyblearn" else 1)
+    for f in files:
+        good = f.read_bytes()
+        _evil_pickle(f, tmp_path / "marker")
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and f.name in err, err
+        f.write_bytes(good)
+    assert not (tmp_path / "marker").exists()
+
+
 def test_exported_program_file_with_code_is_refused(tmp_path):
     from repnet.export import load_exported
 

@@ -33,7 +33,8 @@ ranking). A high ratio means the new task's inputs to this tile are the old task
 the tile's features are shared, and rewriting it would move the old tasks' outputs - so it is
 frozen. A low ratio means the update lands where the old tasks put no energy: retraining the
 tile costs them little. Tiles are frozen in decreasing score until ``freeze_ratio`` of the tiled
-weights is frozen; the rest is retrained.
+weights is frozen; the rest is retrained. ``select=random`` freezes random tiles
+at the same ratio instead (the ablation).
 
 **Forgetting.** Old tasks keep their heads; retrained tiles are shared (one copy in SRAM, as
 the hardware has), so what keeps forgetting down is the choice of tiles above - no replay, no
@@ -75,6 +76,8 @@ class HybLearnOptions(MethodOptions):
     score_batches: int = opt(4, "batches for the tile scores and for each task's representation",
                              check=AT_LEAST_ONE)
     ssl_epochs: int = opt(0, "self-supervised (SimSiam) warm-up epochs on the new task's images", check=NON_NEGATIVE)
+    select: str = opt("correlation", "which tiles freeze: the most correlated (Hyb-Learn), or random ones at the "
+                      "same ratio (the ablation that shows what the score buys)", ("correlation", "random"))
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -341,8 +344,11 @@ class HybLearn:
         images = [x for x, _ in self._data]
         if self.total is None:  # the prior task: the pretrained model, seen through the first task's images
             self.total = accumulate(None, input_covariances(task_model, self.backbone, images))
-        scores = tile_scores(task_model, self.backbone, self._data, old_subspaces(self.total, self.options.energy),
-                             self.tiles)
+        if self.options.select == "random":
+            scores = torch.rand(len(self.tiles), generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            scores = tile_scores(task_model, self.backbone, self._data,
+                                 old_subspaces(self.total, self.options.energy), self.tiles)
         self._frozen = choose_frozen(self.tiles, scores, self.options.freeze_ratio)
         self._before = {n: p.detach().clone() for n, p in self.backbone.named_parameters()}
         self._freeze = TileFreeze(self.backbone, self.tiles, self._frozen)

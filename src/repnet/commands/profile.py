@@ -22,6 +22,9 @@ def configure(pp: argparse.ArgumentParser) -> None:
     pp.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     pp.add_argument("--weights", help="backbone checkpoint (memory does not depend on it; default random init)")
     pp.add_argument("--no-measure", action="store_true", help="analytic figures only")
+    pp.add_argument("--analytic-order", choices=["run", "paper"], default="run",
+                    help="analytic model's execution order: run (this package's forward: Rep-Net's module 1 "
+                    "after block 1) or paper (module 1 before the stem, as the released code)")
     pp.add_argument("--no-peak", action="store_true", help="skip the peak measurement")
     pp.add_argument("--json", help="write the record(s) to this JSON file")
     pp.add_argument("--plot", help="write a bar chart PNG across methods")
@@ -35,7 +38,7 @@ PROFILE_KEYS = ("backbone", "method", "image_size", "batch_size", "trainable_par
 
 def profile_one(backbone: str, method: str, image_size: int, batch_size: int, num_classes: int,
                 memory: str = "engine", pretrained=False, measure: bool = True, peak: bool = True,
-                options: dict | None = None) -> dict:
+                options: dict | None = None, order: str = "run") -> dict:
     """Build a model and return the profile record (the CLI contract's keys, and more)."""
     from ..api import get_model
     from ..memory import profile
@@ -44,7 +47,8 @@ def profile_one(backbone: str, method: str, image_size: int, batch_size: int, nu
                       memory=memory, **(options or {}))
     rec = {"backbone": backbone, "method": method, "image_size": image_size, "batch_size": batch_size,
            "num_classes": num_classes, "memory_mode": memory, "options": dataclasses.asdict(model.options)}
-    rec.update(profile(model, batch_size=batch_size, image_size=image_size, measure=measure, peak=peak))
+    rec.update(profile(model, batch_size=batch_size, image_size=image_size, measure=measure, peak=peak,
+                       order=order))
     return rec
 
 
@@ -87,7 +91,7 @@ def run(args) -> int:
             rows.append(profile_one(args.backbone, m, args.image_size, args.batch_size, args.num_classes,
                                     memory=mode, pretrained=args.weights or False,
                                     measure=not args.no_measure, peak=not (args.no_peak or args.no_measure),
-                                    options=parse_pairs(args.opt, "--opt")))
+                                    options=parse_pairs(args.opt, "--opt"), order=args.analytic_order))
     print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {args.num_classes} classes "
           "(MB = 1e6 bytes; analytic = the papers' model, SPEC §7)")
     print_table(rows, PROFILE_COLS)

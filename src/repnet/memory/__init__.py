@@ -23,7 +23,8 @@ __all__ = ["apply_engine", "remove_engine", "engine_applied", "set_step_backward
 
 
 def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = None, measure: bool = True,
-            peak: bool = True, device: str | torch.device | None = None, seed: int = 0) -> dict:
+            peak: bool = True, device: str | torch.device | None = None, seed: int = 0,
+            order: str = "run") -> dict:
     """Training-memory profile of one model: analytic, measured kept-for-backward, peak.
 
     ``model`` is an ``nn.Module`` (e.g. a :class:`~repnet.methods.TransferModel`; build it with
@@ -39,7 +40,8 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
     papers do not count); ``measured_saved_mb`` (autograd's saved tensors, one forward);
     ``peak_mb`` (one training step's peak beyond what was resident, see
     :mod:`.measure`); ``peak_kind`` (``cuda-allocator`` / ``cpu-rss`` / None);
-    ``engine`` (whether the engine is on). Unmeasured figures are None.
+    ``engine`` (whether the engine is on). Unmeasured figures are None. ``order``: the analytic
+    model's execution order (``"run"`` / ``"paper"``, see :mod:`.analytic`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError("profile takes a model: build it with repnet.get_model(backbone, method, ...)")
@@ -51,8 +53,9 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
     dev = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
 
-    rep = analyze(model, image_size)
+    rep = analyze(model, image_size, order=order)
     out = {
+        "analytic_order": order,
         "trainable_params": rep.trainable_params,
         "total_params": rep.total_params,
         "analytic_mb": rep.total_mb(batch_size),

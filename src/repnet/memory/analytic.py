@@ -42,6 +42,14 @@ script actually profiled is rebuilt (lite residuals inserted for every method, a
 mask counted, ``masks="always"``): see :mod:`repnet.tinytl_reference`. Our own
 models give less for those methods (29.0 / 29.9 / 36.3 / 183.0 / 367.0 MB).
 
+**Execution order** (``order``): the rules are summed in the order the layers run. ``"run"``
+(default) is this package's forward, where Rep-Net's first module runs inside block 1's hook,
+after the stem and block 0 - so what it keeps is not yet alive at the early, high-resolution
+layers where the peak usually falls. ``"paper"`` is the released code's order
+(``side = M1(avgpool2(img)); x = stem(img)``): a method's ``analytic_prelude(img)`` modules
+are counted before the backbone's first layer, so their kept tensors add to every backbone
+layer's running total (Rep-Net on ProxylessNAS-Mobile, 224 px, batch 8: about 1.3 MB more).
+
 Only modules are seen: a functional op inside a ``forward`` (``torch.sigmoid``, an
 elementwise product such as a gate) is not counted, although autograd may keep its inputs.
 
@@ -143,10 +151,11 @@ def _counted(m: nn.Module) -> bool:
 
 
 MASK_RULES = ("gradient", "always")
+ORDERS = ("run", "paper")
 
 
 def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None = None,
-            in_chans: int = 3, masks: str = "gradient") -> AnalyticReport:
+            in_chans: int = 3, masks: str = "gradient", order: str = "run") -> AnalyticReport:
     """Evaluate the SPEC §7 rules on ``model`` with one forward at batch 1.
 
     Which norms use batch statistics is read from ``model.train()`` (the training
@@ -156,9 +165,14 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
     gradient passes through it; ``"always"`` counts every one, as TinyTL's profiler does
     whenever anything in the model trains (its ``require_backward`` flag), even before the
     first trainable tensor where no gradient ever arrives.
+
+    ``order``: ``"run"`` (this package's forward) or ``"paper"`` (a method's prelude modules
+    counted before the backbone; module docstring).
     """
     if masks not in MASK_RULES:
         raise ValueError(f"masks must be one of {MASK_RULES}, got {masks!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     p = next(model.parameters(), None)
     if inputs is None:
         dev = p.device if p is not None else "cpu"
@@ -170,12 +184,12 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
     modes = {m: m.training for m in model.modules()}
     model.train()
     batch_stats = {m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training}
-    state = {"kept": 0.0, "held": [], "peak": 0.0, "bn_extra": 0.0}
+    state = {"kept": 0.0, "held": [], "peak": 0.0, "bn_extra": 0.0, "skip": set()}
     names = {m: n for n, m in model.named_modules()}
 
     def layer_hook(m, args, out):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is None or not isinstance(out, torch.Tensor):
+        if x is None or not isinstance(out, torch.Tensor) or m in state["skip"]:
             return
         nx, ny = x.numel(), out.numel()
         grad_in = x.requires_grad
@@ -219,6 +233,10 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
             handles.append(b.register_forward_hook(block_post))
         model.eval()
         with torch.enable_grad():
+            prelude = getattr(model, "analytic_prelude", None)
+            if order == "paper" and callable(prelude):
+                ran = prelude(inputs)  # counted now, before the backbone's first layer
+                state["skip"] = {m for mod in ran for m in mod.modules()}  # not again in the forward
             model(inputs)
     finally:
         for h in handles:

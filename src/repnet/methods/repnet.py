@@ -136,5 +136,13 @@ class RepNet(TransferModel):
             return out + p  # none / up: the Rep-Net output joins at the head
         return out
 
+    def analytic_prelude(self, img: torch.Tensor) -> list[nn.Module]:
+        """The paper's execution order for the memory model (``analyze(order="paper")``): module 1
+        runs on the pooled image before the backbone's stem. Returns the modules it ran."""
+        src = F.avg_pool2d(img, self.options.image_pool) if self.options.image_pool > 1 else img
+        size = self.backbone.describe(self.image_size)[self.connectors[0]].out_size
+        self.repnet[0](src, tuple(size))
+        return [self.repnet[0]]
+
     def _join_at_head(self, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out + self._state["p"]
