@@ -57,6 +57,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/continual_cpu.json")
     p.add_argument("--runs-dir", default="runs/continual_bench", help="run folders (results.json, model/)")
+    p.add_argument("--merge", action="store_true", help="add these runs to an existing --out of the same setup")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -88,6 +89,14 @@ def main(argv=None) -> dict:
         "runs": rows,
         "provenance": provenance(),
     }
+    if args.merge and Path(args.out).is_file():  # more runs into the same file: same setup only
+        old = json.loads(Path(args.out).read_text())
+        if old.get("setup") != out["setup"]:
+            p.error(f"--merge: {args.out} was made with another setup")
+        old["runs"].update(rows)
+        old.setdefault("more_commands", []).append({"command": out["command"], "runs": list(rows),
+                                                    "provenance": out["provenance"]})
+        out = old
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.out), json.dumps(out, indent=2))
     print(f"wrote {args.out}")
