@@ -61,6 +61,33 @@ def test_cli_list(capsys):
         assert name in out
 
 
+def test_cli_list_is_cached_by_the_package_source(tmp_path, monkeypatch):
+    """The second `repnet list` prints the same text from the cache without importing torch; a
+    changed source file is listed afresh."""
+    import os
+    import subprocess
+    import sys
+
+    from repnet.commands.list import cache_file
+
+    env = {**os.environ, "REPNET_CACHE": str(tmp_path / "c")}
+    probe = "import sys; from repnet.cli import main; main(['list']); print('torch' in sys.modules, file=sys.stderr)"
+    runs = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True) for _ in range(2)]
+    assert runs[0].stdout == runs[1].stdout and "hyblearn" in runs[0].stdout
+    assert runs[0].stderr.strip().endswith("True") and runs[1].stderr.strip().endswith("False")
+    monkeypatch.setenv("REPNET_CACHE", str(tmp_path / "c"))
+    key = cache_file(False)
+    assert key.is_file()
+    import repnet.registry as reg
+
+    st = os.stat(reg.__file__)
+    try:
+        os.utime(reg.__file__, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        assert cache_file(False) != key
+    finally:
+        os.utime(reg.__file__, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["profile", "--method", "nope"], "error: unknown method 'nope'; choose from:"),
     (["profile", "--backbone", "vgg"], "error: unknown backbone 'vgg'; choose from:"),

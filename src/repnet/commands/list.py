@@ -1,8 +1,19 @@
-"""``repnet list``: backbones, methods (with -v: their options), datasets."""
+"""``repnet list``: backbones, methods (with -v: their options), continual methods, datasets.
+
+The registries are the one source of the listing; building them imports torch, timm and every
+backbone (seconds). The printed text is therefore kept in a cache file keyed by the package's
+source files (path, size, mtime of every ``.py`` / ``.yaml``), so that every later ``repnet
+list`` starts in well under a second and a changed or added file is listed afresh. Cache folder:
+``$REPNET_CACHE``, else ``$XDG_CACHE_HOME/repnet``, else ``~/.cache/repnet``; a folder we cannot
+write only costs the speed.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import os
+from pathlib import Path
 
 HELP = "backbones, methods (with -v: their options), datasets"
 
@@ -11,35 +22,61 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def cache_file(verbose: bool) -> Path:
+    root = Path(__file__).resolve().parents[1]  # the repnet package
+    h = hashlib.sha256()
+    for f in sorted([*root.rglob("*.py"), *root.rglob("*.yaml")]):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    base = os.environ.get("REPNET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "repnet")
+    return Path(base) / f"list-{h.hexdigest()[:20]}{'-v' if verbose else ''}.txt"
+
+
 def run(args) -> int:
-    from ..backbones import BACKBONES
-    from ..methods import METHODS
+    cache = cache_file(args.verbose)
+    try:
+        text = cache.read_text()
+    except OSError:
+        text = listing(args.verbose)
+        try:
+            from ..storage import atomic_write_text
 
-    print("backbones:")
-    for n in BACKBONES.names(with_prefixes=True):
-        print(f"  {n:<22} {BACKBONES.help(n)}")
-    print("methods:")
-    for n in METHODS.names():
-        print(f"  {n:<22} {METHODS.help(n)}")
-        if args.verbose:
-            _options(METHODS.get(n).Options)
-    from ..continual import CONTINUAL_METHODS
-
-    print("continual methods (repnet continual; every method above is one too: an adapter per task):")
-    for n in CONTINUAL_METHODS.names():
-        print(f"  {n:<22} {CONTINUAL_METHODS.help(n)}")
-        if args.verbose:
-            _options(CONTINUAL_METHODS.get(n)[0])
-    from ..data import DATASETS
-
-    print("datasets:")
-    for n in DATASETS.names(with_prefixes=True):
-        print(f"  {n:<22} {DATASETS.help(n)}")
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, text)
+        except Exception:  # noqa: BLE001 - a cache we cannot write only costs the speed
+            pass
+    print(text, end="")
     return 0
 
 
-def _options(cls) -> None:
+def listing(verbose: bool) -> str:
+    from ..backbones import BACKBONES
+    from ..continual import CONTINUAL_METHODS
+    from ..data import DATASETS
+    from ..methods import METHODS
+
+    lines = ["backbones:"]
+    lines += [f"  {n:<22} {BACKBONES.help(n)}" for n in BACKBONES.names(with_prefixes=True)]
+    lines.append("methods:")
+    for n in METHODS.names():
+        lines.append(f"  {n:<22} {METHODS.help(n)}")
+        if verbose:
+            lines += _options(METHODS.get(n).Options)
+    lines.append("continual methods (repnet continual; every method above is one too: an adapter per task):")
+    for n in CONTINUAL_METHODS.names():
+        lines.append(f"  {n:<22} {CONTINUAL_METHODS.help(n)}")
+        if verbose:
+            lines += _options(CONTINUAL_METHODS.get(n)[0])
+    lines.append("datasets:")
+    lines += [f"  {n:<22} {DATASETS.help(n)}" for n in DATASETS.names(with_prefixes=True)]
+    return "\n".join(lines) + "\n"
+
+
+def _options(cls) -> list[str]:
+    out = []
     for f in dataclasses.fields(cls):
         ch = f.metadata.get("choices")
         extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
-        print(f"      --opt {f.name}={f.default}{extra}  {f.metadata.get('help', '')}")
+        out.append(f"      --opt {f.name}={f.default}{extra}  {f.metadata.get('help', '')}")
+    return out
