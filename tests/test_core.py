@@ -68,7 +68,8 @@ def _calls_of(name: str) -> dict[str, int]:
 
 def test_one_place_turns_on_int8_and_one_place_runs_training_steps():
     assert _calls_of("enable_int8_training") == {"api.py": 1}
-    assert _calls_of("fit") == {"training.py": 1, "continual.py": 1, "federated.py": 1}
+    # the workflows call the one loop; Hyb-Learn's self-supervised warm-up too (another objective, same loop)
+    assert _calls_of("fit") == {"training.py": 1, "continual.py": 1, "federated.py": 1, "hyblearn.py": 1}
 
 
 def test_construction_options_survive_save_and_load(tmp_path):

@@ -354,3 +354,47 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
     assert rgb[..., 0].max() == round(63000 / 65535 * 255) and rgb[0, 1, 0] == round(1000 / 65535 * 255)
     assert (rgb[..., 0] == 255).mean() == 0  # PIL's convert("RGB") makes 98% of these pixels white
+
+
+def test_overwrite_replaces_only_an_earlier_run_of_the_same_kind(tmp_path, capsys):
+    args = ["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init", "--image-size",
+            "32", "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0", "--quiet", "--no-profile"]
+    run = tmp_path / "run"
+    assert main([*args, "--out", str(run)]) == 0
+    first = (run / "results.json").read_text()
+    capsys.readouterr()
+    assert main([*args, "--out", str(run)]) == 2  # a finished run is not replaced silently
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(run), "--overwrite", "--seed", "1"]) == 0
+    assert (run / "results.json").read_text() != first and json.loads((run / "results.json").read_text())
+    # the user's own files - even with a run's names - are never removed by --overwrite
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.yaml").write_text("my: own\n")
+    (user / "results.json").write_text('{"mine": 1}')
+    (user / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main([*args, "--out", str(user), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert sorted(p.name for p in user.iterdir()) == ["config.yaml", "notes.txt", "results.json"]
+    (run / "notes.txt").write_text("keep")  # a run folder the user added a file to
+    assert main([*args, "--out", str(run), "--overwrite"]) == 2
+    assert (run / "notes.txt").read_text() == "keep" and (run / "results.json").is_file()
+    assert main([*args, "--out", str(run), "--overwrite", "--resume", str(run)]) == 2
+
+
+def test_continual_and_federated_overwrite(tmp_path, capsys):
+    cl = ["continual", "--tasks", "digits", "--method", "last", "--backbone", "proxylessnas_mobile", "--random-init",
+          "--image-size", "32", "--epochs", "1", "--train-subset", "32", "--test-subset", "16", "--workers", "0",
+          "--quiet", "--out", str(tmp_path / "cl")]
+    assert main(cl) == 0
+    assert main(cl) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*cl, "--overwrite"]) == 0 and (tmp_path / "cl" / "results.json").is_file()
+    fl = ["federated", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--method", "last", "--clients",
+          "2", "--rounds", "1", "--quiet", "--out", str(tmp_path / "fl"), "--set", "random_init=true",
+          "--set", "image_size=32", "--set", "workers=0", "--set", "train_subset=64", "--set", "test_subset=16"]
+    assert main(fl) == 0
+    capsys.readouterr()
+    assert main(fl) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*fl, "--overwrite"]) == 0

@@ -357,7 +357,7 @@ def parse_tasks(tasks) -> list[tuple[str, str]]:
 
 def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet", naive: bool = False,
                    out_dir: str | os.PathLike | None = None, options: dict | None = None, resume: bool = False,
-                   **overrides) -> dict:
+                   overwrite: bool = False, **overrides) -> dict:
     """Train ``tasks`` (datasets, or ``name=dataset``) one after another on one shared backbone.
 
     Each task gets ``method`` (its own side modules + head; ``naive``: in-place sequential
@@ -407,10 +407,18 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     previous = None
     if resume:
         previous = _resumable(out, pairs, cfgs, backbone, method, naive)
-    elif (out / "results.json").exists():
-        raise RepnetError(f"{out} already holds a continual run; continue it with --resume, or pick another --out")
+    elif (out / "results.json").exists() and not overwrite:
+        raise RepnetError(f"{out} already holds a continual run; continue it with --resume, replace it with "
+                          "--overwrite, or pick another --out")
     else:
-        claim_folder(out)
+        ours = overwrite and (out / "results.json").exists()
+        if ours:  # a continual run of ours (its results and a saved multi-task model), not the user's files
+            prev = read_json(out / "results.json", "continual results")
+            cfg_file = out / "model" / "config.json"
+            if not (isinstance(prev, dict) and "policy" in prev and cfg_file.is_file()
+                    and read_json(cfg_file, "multi-task config").get("format") == FORMAT):
+                raise RepnetError(f"--overwrite: {out} does not hold a continual run; give a new or empty folder")
+        claim_folder(out, overwrite=RUN_FILES if ours else ())
 
     pretrained = False if base.random_init else (base.weights or True)
     seed_everything(base.seed)
@@ -520,6 +528,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
 
 
 _RUNTIME = ("progress", "workers", "device")
+#: What a continual run folder holds (``overwrite=True`` replaces exactly these).
+RUN_FILES = ("results.json", "model", "hyblearn-*.safetensors")
 
 
 def _resumable(out: Path, pairs, cfgs, backbone: str, method: str, naive: bool) -> dict:

@@ -103,9 +103,13 @@ def _local_train(model, shard_ds, cfg, device, seed: int) -> float:
     return float(np.mean(losses)) if losses else float("nan")
 
 
+#: What a federated run folder holds (``overwrite=True`` replaces exactly these).
+RUN_FILES = ("checkpoint.pt", "adapter", "results.json")
+
+
 def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epochs: int = 1,
                   scheme: str = "iid", out_dir: str | None = None, progress: bool = True, resume: bool = False,
-                  on_round=None) -> dict:
+                  on_round=None, overwrite: bool = False) -> dict:
     """FedAvg of ``method``'s trainable state over ``clients`` shards of the dataset.
 
     ``overrides`` are training config keys (``repnet.training.make_config``): dataset,
@@ -136,10 +140,13 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
             changed = sorted(k for k in settings if settings[k] != ckpt["settings"].get(k))
             raise RepnetError(f"cannot resume {out_dir}: its settings differ ({', '.join(changed)}); only --rounds "
                               "may change")
-    elif ckpt_path is not None and ckpt_path.exists():
-        raise RepnetError(f"{out_dir} already holds a federated run; continue it with --resume, or pick --out")
+    elif ckpt_path is not None and ckpt_path.exists() and not overwrite:
+        raise RepnetError(f"{out_dir} already holds a federated run; continue it with --resume, replace it with "
+                          "--overwrite, or pick --out")
     elif ckpt_path is not None:
-        claim_folder(ckpt_path.parent)
+        if overwrite and ckpt_path.exists():
+            load_checkpoint(ckpt_path)  # a checkpoint of ours (checksummed), not a file of the user's
+        claim_folder(ckpt_path.parent, overwrite=RUN_FILES if overwrite and ckpt_path.exists() else ())
     device = resolve_device(cfg.device)
     train_ds, _val, test_ds, num_classes, _names = build_data(cfg)
     shards = partition(train_ds.targets, clients, scheme, cfg.seed)

@@ -64,21 +64,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def claim_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
+def claim_folder(folder: str | os.PathLike, what: str = "--out", overwrite: tuple[str, ...] = ()) -> Path:
     """Create ``folder`` for a new run, or accept it if it is empty; anything else is one line.
 
     A run folder is ours only: one with the user's own files (or another run) is refused
     before anything is written into it, so nothing the user owned is ever replaced.
+    ``overwrite``: the names (glob patterns) a run of this kind writes (``--overwrite``): a folder
+    holding only those is emptied and reused; one with anything else is still refused.
     """
+    import fnmatch
+    import shutil
+
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RepnetError(f"{what} {folder} is a file, not a folder")
     if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX))
+        entries = [p for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)]
+        ours = [p for p in entries if any(fnmatch.fnmatch(p.name, pat) for pat in overwrite)]
+        foreign = sorted(p.name for p in entries if p not in ours)
         if foreign:
             more = ", ..." if len(foreign) > 3 else ""
-            raise RepnetError(f"{what} {folder} is not empty ({', '.join(foreign[:3])}{more}): give a new or "
+            raise RepnetError(f"{what} {folder} is not empty ({', '.join(foreign[:3])}{more}"
+                              f"{' are not files of this kind of run' if overwrite else ''}): give a new or "
                               "empty folder, or resume the run it holds")
+        for p in ours:  # only with overwrite: the files of an earlier run of the same kind
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        clean_temps(folder)
         return folder
     try:
         folder.mkdir(parents=True)

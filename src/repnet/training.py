@@ -45,8 +45,14 @@ from .storage import (atomic_write_text, claim_folder, clean_temps, load_checkpo
 __all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
 
 
-def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None) -> dict:
+#: What a ``repnet train`` run folder holds (``overwrite=True`` replaces exactly these).
+RUN_FILES = ("config.yaml", "checkpoint.pt", "log.jsonl", "best.safetensors", "adapter", "results.json")
+
+
+def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None,
+          overwrite: bool = False) -> dict:
     """Train ``config`` (or resume the run in folder ``resume``); returns the results dict.
+    ``overwrite``: ``config.out_dir`` may hold an earlier run, which is replaced (nothing else).
 
     ``on_step(info)`` is called after every optimizer step with ``{"step", "epoch", "loss",
     "model"}`` (a hook for tests and notebooks; raising from it stops the run).
@@ -71,9 +77,12 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         clean_temps(run_dir)
         ckpt = load_checkpoint(ckpt_path)
     else:
-        if ckpt_path.exists():
-            raise RepnetError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, or pick --out")
-        claim_folder(run_dir)
+        if ckpt_path.exists() and not overwrite:
+            raise RepnetError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, replace it with "
+                              "--overwrite, or pick --out")
+        if overwrite and ckpt_path.exists():
+            load_checkpoint(ckpt_path)  # a checkpoint of ours (checksummed), not a file of the user's
+        claim_folder(run_dir, overwrite=RUN_FILES if overwrite and ckpt_path.exists() else ())
         cfg.out_dir = str(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     device = resolve_device(cfg.device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import RepnetError
 from .flags import add_config_flags, overrides_from
 
 HELP = "tasks in sequence on one frozen backbone, each with its own adapter"
@@ -20,15 +21,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, KEYS)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out after its last "
                    "finished task")
+    p.add_argument("--overwrite", action="store_true", help="--out may hold an earlier run of this kind: replace it "
+                   "(a folder with anything else is still refused)")
     p.add_argument("--naive", action="store_true", help="the forgetting baseline: tasks train backbone tensors in "
                    "place, one after another (e.g. --method bias or full)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
     from ..continual import train_sequence
 
     overrides = overrides_from(args)
     overrides.pop("profile_memory", None)
     kw = {k: overrides.pop(k) for k in ("backbone", "method", "options", "out_dir") if k in overrides}
-    train_sequence(args.tasks, naive=args.naive, resume=args.resume, **kw, **overrides)
+    train_sequence(args.tasks, naive=args.naive, resume=args.resume, overwrite=args.overwrite, **kw, **overrides)
     return 0

@@ -23,10 +23,14 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="training config key (repeatable), e.g. --set image_size=96 --set train_subset=2000")
     p.add_argument("--out", help="folder for the per-round checkpoint, results.json and the final adapter")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last round")
+    p.add_argument("--overwrite", action="store_true", help="--out may hold an earlier run of this kind: replace it "
+                   "(a folder with anything else is still refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
     from ..federated import run_federated
 
     ov = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "progress": not args.quiet}
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise RepnetError("--resume needs --out (the run folder)")
     res = run_federated(ov, args.clients, args.rounds, args.local_epochs, args.partition, args.out,
-                        progress=not args.quiet, resume=args.resume)
+                        progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     accs = " -> ".join(f"{h['test_accuracy']:.3f}" for h in res["history"])
     print(f"test accuracy by round: {accs}")
     print(f"each message {res['message_bytes'] / 1e6:.2f} MB (the whole model: {res['full_model_bytes'] / 1e6:.2f} MB); "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import RepnetError
 from .flags import add_config_flags, overrides_from
 
 HELP = "train a method on a dataset (paper recipe by default)"
@@ -12,9 +13,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_flags(p)
     p.add_argument("--config", metavar="YAML", help="a config file (e.g. a run's config.yaml); flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="--out may hold an earlier run of this kind: replace it "
+                   "(a folder with anything else is still refused)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
     from ..config import make_config
     from ..training import resume_config, train
 
@@ -22,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         train(resume_config(args.resume, overrides), resume=args.resume)
     else:
-        train(make_config(overrides, args.config))
+        train(make_config(overrides, args.config), overwrite=args.overwrite)
     return 0
