@@ -199,3 +199,24 @@ def test_paper_execution_order_counts_module_1_before_the_stem():
     assert analyze(t, 224, order="paper").total_mb(8) == analyze(t, 224).total_mb(8)  # no prelude: unchanged
     with pytest.raises(ValueError, match="order must be one of"):
         analyze(m, 224, order="later")
+
+
+def test_tensor_peak_counts_every_live_tensor_of_a_step_by_kind():
+    """One Linear(1000, 1000), batch 8, Adam: the peak holds the weights, their gradients, Adam's two
+    moments (+ its step counters), the batch and the output - each exactly, by hand."""
+    from repnet.memory.measure import measure_tensor_peak
+
+    torch.manual_seed(0)
+    m = nn.Linear(1000, 1000)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x, y = torch.randn(8, 1000), torch.randint(0, 1000, (8,))
+    r = measure_tensor_peak(m, x, y)
+    w = 4 * (1000 * 1000 + 1000)
+    k = r["by_kind"]
+    assert k["parameter"] == w and k["gradient"] == w
+    assert k["optimizer_state"] == 2 * w + 2 * 4          # exp_avg, exp_avg_sq, a float32 step per tensor
+    assert k["input"] >= 4 * 8 * 1000 + 8 * 8            # the batch and its int64 labels
+    assert k["activation"] == 4 * 8 * 1000 + 4            # the output kept for the loss's backward, the loss
+    assert r["peak_bytes"] == sum(k.values()) >= 4 * w
+    assert r["trainable_weight_bytes"] == w and r["frozen_weight_bytes"] == 0
+    assert all(torch.equal(v, before[n]) for n, v in m.state_dict().items()) and m.weight.grad is None

@@ -26,6 +26,8 @@ def configure(pp: argparse.ArgumentParser) -> None:
                     help="analytic model's execution order: run (this package's forward: Rep-Net's module 1 "
                     "after block 1) or paper (module 1 before the stem, as the released code)")
     pp.add_argument("--no-peak", action="store_true", help="skip the peak measurement")
+    pp.add_argument("--tensor-peak", action="store_true", help="also the exact live-tensor peak of a training "
+                    "step, with what was alive at that moment by kind (PyTorch's memory profiler; slower)")
     pp.add_argument("--json", help="write the record(s) to this JSON file")
     pp.add_argument("--plot", help="write a bar chart PNG across methods")
     pp.add_argument("--tinytl-reference", action="store_true",
@@ -38,7 +40,7 @@ PROFILE_KEYS = ("backbone", "method", "image_size", "batch_size", "trainable_par
 
 def profile_one(backbone: str, method: str, image_size: int, batch_size: int, num_classes: int,
                 memory: str = "engine", pretrained=False, measure: bool = True, peak: bool = True,
-                options: dict | None = None, order: str = "run") -> dict:
+                options: dict | None = None, order: str = "run", tensor_peak: bool = False) -> dict:
     """Build a model and return the profile record (the CLI contract's keys, and more)."""
     from ..api import get_model
     from ..memory import profile
@@ -48,7 +50,7 @@ def profile_one(backbone: str, method: str, image_size: int, batch_size: int, nu
     rec = {"backbone": backbone, "method": method, "image_size": image_size, "batch_size": batch_size,
            "num_classes": num_classes, "memory_mode": memory, "options": dataclasses.asdict(model.options)}
     rec.update(profile(model, batch_size=batch_size, image_size=image_size, measure=measure, peak=peak,
-                       order=order))
+                       order=order, tensor_peak=tensor_peak))
     return rec
 
 
@@ -73,7 +75,8 @@ def print_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
 
 PROFILE_COLS = [("method", "method"), ("memory_mode", "mode"), ("trainable_params", "trainable"),
                 ("analytic_mb", "analytic MB"), ("analytic_saved_mb", "analytic kept MB"),
-                ("measured_saved_mb", "measured kept MB"), ("peak_mb", "peak MB")]
+                ("measured_saved_mb", "measured kept MB"), ("peak_mb", "peak MB"),
+                ("analytic_with_optimizer_mb", "analytic + optimizer MB"), ("tensor_peak_mb", "tensor peak MB")]
 
 
 def run(args) -> int:
@@ -91,7 +94,8 @@ def run(args) -> int:
             rows.append(profile_one(args.backbone, m, args.image_size, args.batch_size, args.num_classes,
                                     memory=mode, pretrained=args.weights or False,
                                     measure=not args.no_measure, peak=not (args.no_peak or args.no_measure),
-                                    options=parse_pairs(args.opt, "--opt"), order=args.analytic_order))
+                                    options=parse_pairs(args.opt, "--opt"), order=args.analytic_order,
+                                    tensor_peak=args.tensor_peak and not args.no_measure))
     print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {args.num_classes} classes "
           "(MB = 1e6 bytes; analytic = the papers' model, SPEC §7)")
     print_table(rows, PROFILE_COLS)

@@ -14,17 +14,17 @@ from torch import nn
 
 from .analytic import AnalyticReport, analyze, format_breakdown
 from .engine import apply_engine, engine_applied, remove_engine, set_step_backward
-from .measure import measure_peak_bytes, measure_saved, measure_saved_bytes
+from .measure import measure_peak_bytes, measure_saved, measure_saved_bytes, measure_tensor_peak
 from .quant import quantize_frozen_weights
 
 __all__ = ["apply_engine", "remove_engine", "engine_applied", "set_step_backward", "quantize_frozen_weights",
            "analyze", "AnalyticReport", "format_breakdown", "measure_saved_bytes", "measure_saved",
-           "measure_peak_bytes", "profile", "breakdown"]
+           "measure_peak_bytes", "measure_tensor_peak", "profile", "breakdown"]
 
 
 def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = None, measure: bool = True,
             peak: bool = True, device: str | torch.device | None = None, seed: int = 0,
-            order: str = "run") -> dict:
+            order: str = "run", tensor_peak: bool = False) -> dict:
     """Training-memory profile of one model: analytic, measured kept-for-backward, peak.
 
     ``model`` is an ``nn.Module`` (e.g. a :class:`~repnet.methods.TransferModel`; build it with
@@ -40,6 +40,10 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
     papers do not count); ``measured_saved_mb`` (autograd's saved tensors, one forward);
     ``peak_mb`` (one training step's peak beyond what was resident, see
     :mod:`.measure`); ``peak_kind`` (``cuda-allocator`` / ``cpu-rss`` / None);
+    ``analytic_with_optimizer_mb`` (the analytic figure + a gradient and Adam's two moments per
+    trainable parameter: 12 B more each); ``tensor_peak_mb`` / ``tensor_peak_by_kind_mb``
+    (``tensor_peak=True``: the exact live-tensor peak of a steady-state Adam step, everything
+    included, and what was alive at that moment by kind - :func:`.measure.measure_tensor_peak`);
     ``engine`` (whether the engine is on). Unmeasured figures are None. ``order``: the analytic
     model's execution order (``"run"`` / ``"paper"``, see :mod:`.analytic`).
     """
@@ -63,6 +67,9 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
         "analytic_param_mb": rep.param_bytes / 1e6,
         "analytic_saved_mb": rep.saved_mb(batch_size),
         "analytic_frozen_bn_extra_mb": rep.frozen_bn_extra_mb(batch_size),
+        "analytic_with_optimizer_mb": rep.total_mb(batch_size) + 12 * rep.trainable_params / 1e6,
+        "tensor_peak_mb": None,
+        "tensor_peak_by_kind_mb": None,
         "measured_saved_mb": None,
         "peak_mb": None,
         "peak_kind": None,
@@ -78,6 +85,10 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
 
     if measure:
         out["measured_saved_mb"] = measure_saved_bytes(model, x, loss_fn) / 1e6
+    if tensor_peak:
+        t = measure_tensor_peak(model, x, y if nc else None)
+        out["tensor_peak_mb"] = t["peak_bytes"] / 1e6
+        out["tensor_peak_by_kind_mb"] = {k: v / 1e6 for k, v in t["by_kind"].items()}
     if peak:
         b = measure_peak_bytes(model, x, y if nc else None)
         if b is not None:

@@ -27,6 +27,17 @@ backward, Adam ``step``), minus what was resident before the step:
   ``VmHWM - baseline`` is reported. glibc is told to return large blocks to the OS
   (``MALLOC_MMAP_THRESHOLD_``), but this remains a coarse whole-process figure (allocator
   slack, thread stacks, page granularity), to be read next to the exact CUDA figure.
+
+``measure_tensor_peak``  the exact peak of live tensor bytes over one training step on any
+device, everything included (weights, input, gradients, optimizer state), with what was alive
+at that moment by kind. PyTorch's profiler records every allocation and free
+(``profile_memory=True``) and its memory timeline (``torch.profiler._memory_profiler``, the
+code behind ``export_memory_timeline``) classifies each tensor: parameter, optimizer state,
+input, activation (made in the forward, alive into the backward), gradient, autograd detail
+(buffers the backward creates and frees, e.g. the gradients flowing back through the frozen
+layers), temporary, unknown. One warm-up step first creates the optimizer state, so the
+profiled step is a steady-state step. No allocator slack, no process overhead: a figure to set
+beside the analytic one; RSS stays the secondary, whole-process figure.
 """
 from __future__ import annotations
 
@@ -39,7 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["measure_saved_bytes", "measure_saved", "SavedReport", "measure_peak_bytes", "default_loss"]
+__all__ = ["measure_saved_bytes", "measure_saved", "SavedReport", "measure_peak_bytes", "default_loss",
+           "measure_tensor_peak"]
 
 
 def default_loss(out: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,3 +223,64 @@ def measure_peak_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         if line.startswith("REPNET_PEAK "):
             return json.loads(line[len("REPNET_PEAK "):])["peak_bytes"]
     raise RuntimeError(f"peak-memory subprocess failed (exit {r.returncode}):\n{stderr[-2000:]}")
+
+
+# ----------------------------------------------------------------------------- exact tensor peak
+class _quiet_stderr:
+    """The profiler's C++ side logs start / stop (and a missing GPU) straight to file descriptor 2."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def measure_tensor_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
+                        lr: float = 1e-3) -> dict:
+    """Peak live tensor bytes of one steady-state Adam training step (module doc), in bytes:
+    ``{"peak_bytes", "by_kind": {kind: bytes alive at the peak}, "frozen_weight_bytes",
+    "trainable_weight_bytes"}``. The model's gradients are cleared afterwards."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if params else None
+    was = model.training
+    model.train()
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def step():
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y) if out.dim() == 2 and y is not None else out.float().sum()
+        if loss.requires_grad:
+            loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    try:
+        step()  # creates the optimizer state: the profiled step is a steady-state one
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+        with _quiet_stderr(), profile(activities=activities, profile_memory=True, record_shapes=True,
+                                      with_stack=True) as prof:
+            step()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(
+            f"cuda:{x.device.index or 0}" if x.is_cuda else "cpu")
+    finally:
+        model.load_state_dict(saved)  # the two steps change nothing the caller sees
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    totals = [sum(row) for row in sizes]
+    k = max(range(len(totals)), key=totals.__getitem__) if totals else 0
+    names = {c: ("unknown" if c is None else c.name.lower()) for c in _CATEGORY_TO_INDEX}
+    by_kind = {names[c]: int(sizes[k][i + 1]) for c, i in _CATEGORY_TO_INDEX.items()} if totals else {}
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return {"peak_bytes": int(totals[k]) if totals else 0, "by_kind": by_kind, "frozen_weight_bytes": frozen,
+            "trainable_weight_bytes": sum(p.numel() * p.element_size() for p in params)}
+
