@@ -133,7 +133,8 @@ def test_hyblearn_sequence_reports_and_resumes_bit_identically(tmp_path, monkeyp
         assert 0.8 <= h["freeze_ratio"] < 0.85
         assert h["weights_written"] <= 0.2 * h["backbone_weights"] and h["frozen_weights_changed"] == 0
     saved = json.loads((tmp_path / "ref" / "results.json").read_text())
-    assert saved["hyblearn"]["freeze_ratio"] == 0.8 and (tmp_path / "ref" / saved["hyblearn_state"]).is_file()
+    assert saved["hyblearn"]["freeze_ratio"] == 0.8 and (tmp_path / "ref" / saved["state_file"]).is_file()
+    assert sorted(p.name for p in (tmp_path / "ref").glob("*.safetensors")) == ["hyblearn-state-2.safetensors"]
 
     real = MultiTaskModel.save
     calls = {"n": 0}

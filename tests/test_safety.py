@@ -172,7 +172,7 @@ def test_continual_resume_refuses_files_with_code(tmp_path, capsys, monkeypatch,
     assert main(args) != 0  # interrupted while saving the second task
     monkeypatch.setattr(MultiTaskModel, "save", real)
     files = [*(out / "model" / "tasks").glob("*.safetensors"), *(out / "model").glob("backbone-*.safetensors"),
-             *out.glob("hyblearn-*.safetensors")]
+             *out.glob("hyblearn-state-*.safetensors")]
     assert len(files) == (3 if method == "hyblearn" else 1)
     for f in files:
         good = f.read_bytes()

@@ -57,23 +57,23 @@ from . import loop
 from .api import get_model
 from .backbones import Backbone, create_backbone
 from .errors import RepnetError
-from .hyblearn import HybLearn, HybLearnOptions
+from .hyblearn import HybLearn
 from .int8 import unpack_on_grid
 from .methods import METHODS, TransferModel, parse_options
 from .methods.base import _version
 from .registry import Registry
-from .storage import (atomic_write_bytes, atomic_write_text, claim_folder, read_json, read_safetensors,
+from .storage import (RunKind, atomic_write_bytes, atomic_write_text, claim_folder, read_json, read_safetensors,
                       save_tensors, tensors_to_bytes)
 
 FORMAT = "repnet-multitask/1"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-#: Continual methods that are more than one adapter per task: name -> (options class, driver).
+#: Continual methods that are more than one adapter per task: name -> driver class (``Options``,
+#: ``task_model``, ``before_task`` / ``after_task``, ``state`` / ``load_state``; see ``HybLearn``).
 #: Any transfer method of ``METHODS`` is also a continual method (one adapter per task).
 CONTINUAL_METHODS: Registry = Registry("continual method")
 CONTINUAL_METHODS.register("hyblearn", help="Hyb-Learn (DAC 2024): per task, freeze the backbone tiles most "
-                           "correlated with earlier tasks, retrain the rest (repnet.hyblearn)")(
-    (HybLearnOptions, HybLearn))
+                           "correlated with earlier tasks, retrain the rest (repnet.hyblearn)")(HybLearn)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -385,17 +385,11 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     cfgs = [make_config({**overrides, "dataset": ds, "backbone": backbone, "method": method,
                          "options": dict(options or {})}) for _, ds in pairs]
     base = cfgs[0]
-    hyb_options, task_method, task_options = None, method, dict(base.options)
-    if method in CONTINUAL_METHODS:
-        options_cls, _ = CONTINUAL_METHODS.get(method)
-        hyb_options = parse_options(options_cls, base.options, method)
-        if naive:
-            raise RepnetError(f"{method} decides itself which backbone tensors train; it does not combine with naive")
-        if base.int8:
-            raise RepnetError(f"{method} retrains backbone tiles in fp32; it does not combine with int8")
-        if base.weight_decay:
-            raise RepnetError(f"{method} needs weight_decay=0 (decay would move the frozen tiles)")
-        task_method, task_options = "full", {"bn": hyb_options.bn, "dropout": hyb_options.dropout}
+    driver_cls, driver_options, task_method, task_options = None, None, method, dict(base.options)
+    if method in CONTINUAL_METHODS:  # a method that decides per task what trains (e.g. hyblearn)
+        driver_cls = CONTINUAL_METHODS.get(method)
+        driver_options = parse_options(driver_cls.Options, base.options, method)
+        task_method, task_options = driver_cls.task_model(driver_options, base, naive)
     else:
         METHODS.get(method)
     device = resolve_device(base.device)
@@ -407,18 +401,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     previous = None
     if resume:
         previous = _resumable(out, pairs, cfgs, backbone, method, naive)
-    elif (out / "results.json").exists() and not overwrite:
-        raise RepnetError(f"{out} already holds a continual run; continue it with --resume, replace it with "
-                          "--overwrite, or pick another --out")
     else:
-        ours = overwrite and (out / "results.json").exists()
-        if ours:  # a continual run of ours (its results and a saved multi-task model), not the user's files
-            prev = read_json(out / "results.json", "continual results")
-            cfg_file = out / "model" / "config.json"
-            if not (isinstance(prev, dict) and "policy" in prev and cfg_file.is_file()
-                    and read_json(cfg_file, "multi-task config").get("format") == FORMAT):
-                raise RepnetError(f"--overwrite: {out} does not hold a continual run; give a new or empty folder")
-        claim_folder(out, overwrite=RUN_FILES if ours else ())
+        claim_folder(out, kind=RUN, overwrite=overwrite)
 
     pretrained = False if base.random_init else (base.weights or True)
     seed_everything(base.seed)
@@ -427,15 +411,15 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
         model = MultiTaskModel.load(out / "model", pretrained=pretrained, memory=base.memory)
     else:
         model = MultiTaskModel(backbone, base.image_size, pretrained=pretrained, memory=base.memory,
-                               naive=naive or hyb_options is not None, int8=int8)
+                               naive=naive or driver_cls is not None, int8=int8)
     model.to(device)
     model.check_method(task_method, **task_options)  # refuse a method before any data is read
-    hyb = None
-    if hyb_options is not None:
-        hyb = HybLearn(hyb_options, model.backbone)
+    driver = None
+    if driver_cls is not None:
+        driver = driver_cls(driver_options, model.backbone)
         if previous is not None:
-            state = out / str(previous.get("hyblearn_state"))
-            hyb.load_state(read_safetensors(state, "hyblearn state", require_digest=True), str(state))
+            state = out / str(previous.get("state_file"))
+            driver.load_state(read_safetensors(state, f"{method} state", require_digest=True), str(state))
 
     data = {}
     for (name, ds), cfg in zip(pairs, cfgs):
@@ -457,11 +441,10 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
         train_ds, test_ds, num_classes = data[name]
         seed_everything(cfg.seed + i)
         tm = model.add_task(name, num_classes, task_method, **task_options)
-        hyb_record = {}
-        if hyb is not None:
-            hyb_record = hyb.before_task(tm, train_ds, cfg, device, seed=cfg.seed + i, name=f"task '{name}'")
-            say(f"  hyblearn: {hyb_record['tiles_frozen']}/{hyb_record['tiles']} tiles frozen "
-                f"({hyb_record['freeze_ratio']:.1%} of the tiled weights); the rest retrains")
+        record = {}
+        if driver is not None:
+            record = driver.before_task(tm, train_ds, cfg, device, seed=cfg.seed + i, name=f"task '{name}'")
+            say("  " + driver.summary(record))
         params = model.trainable_parameters(name)
         optimizer = make_optimizer(tm, cfg)
         steps_per_epoch, total_steps = plan_steps(len(train_ds), cfg, f"task '{name}': ")
@@ -475,8 +458,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
                       name=f"task '{name}'")
         step, images = st["step"], st["images"]
         train_time = time.time() - t0
-        if hyb is not None:
-            hyb_record.update(hyb.after_task(tm))
+        if driver is not None:
+            record.update(driver.after_task(tm))
         model.eval()
         row = []
         for j, (other, _) in enumerate(pairs[: i + 1]):
@@ -490,25 +473,24 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
                          "train_images_per_s": images / max(train_time, 1e-9),
                          "trainable_params": sum(p.numel() for p in params),
                          "lr": cfg.lr, "lr_side": cfg.lr_side, "label_smoothing": cfg.label_smoothing,
-                         **({"hyblearn": hyb_record} if hyb is not None else {})})
+                         **({method: record} if driver is not None else {})})
         model.save(out / "model")
-        if hyb is not None:  # one file per finished task: results.json names the one that fits it
-            save_tensors(hyb.state(), out / f"hyblearn-{i + 1}.safetensors")
+        state_file = f"{method}-state-{i + 1}.safetensors"
+        if driver is not None:  # one file per finished task: results.json names the one that fits it
+            save_tensors(driver.state(), out / state_file)
         storage = model.storage()
         for rec in per_task:
             rec["adapter_bytes"] = storage["task_bytes"][rec["name"]]
-        if naive or hyb is not None:
+        if naive or driver is not None:
             storage["trained_backbone_bytes"] = _tensor_bytes(
                 model.backbone.state_dict()[k[len("backbone."):]] for k in model.backbone_state_keys())
         square = [[a for a in r[: k + 1]] for k, r in enumerate(acc)]
         results = {
             "backbone": backbone, "method": method, "naive": naive,
             "policy": "naive sequential fine-tuning (shared backbone tensors train in place)" if naive
-            else "Hyb-Learn: per task, the backbone tiles most correlated with earlier tasks frozen, the rest "
-                 "retrained in place; a head per task" if hyb is not None
+            else driver.policy if driver is not None
             else "frozen shared backbone, per-task trainable parts",
-            **({"hyblearn": dataclasses.asdict(hyb_options), "hyblearn_state": f"hyblearn-{i + 1}.safetensors"}
-               if hyb is not None else {}),
+            **({method: dataclasses.asdict(driver_options), "state_file": state_file} if driver is not None else {}),
             "tasks": [n for n, _ in pairs[: i + 1]],
             "acc": acc[: i + 1], **continual_metrics(square),
             "per_task": per_task, "storage": storage,
@@ -519,8 +501,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
             "complete": i == len(pairs) - 1,
         }
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-        for old in out.glob("hyblearn-*.safetensors"):
-            if old.name != results.get("hyblearn_state"):
+        for old in out.glob("*-state-*.safetensors"):
+            if old.name != results.get("state_file"):
                 old.unlink()
     print(format_matrix(results))  # the result itself: printed even with --quiet
     say(f"wrote {out / 'results.json'} and {out / 'model'}")
@@ -528,8 +510,19 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
 
 
 _RUNTIME = ("progress", "workers", "device")
-#: What a continual run folder holds (``overwrite=True`` replaces exactly these).
-RUN_FILES = ("results.json", "model", "hyblearn-*.safetensors")
+
+
+def _verify_run(out: Path) -> None:
+    """Raise unless ``out`` holds a continual run of ours: its results and a saved multi-task model."""
+    prev = read_json(out / "results.json", "continual results")
+    cfg_file = out / "model" / "config.json"
+    if not (isinstance(prev, dict) and "policy" in prev and cfg_file.is_file()
+            and read_json(cfg_file, "multi-task config").get("format") == FORMAT):
+        raise RepnetError(f"--overwrite: {out} does not hold a continual run; give a new or empty folder")
+
+
+#: A continual run folder (``overwrite=True`` replaces exactly these files, once verified as ours).
+RUN = RunKind("continual run", "results.json", ("results.json", "model", "*-state-*.safetensors"), _verify_run)
 
 
 def _resumable(out: Path, pairs, cfgs, backbone: str, method: str, naive: bool) -> dict:

@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 from . import loop
 
 from .errors import RepnetError
-from .storage import atomic_write_text, claim_folder, clean_temps, load_checkpoint, save_checkpoint
+from .storage import RunKind, atomic_write_text, claim_folder, clean_temps, load_checkpoint, save_checkpoint
 
 __all__ = ["partition", "fedavg_states", "state_bytes", "run_federated"]
 
@@ -103,8 +103,9 @@ def _local_train(model, shard_ds, cfg, device, seed: int) -> float:
     return float(np.mean(losses)) if losses else float("nan")
 
 
-#: What a federated run folder holds (``overwrite=True`` replaces exactly these).
-RUN_FILES = ("checkpoint.pt", "adapter", "results.json")
+#: A federated run folder (``overwrite=True`` replaces exactly these files, once the checkpoint is ours).
+RUN = RunKind("federated run", "checkpoint.pt", ("checkpoint.pt", "adapter", "results.json"),
+              lambda folder: load_checkpoint(folder / "checkpoint.pt"))
 
 
 def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epochs: int = 1,
@@ -140,13 +141,8 @@ def run_federated(overrides: dict, clients: int = 4, rounds: int = 5, local_epoc
             changed = sorted(k for k in settings if settings[k] != ckpt["settings"].get(k))
             raise RepnetError(f"cannot resume {out_dir}: its settings differ ({', '.join(changed)}); only --rounds "
                               "may change")
-    elif ckpt_path is not None and ckpt_path.exists() and not overwrite:
-        raise RepnetError(f"{out_dir} already holds a federated run; continue it with --resume, replace it with "
-                          "--overwrite, or pick --out")
     elif ckpt_path is not None:
-        if overwrite and ckpt_path.exists():
-            load_checkpoint(ckpt_path)  # a checkpoint of ours (checksummed), not a file of the user's
-        claim_folder(ckpt_path.parent, overwrite=RUN_FILES if overwrite and ckpt_path.exists() else ())
+        claim_folder(ckpt_path.parent, kind=RUN, overwrite=overwrite)
     device = resolve_device(cfg.device)
     train_ds, _val, test_ds, num_classes, _names = build_data(cfg)
     shards = partition(train_ds.targets, clients, scheme, cfg.seed)

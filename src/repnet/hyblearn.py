@@ -315,11 +315,34 @@ class SimSiam(nn.Module):
 
 # ----------------------------------------------------------------------------- the per-task driver
 class HybLearn:
-    """What :func:`repnet.continual.train_sequence` calls around each task's training when the
-    continual method is ``hyblearn``: :meth:`before_task` scores the tiles, freezes the most
-    correlated ones and runs the optional warm-up; :meth:`after_task` releases them, measures
-    what was written and adds the task's representation to the old tasks' subspace. The summed
-    representation is the only state between tasks (:meth:`state` / :meth:`load_state`)."""
+    """The continual method ``hyblearn`` (a driver of :func:`repnet.continual.train_sequence`).
+
+    :meth:`task_model` says what model each task gets (``full`` with frozen norm statistics, on
+    the shared backbone) and refuses settings it cannot honour; :meth:`before_task` scores the
+    tiles, freezes the most correlated ones and runs the optional warm-up; :meth:`after_task`
+    releases them, measures what was written and adds the task's representation to the old tasks'
+    subspace. The summed representation is the only state between tasks (:meth:`state` /
+    :meth:`load_state`)."""
+
+    Options = HybLearnOptions
+    policy = ("Hyb-Learn: per task, the backbone tiles most correlated with earlier tasks frozen, the rest "
+              "retrained in place; a head per task")
+
+    @staticmethod
+    def task_model(options: HybLearnOptions, cfg, naive: bool) -> tuple[str, dict]:
+        """``(method, options)`` of every task's model; one-line refusals of what cannot combine."""
+        if naive:
+            raise RepnetError("hyblearn decides itself which backbone tensors train; it does not combine with naive")
+        if cfg.int8:
+            raise RepnetError("hyblearn retrains backbone tiles in fp32; it does not combine with int8")
+        if cfg.weight_decay:
+            raise RepnetError("hyblearn needs weight_decay=0 (decay would move the frozen tiles)")
+        return "full", {"bn": options.bn, "dropout": options.dropout}
+
+    @staticmethod
+    def summary(record: dict) -> str:
+        return (f"hyblearn: {record['tiles_frozen']}/{record['tiles']} tiles frozen "
+                f"({record['freeze_ratio']:.1%} of the tiled weights); the rest retrains")
 
     def __init__(self, options: HybLearnOptions, backbone: nn.Module):
         self.options = options

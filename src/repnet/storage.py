@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,13 +65,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def claim_folder(folder: str | os.PathLike, what: str = "--out", overwrite: tuple[str, ...] = ()) -> Path:
+@dataclass(frozen=True)
+class RunKind:
+    """What a workflow's run folder holds: ``marker`` (the file that says a run is there), ``files``
+    (glob patterns of everything it writes) and ``verify(folder)`` (raises ``RepnetError`` unless the
+    marker is really ours, e.g. a checksummed checkpoint)."""
+
+    name: str
+    marker: str
+    files: tuple[str, ...]
+    verify: Callable[[Path], Any]
+
+
+def claim_folder(folder: str | os.PathLike, what: str = "--out", kind: RunKind | None = None,
+                 overwrite: bool = False) -> Path:
     """Create ``folder`` for a new run, or accept it if it is empty; anything else is one line.
 
-    A run folder is ours only: one with the user's own files (or another run) is refused
-    before anything is written into it, so nothing the user owned is ever replaced.
-    ``overwrite``: the names (glob patterns) a run of this kind writes (``--overwrite``): a folder
-    holding only those is emptied and reused; one with anything else is still refused.
+    A run folder is ours only: one with the user's own files is refused before anything is
+    written into it, so nothing the user owned is ever replaced. A folder holding an earlier run
+    of ``kind`` is refused with the way out (``--resume`` / ``--overwrite``); with ``overwrite``
+    its files are removed and the folder reused - only when the run is verified as ours and the
+    folder holds nothing but that run's files.
     """
     import fnmatch
     import shutil
@@ -78,23 +93,29 @@ def claim_folder(folder: str | os.PathLike, what: str = "--out", overwrite: tupl
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RepnetError(f"{what} {folder} is a file, not a folder")
-    if folder.is_dir():
-        entries = [p for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)]
-        ours = [p for p in entries if any(fnmatch.fnmatch(p.name, pat) for pat in overwrite)]
-        foreign = sorted(p.name for p in entries if p not in ours)
-        if foreign:
-            more = ", ..." if len(foreign) > 3 else ""
-            raise RepnetError(f"{what} {folder} is not empty ({', '.join(foreign[:3])}{more}"
-                              f"{' are not files of this kind of run' if overwrite else ''}): give a new or "
-                              "empty folder, or resume the run it holds")
-        for p in ours:  # only with overwrite: the files of an earlier run of the same kind
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        clean_temps(folder)
+    if not folder.is_dir():
+        try:
+            folder.mkdir(parents=True)
+        except OSError as e:
+            raise RepnetError(f"cannot create {what} {folder}: {e.strerror or e}") from None
         return folder
-    try:
-        folder.mkdir(parents=True)
-    except OSError as e:
-        raise RepnetError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    entries = [p for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)]
+    ours: list[Path] = []
+    if kind is not None and (folder / kind.marker).exists():
+        if not overwrite:
+            raise RepnetError(f"{folder} already holds a {kind.name}; continue it with --resume, replace it with "
+                              f"--overwrite, or pick another {what}")
+        kind.verify(folder)
+        ours = [p for p in entries if any(fnmatch.fnmatch(p.name, pat) for pat in kind.files)]
+    foreign = sorted(p.name for p in entries if p not in ours)
+    if foreign:
+        more = ", ..." if len(foreign) > 3 else ""
+        raise RepnetError(f"{what} {folder} is not empty ({', '.join(foreign[:3])}{more}"
+                          f"{' besides its earlier run' if ours else ''}): give a new or empty folder, or resume "
+                          "the run it holds")
+    for p in ours:  # only with overwrite: the files of an earlier, verified run of the same kind
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    clean_temps(folder)
     return folder
 
 

@@ -39,14 +39,15 @@ from .config import FIELDS, RUNTIME_KEYS, TrainConfig, _read_yaml, build_data, b
 from .errors import RepnetError
 from .loop import CosineSchedule, all_finite, evaluate, make_loader, make_optimizer, plan_steps, resolve_device
 from .loop import rng_state, seed_everything, set_rng_state
-from .storage import (atomic_write_text, claim_folder, clean_temps, load_checkpoint, read_safetensors, save_checkpoint,
+from .storage import (RunKind, atomic_write_text, claim_folder, clean_temps, load_checkpoint, read_safetensors, save_checkpoint,
                       save_tensors)
 
 __all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
 
 
-#: What a ``repnet train`` run folder holds (``overwrite=True`` replaces exactly these).
-RUN_FILES = ("config.yaml", "checkpoint.pt", "log.jsonl", "best.safetensors", "adapter", "results.json")
+#: A ``repnet train`` run folder (``overwrite=True`` replaces exactly these files, once the checkpoint is ours).
+RUN = RunKind("run", "checkpoint.pt", ("config.yaml", "checkpoint.pt", "log.jsonl", "best.safetensors", "adapter",
+                                       "results.json"), lambda folder: load_checkpoint(folder / "checkpoint.pt"))
 
 
 def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None,
@@ -77,12 +78,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         clean_temps(run_dir)
         ckpt = load_checkpoint(ckpt_path)
     else:
-        if ckpt_path.exists() and not overwrite:
-            raise RepnetError(f"{run_dir} already holds a run; resume it with --resume {run_dir}, replace it with "
-                              "--overwrite, or pick --out")
-        if overwrite and ckpt_path.exists():
-            load_checkpoint(ckpt_path)  # a checkpoint of ours (checksummed), not a file of the user's
-        claim_folder(run_dir, overwrite=RUN_FILES if overwrite and ckpt_path.exists() else ())
+        claim_folder(run_dir, kind=RUN, overwrite=overwrite)
         cfg.out_dir = str(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     device = resolve_device(cfg.device)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import RepnetError
-from .flags import add_config_flags, overrides_from
+from .flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
 
 HELP = "tasks in sequence on one frozen backbone, each with its own adapter"
 
@@ -21,15 +20,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, KEYS)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out after its last "
                    "finished task")
-    p.add_argument("--overwrite", action="store_true", help="--out may hold an earlier run of this kind: replace it "
-                   "(a folder with anything else is still refused)")
+    add_overwrite_flag(p)
     p.add_argument("--naive", action="store_true", help="the forgetting baseline: tasks train backbone tensors in "
                    "place, one after another (e.g. --method bias or full)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resume and args.overwrite:
-        raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
+    check_resume_overwrite(args)
     from ..continual import train_sequence
 
     overrides = overrides_from(args)

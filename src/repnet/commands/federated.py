@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import RepnetError
 from ..keyvalue import parse_pairs
+from .flags import add_overwrite_flag, check_resume_overwrite
 
 HELP = "FedAvg of the method's trainable state over clients (backbone stays home)"
 
@@ -23,14 +24,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="training config key (repeatable), e.g. --set image_size=96 --set train_subset=2000")
     p.add_argument("--out", help="folder for the per-round checkpoint, results.json and the final adapter")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last round")
-    p.add_argument("--overwrite", action="store_true", help="--out may hold an earlier run of this kind: replace it "
-                   "(a folder with anything else is still refused)")
+    add_overwrite_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resume and args.overwrite:
-        raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
+    check_resume_overwrite(args)
     from ..federated import run_federated
 
     ov = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "progress": not args.quiet}

@@ -42,3 +42,17 @@ def overrides_from(args: argparse.Namespace) -> dict:
     if opts:
         out["options"] = {**out.get("options", {}), **opts}
     return out
+
+
+def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+    """``--overwrite`` of a command whose ``--out`` is a run folder (``storage.claim_folder``)."""
+    p.add_argument("--overwrite", action="store_true", help="--out may hold an earlier run of this kind: replace it "
+                   "(a folder with anything else is still refused)")
+
+
+def check_resume_overwrite(args: argparse.Namespace) -> None:
+    if getattr(args, "resume", None) and getattr(args, "overwrite", False):
+        from ..errors import RepnetError
+
+        raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
+

@@ -67,7 +67,7 @@ def listing(verbose: bool) -> str:
     for n in CONTINUAL_METHODS.names():
         lines.append(f"  {n:<22} {CONTINUAL_METHODS.help(n)}")
         if verbose:
-            lines += _options(CONTINUAL_METHODS.get(n)[0])
+            lines += _options(CONTINUAL_METHODS.get(n).Options)
     lines.append("datasets:")
     lines += [f"  {n:<22} {DATASETS.help(n)}" for n in DATASETS.names(with_prefixes=True)]
     return "\n".join(lines) + "\n"

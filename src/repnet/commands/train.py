@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import RepnetError
-from .flags import add_config_flags, overrides_from
+from .flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
 
 HELP = "train a method on a dataset (paper recipe by default)"
 
@@ -13,13 +12,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_flags(p)
     p.add_argument("--config", metavar="YAML", help="a config file (e.g. a run's config.yaml); flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="--out may hold an earlier run of this kind: replace it "
-                   "(a folder with anything else is still refused)")
+    add_overwrite_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resume and args.overwrite:
-        raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
+    check_resume_overwrite(args)
     from ..config import make_config
     from ..training import resume_config, train
 

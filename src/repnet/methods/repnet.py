@@ -120,8 +120,7 @@ class RepNet(TransferModel):
     def _connect(self, j: int, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         c = self.options.connector
         if j == 0:
-            img = self._state["image"]
-            src = F.avg_pool2d(img, self.options.image_pool) if self.options.image_pool > 1 else img
+            src = self._module1_input(self._state["image"])
         elif c in ("none", "down"):
             src = self._state["p"]
         elif c == "up":
@@ -136,10 +135,14 @@ class RepNet(TransferModel):
             return out + p  # none / up: the Rep-Net output joins at the head
         return out
 
+    def _module1_input(self, img: torch.Tensor) -> torch.Tensor:
+        """Module 1 reads the image average-pooled by ``image_pool`` (the paper: 2)."""
+        return F.avg_pool2d(img, self.options.image_pool) if self.options.image_pool > 1 else img
+
     def analytic_prelude(self, img: torch.Tensor) -> list[nn.Module]:
         """The paper's execution order for the memory model (``analyze(order="paper")``): module 1
         runs on the pooled image before the backbone's stem. Returns the modules it ran."""
-        src = F.avg_pool2d(img, self.options.image_pool) if self.options.image_pool > 1 else img
+        src = self._module1_input(img)
         size = self.backbone.describe(self.image_size)[self.connectors[0]].out_size
         self.repnet[0](src, tuple(size))
         return [self.repnet[0]]
