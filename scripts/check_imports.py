@@ -25,8 +25,9 @@ LAYERS = [
     ("repnet.methods", 3),
     ("repnet.api", 4), ("repnet.tinytl_reference", 5),
     ("repnet.config", 5), ("repnet.loop", 5), ("repnet.plots", 5), ("repnet.profiling", 5),
-    ("repnet.training", 6), ("repnet.export", 6), ("repnet.hyblearn", 6),
-    ("repnet.continual", 7), ("repnet.federated", 7), ("repnet.reproduce", 7), ("repnet.demo", 8),
+    ("repnet.training", 6), ("repnet.export", 6), ("repnet.hyblearn", 6), ("repnet.fedcore", 6),
+    ("repnet.continual", 7), ("repnet.flower_app", 7), ("repnet.reproduce", 7),
+    ("repnet.federated", 8), ("repnet.demo", 8),
     ("repnet.commands", 9), ("repnet.cli", 9),
     ("repnet", 10),  # the package's __init__: re-exports
 ]

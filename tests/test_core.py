@@ -35,7 +35,7 @@ def test_train_continual_federated_demo_reproduce_all_train_through_fit(tmp_path
     from repnet.config import make_config
     from repnet.continual import train_sequence
     from repnet.demo import DemoConfig, compare
-    from repnet.federated import run_federated
+    from repnet.fedcore import LocalClient, Settings, encode_state
     from repnet.reproduce import Run, run_one
     from repnet.training import train
 
@@ -45,14 +45,16 @@ def test_train_continual_federated_demo_reproduce_all_train_through_fit(tmp_path
                    **{k: v for k, v in QUICK.items() if k not in ("dataset", "backbone", "profile_memory")})
     assert fit_calls[1:] == ["task 'a'", "task 'b'"]
     ov = {k: v for k, v in QUICK.items() if k != "profile_memory"}
-    run_federated({**ov, "method": "last", "train_subset": 64}, clients=2, rounds=1, progress=False)
-    assert fit_calls[3:] == ["local training", "local training"]
+    # a Flower client's local round (the ClientApp's work; it runs in a Ray actor in the simulation)
+    client = LocalClient(Settings({**ov, "method": "last", "train_subset": 64}, clients=2), 1, 2)
+    client.train(encode_state(client.model, client.model.trainable_state_dict()), server_round=1)
+    assert fit_calls[3:] == ["client 1"]
     compare(DemoConfig(out_dir=str(tmp_path / "d"), methods=("last",), backbone="proxylessnas_mobile",
                        dataset="digits", image_size=32, train_subset=64, test_subset=32, epochs=1, batch_size=8,
                        random_init=True, progress=False, profile_memory=False, steps_per_epoch=2))
-    assert len(fit_calls) == 6
+    assert len(fit_calls) == 5
     status, _ = run_one(Run("x", {**QUICK, "method": "last", "out_dir": str(tmp_path / "r")}, []))
-    assert status == "trained" and len(fit_calls) == 7
+    assert status == "trained" and len(fit_calls) == 6
 
 
 def _calls_of(name: str) -> dict[str, int]:
@@ -69,7 +71,7 @@ def _calls_of(name: str) -> dict[str, int]:
 def test_one_place_turns_on_int8_and_one_place_runs_training_steps():
     assert _calls_of("enable_int8_training") == {"api.py": 1}
     # the workflows call the one loop; Hyb-Learn's self-supervised warm-up too (another objective, same loop)
-    assert _calls_of("fit") == {"training.py": 1, "continual.py": 1, "federated.py": 1, "hyblearn.py": 1}
+    assert _calls_of("fit") == {"training.py": 1, "continual.py": 1, "fedcore.py": 1, "hyblearn.py": 1}
 
 
 def test_construction_options_survive_save_and_load(tmp_path):
