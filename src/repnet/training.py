@@ -94,6 +94,19 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     n_train = len(train_ds)
     steps_per_epoch, total_steps = plan_steps(n_train, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(total_steps))
+    runtime, program = None, None
+    if cfg.runtime == "executorch":  # the steps run in an ExecuTorch training program (its SGD)
+        from .executorch_training import RuntimeTrainer, export_training_program
+
+        if resume:
+            raise RepnetError("--resume is not supported with --runtime executorch: the runtime's SGD momentum "
+                              "lives in the program; start a new run")
+        if cfg.int8:
+            raise RepnetError("--int8 is not supported with --runtime executorch (its SGD trains fp32 tensors)")
+        say(f"exporting the ExecuTorch training program ({cfg.image_size}px, batch {cfg.batch_size}) ...")
+        program = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing)
+        runtime = RuntimeTrainer(model, program, cfg.lr, cfg.lr_side, momentum=0.9, weight_decay=cfg.weight_decay)
+        scheduler = None
     st = loop.new_state()  # (``elapsed`` = wall time of earlier sessions; this session's is added when saving)
 
     def checkpoint(state: dict) -> None:
@@ -102,7 +115,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
                               f"last good checkpoint: {ckpt_path}")
         save_checkpoint({
             "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {}, "rng": rng_state(),
             "state": {**state, "elapsed": state["elapsed"] + time.time() - t_start},
             "backbone_fingerprint": model.backbone.fingerprint, "total_steps": total_steps,
         }, ckpt_path)
@@ -118,7 +131,8 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
             raise RepnetError(f"cannot resume {run_dir}: checkpoint lacks {sorted(missing)[:3]}")
         model.load_state_dict(ckpt["model"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
         st.update(ckpt["state"])
         set_rng_state(ckpt["rng"])
         _truncate_log(log_path, st["epoch"])
@@ -149,7 +163,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
             f.write(json.dumps(rec) + "\n")
 
     loop.fit(model, train_ds, cfg, device, optimizer, scheduler=scheduler, state=st, val_ds=val_ds,
-             checkpoint=checkpoint, on_step=on_step, on_epoch=on_epoch,
+             checkpoint=checkpoint, on_step=on_step, on_epoch=on_epoch, step=runtime.step if runtime else None,
              stop_hint=f"; last good checkpoint: {ckpt_path}", resume_hint=f"; continue with: repnet train --resume {run_dir}")
 
     # ---- the end: the test set, once
@@ -181,8 +195,12 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         "train_images_per_s": st["images"] / max(st["train_time"], 1e-9),
         "train_time_s": st["train_time"],
         "wall_time_s": elapsed_before + time.time() - t_start,
-        "device": str(device),
+        "device": str(device), "runtime": cfg.runtime,
     })
+    if program is not None:
+        results.update({"program_planned_mb": program.planned_bytes / 1e6,
+                        "program_weights_mb": program.weights_bytes / 1e6, "program_rewrites": program.rewrites,
+                        "optimizer": "executorch sgd (momentum 0.9, constant lr)"})
     if cfg.profile_memory:
         try:
             results.update(memory_profile(cfg, num_classes, device))

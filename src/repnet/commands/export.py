@@ -1,4 +1,5 @@
-"""``repnet export``: a trained model for inference (.pt2 or ONNX), checked against eager (repnet.export)."""
+"""``repnet export``: a trained model for inference (.pt2 or ONNX), checked against eager
+(repnet.export); with ``--training``: an ExecuTorch training program (.pte, repnet.executorch_training)."""
 from __future__ import annotations
 
 import argparse
@@ -6,30 +7,67 @@ import os
 
 from ..errors import RepnetError
 
-HELP = "export a trained model for inference (.pt2 or ONNX), checked against eager"
+HELP = "export a trained model for inference (.pt2 / ONNX), or an ExecuTorch training program (--training)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="a saved adapter folder (save_pretrained; a run's <run>/adapter)")
     src.add_argument("--run", help="a training run folder (uses <run>/adapter)")
     p.add_argument("--weights", help="the backbone checkpoint the adapter was trained on (default: offline weights)")
     p.add_argument("--format", choices=("pt2", "onnx"), help="default: from the --out suffix")
-    p.add_argument("--out", required=True, help="output file (.pt2 or .onnx)")
+    p.add_argument("--out", required=True, help="output file (.pt2 / .onnx; .pte with --training)")
     p.add_argument("--image-size", type=int, help="input resolution (default: the model's)")
     p.add_argument("--no-verify", action="store_true", help="skip the eager-vs-exported check")
+    t = p.add_argument_group("training program (--training)")
+    t.add_argument("--training", action="store_true", help="an ExecuTorch training program (forward + backward, "
+                   "rewritten to keep what the memory engine keeps) instead of an inference export")
+    t.add_argument("--backbone", help="a fresh model instead of --run / --adapter: backbone ...")
+    t.add_argument("--method", default="repnet", help="... method (default repnet) ...")
+    t.add_argument("--num-classes", type=int, default=10, help="... and classes (default 10)")
+    t.add_argument("--batch-size", type=int, default=8, help="the program's batch size (default 8)")
+    t.add_argument("--no-rewrite", action="store_true", help="the stock export (for comparison)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.image_size is not None and args.image_size < 32:
+        raise RepnetError(f"--image-size must be >= 32, got {args.image_size}")
+    if args.training:
+        return _training(args)
     from ..api import from_pretrained
     from ..export import export_model
 
-    if args.image_size is not None and args.image_size < 32:
-        raise RepnetError(f"--image-size must be >= 32, got {args.image_size}")
+    if not (args.adapter or args.run):
+        raise RepnetError("give --adapter or --run (the trained model to export)")
     adapter = args.adapter or os.path.join(args.run, "adapter")
     model = from_pretrained(adapter, pretrained=args.weights or True)
     rep = export_model(model, args.out, args.format, args.image_size, verify=not args.no_verify)
     check = "" if rep["max_abs_diff"] is None else f"; max |exported - eager| = {rep['max_abs_diff']:.2g}"
     print(f"wrote {rep['path']} ({rep['format']}, {rep['bytes'] / 1e6:.2f} MB, {rep['params']:,d} parameters, "
           f"{rep['image_size']} px, dynamic batch{check})")
+    return 0
+
+
+def _training(args: argparse.Namespace) -> int:
+    from ..api import from_pretrained, get_model
+    from ..executorch_training import export_training_program
+    from ..storage import atomic_write_bytes
+
+    if not args.out.endswith(".pte"):
+        raise RepnetError(f"--out {args.out}: an ExecuTorch program is a .pte file")
+    if args.adapter or args.run:
+        model = from_pretrained(args.adapter or os.path.join(args.run, "adapter"), pretrained=args.weights or True,
+                                memory="vanilla")
+    elif args.backbone:
+        model = get_model(args.backbone, args.method, args.num_classes, image_size=args.image_size or 224,
+                          pretrained=args.weights or True, memory="vanilla")
+    else:
+        raise RepnetError("give --run / --adapter (a trained model) or --backbone (a fresh one)")
+    size = args.image_size or int(getattr(model, "image_size", 224))
+    prog = export_training_program(model.eval(), args.batch_size, size, rewrite=not args.no_rewrite)
+    atomic_write_bytes(args.out, prog.buffer)
+    done = ", ".join(f"{k} {v}" for k, v in prog.rewrites.items()) or "none (stock export)"
+    print(f"wrote {args.out} ({len(prog.buffer) / 1e6:.2f} MB): planned memory {prog.planned_bytes / 1e6:.2f} MB "
+          f"(weights {prog.weights_bytes / 1e6:.2f} MB apart), batch {args.batch_size}, {size} px, "
+          f"{len(prog.trainable)} trained tensors; rewrites: {done}")
     return 0
