@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections import Counter
 
 import torch
 from torch import nn
@@ -264,17 +263,6 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return TrainingProgram(et.buffer, int(sum(plan.non_const_buffer_sizes)), int(weights), rewrites, trainable,
                            batch_size, image_size)
-
-
-def op_counts(model: nn.Module, batch_size: int = 2, image_size: int = 32) -> Counter:
-    """ATen op histogram of the joint graph (for tests and reports)."""
-    from torch.export import export
-    from torch.export.experimental import _export_forward_backward
-
-    ep = _export_forward_backward(export(TrainStep(model).eval(), (torch.zeros(batch_size, 3, image_size, image_size),
-                                                                  torch.zeros(batch_size, dtype=torch.long)),
-                                         strict=False))
-    return Counter(str(n.target) for n in ep.graph_module.graph.nodes if n.op == "call_function")
 
 
 class RuntimeTrainer:

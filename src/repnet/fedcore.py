@@ -325,18 +325,18 @@ RUN = RunKind("federated run", "checkpoint.pt", ("checkpoint.pt", "adapter", "re
 
 def _project_on_grid(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """int8-master mode: the INT8-trained weights of an average, rounded back onto their int8 grid."""
-    from .int8 import QMAX, int8_layers
+    from .int8 import int8_layers, quantize
 
     cfg = getattr(model, "int8_config", None)
     if not cfg or cfg.get("master") != "int8":
         return state
-    keys = {f"{n}.weight" for n, m in model.named_modules() if m in set(int8_layers(model))}
     out = dict(state)
-    for k in keys & set(state):
-        v = state[k]
-        scale = v.abs().amax() / QMAX
-        if scale > 0:
-            out[k] = torch.round(v / scale).clamp(-QMAX, QMAX) * scale
+    layers = set(int8_layers(model))
+    for name, m in model.named_modules():
+        key = f"{name}.weight"
+        if m in layers and key in state:
+            codes, scale = quantize(state[key], "nearest")
+            out[key] = codes * scale
     return out
 
 
@@ -384,10 +384,8 @@ class Server:
 
         cls = getattr(fs, STRATEGIES[self.s.strategy][0])
         n = self.s.needed  # sample every connected client, wait for at least n of them
-        strat = cls(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
-                    min_evaluate_nodes=0, **self.s.strategy_kwargs())
-        strat._repnet_needed = n
-        return strat
+        return cls(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
+                   min_evaluate_nodes=0, **self.s.strategy_kwargs())
 
     def _evaluate(self, state: dict[str, torch.Tensor]) -> float:
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
@@ -441,9 +439,9 @@ class Server:
             answered = {node_of(m) for m in replies}
             rejected += [{"node": int(m.metadata.dst_node_id), "reason": "no reply within the round timeout"}
                          for m in msgs if int(m.metadata.dst_node_id) not in answered]
-            if len(accepted) < strategy._repnet_needed:
+            if len(accepted) < s.needed:
                 why = "; ".join(f"node {x['node']}: {x['reason']}" for x in rejected[:3]) or "no replies"
-                raise RepnetError(f"round {r}: {len(accepted)} usable client replies, {strategy._repnet_needed} "
+                raise RepnetError(f"round {r}: {len(accepted)} usable client replies, {s.needed} "
                                   f"needed ({why}); the global adapter of round {r - 1} is kept")
             accepted.sort(key=lambda c: c["partition_id"])
             clean = [Message(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in c["state"].items()}),
