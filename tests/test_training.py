@@ -66,6 +66,17 @@ def test_recipes_follow_spec_table():
     assert load_recipe("imagefolder:/x")["optimizer"] == "adam"
 
 
+def test_runtime_recipe_sits_between_the_dataset_recipe_and_flags():
+    eager = make_config({"dataset": "digits"})
+    et = make_config({"dataset": "digits", "runtime": "executorch"})
+    assert (eager.optimizer, eager.lr, eager.lr_side) == ("adam", 3e-4, 1e-3)
+    assert (et.optimizer, et.lr, et.lr_side) == ("sgd", 3e-3, 5e-2)  # recipes/runtime-executorch.yaml
+    assert et.label_smoothing == eager.label_smoothing and et.augment == eager.augment  # the dataset's own
+    assert make_config({"dataset": "digits", "runtime": "executorch", "lr": "0.01"}).lr == 0.01
+    with pytest.raises(RepnetError, match="runtime='tvm' is not valid"):
+        make_config({"runtime": "tvm"})
+
+
 def test_config_merge_order_and_coercion(tmp_path):
     cfg = make_config({"dataset": "cars", "lr": "1e-3", "epochs": "3", "options": {"connector": "up"}})
     assert cfg.lr == 1e-3 and cfg.lr_side == 1e-3 and cfg.epochs == 3 and cfg.label_smoothing == 0.7

@@ -64,7 +64,7 @@ def get_model(
     if frozen_bits:
         from .memory import quantize_frozen_weights
 
-        quantize_frozen_weights(model, frozen_bits)
+        quantize_frozen_weights(model, frozen_bits, engine=memory == "engine")
         model.frozen_bits = frozen_bits
     if int8:
         from .int8 import enable_int8_training

@@ -72,8 +72,8 @@ class TrainConfig:
     # running
     seed: int = _f(0, "seed: model init, data order, augmentation, dropout")
     runtime: str = _f("eager", "where training steps run: eager (PyTorch, the memory engine) or executorch (an "
-                      "ExecuTorch training program on its runtime: eval-mode forward, SGD with momentum 0.9 at "
-                      "constant lr / lr_side, one batch size)", choices=("eager", "executorch"))
+                      "ExecuTorch training program on its runtime: eval-mode forward, its SGD with momentum 0.9 "
+                      "(recipes/runtime-executorch.yaml's lr / lr_side), one batch size)", choices=("eager", "executorch"))
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", runtime=True)
     workers: int = _f(min(4, os.cpu_count() or 1), "data-loader worker processes", runtime=True)
     checkpoint_every: int = _f(0, "also checkpoint every N steps (0: at epoch ends only)", runtime=True)
@@ -139,6 +139,16 @@ def load_recipe(dataset: str) -> dict:
     return recipe
 
 
+def load_runtime_recipe(runtime: str) -> dict:
+    """``recipes/runtime-<runtime>.yaml`` (if there is one): what training on that runtime changes in
+    every dataset's recipe (ExecuTorch: its SGD's learning rates)."""
+    path = RECIPES_DIR / f"runtime-{runtime}.yaml"
+    known = runtime in FIELDS["runtime"].metadata["choices"]  # (an unknown one fails in validate)
+    recipe = _read_yaml(path) if known and path.is_file() else {}
+    recipe.pop("description", None)
+    return recipe
+
+
 def _data_preset(name: str) -> dict:
     from .data import DATASET_PRESETS
 
@@ -170,12 +180,14 @@ def coerce(key: str, value: Any) -> Any:
 
 
 def make_config(overrides: dict | None = None, config_file: str | None = None) -> TrainConfig:
-    """Merge: ``TrainConfig`` defaults < recipe of the dataset < ``config_file`` < ``overrides``."""
+    """Merge: ``TrainConfig`` defaults < recipe of the dataset < recipe of the runtime <
+    ``config_file`` < ``overrides``."""
     overrides = dict(overrides or {})
     from_file = _read_yaml(Path(config_file)) if config_file else {}
     dataset = overrides.get("dataset", from_file.get("dataset", TrainConfig.dataset))
+    runtime = overrides.get("runtime", from_file.get("runtime", TrainConfig.runtime))
     merged: dict[str, Any] = {}
-    for source in (load_recipe(str(dataset)), from_file, overrides):
+    for source in (load_recipe(str(dataset)), load_runtime_recipe(str(runtime)), from_file, overrides):
         for key, value in source.items():
             value = coerce(key, value)
             if key == "options":
@@ -257,11 +269,13 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained=None, backbone=No
 
     if pretrained is None:
         pretrained = False if cfg.random_init else (cfg.weights or True)
-    # an ExecuTorch program is exported from plain PyTorch layers; its own passes do the engine's work
-    memory = "vanilla" if cfg.runtime == "executorch" else cfg.memory
+    kwargs = {"memory": cfg.memory, **cfg.options}
+    if cfg.runtime == "executorch":
+        from .executorch_training import program_build
+
+        kwargs = program_build(cfg.method, cfg.options)  # the model its training program is exported from
     return get_model(backbone if backbone is not None else cfg.backbone, cfg.method, num_classes,
-                     image_size=cfg.image_size, pretrained=pretrained, memory=memory,
-                     int8=int8_settings(cfg), **cfg.options)
+                     image_size=cfg.image_size, pretrained=pretrained, int8=int8_settings(cfg), **kwargs)
 
 
 def build_data(cfg: TrainConfig, mean=None, std=None):

@@ -4,25 +4,9 @@ ExecuTorch (``.pte`` programs, a C++ runtime with Python bindings) trains a prog
 ``torch.export`` of *model + loss* and ``_export_forward_backward`` (one joint forward + backward
 graph), lowered with ``to_edge(...).to_executorch()`` (memory planning: every tensor gets a slot
 in one arena for its lifetime). Export re-derives the backward from the ATen graph, so out of the
-box it keeps what eager autograd keeps: a frozen convolution's input (for a weight gradient that
-is never asked for), every ReLU6's input *copied*, ReLU outputs in float. The passes below rewrite
-the joint graph before memory planning so that the planner frees those tensors after the forward:
-
-``frozen_conv``
-    ``convolution_backward`` of a conv whose weight does not train (``output_mask[1]`` false): the
-    input gradient is a transposed convolution of the output gradient with the weight (and a
-    bias gradient, if any, a sum of it), so the conv's forward input is no longer an input of the
-    backward (:class:`repnet.memory.ops.conv` does the same in eager PyTorch).
-``activation_mask``
-    The backward of ReLU / ReLU6 / hardtanh reads its saved float tensor only through comparisons
-    (``le(out, 0)``; ``le(in, 0) | ge(in, 6)``); those move into the forward, right after the
-    tensor is made, so a bool mask (1 byte per element) is what lives until the backward.
-``avg_pool``
-    ``avg_pool2d_backward`` has no ExecuTorch kernel: without padding it is a transposed
-    convolution of the gradient with a constant ``1 / (kh * kw)`` kernel (exact).
-
-Frozen eval-mode batch norm needs no pass: in the joint graph its backward is already the fixed
-scale ``weight / sqrt(running_var + eps)``. A backward op the runtime cannot run fails at export
+box it keeps what eager autograd keeps; :mod:`repnet.executorch_passes` rewrites the joint graph
+and the memory plan so that the program keeps what the engine keeps (frozen convs keep nothing,
+activations a 1-bit mask, elementwise ops write in place). A backward op the runtime cannot run fails at export
 in one line naming it (:data:`UNSUPPORTED`). The program runs in eval mode (frozen statistics,
 no dropout), at one batch size, and trains with ExecuTorch's SGD (momentum), one optimizer per
 parameter group (``lr`` for head and backbone tensors, ``lr_side`` for the method's modules).
@@ -30,14 +14,15 @@ parameter group (``lr`` for head and backbone tensors, ``lr_side`` for the metho
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 from torch import nn
 
 from .errors import RepnetError
+from .executorch_passes import PASSES, InPlacePlanning, run_passes
 
-__all__ = ["TrainStep", "TrainingProgram", "export_training_program", "RuntimeTrainer", "PASSES", "require_executorch"]
+__all__ = ["TrainStep", "TrainingProgram", "export_training_program", "RuntimeTrainer", "require_executorch",
+           "program_build", "program_memory", "analytic_planned_mb", "PROGRAM_FROZEN_BITS"]
 
 aten = torch.ops.aten
 
@@ -73,124 +58,7 @@ class TrainStep(nn.Module):
         return self.loss(logits, y), logits.detach()
 
 
-# ----------------------------------------------------------------------------- passes
-def _fake(node, op, *args, like: torch.fx.Node | None = None):
-    """Metadata (a fake tensor) for a new node, from its inputs' (or ``like``'s) fake tensors."""
-    vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
-    mode = next(v.fake_mode for v in vals + ([like.meta["val"]] if like is not None else [])
-                if isinstance(v, torch.Tensor))
-    with mode:
-        node.meta["val"] = op(*vals)
-
-
-def _out_padding(in_shape, out_shape, weight_shape, stride, padding, dilation):
-    return [int(in_shape[i + 2] - ((out_shape[i + 2] - 1) * stride[i] - 2 * padding[i]
-                                   + dilation[i] * (weight_shape[i + 2] - 1) + 1)) for i in range(2)]
-
-
-def _replace_getitems(node, values: dict[int, torch.fx.Node | None]):
-    for user in list(node.users):
-        if user.target is operator.getitem and user.args[1] in values and values[user.args[1]] is not None:
-            user.replace_all_uses_with(values[user.args[1]])
-
-
-def frozen_conv(graph: torch.fx.Graph) -> int:
-    n_done = 0
-    for node in list(graph.nodes):
-        if node.target is not aten.convolution_backward.default:
-            continue
-        grad, inp, weight, _bias_sizes, stride, padding, dilation, transposed, _opad, groups, mask = node.args
-        if transposed or mask[1] or weight.meta["val"].dim() != 4:
-            continue
-        out_pad = _out_padding(inp.meta["val"].shape, grad.meta["val"].shape, weight.meta["val"].shape,
-                               stride, padding, dilation)
-        values: dict[int, torch.fx.Node | None] = {}
-        with graph.inserting_before(node):
-            if mask[0]:
-                args = (grad, weight, None, stride, padding, dilation, True, out_pad, groups)
-                gi = graph.call_function(aten.convolution.default, args)
-                _fake(gi, aten.convolution.default, *args)
-                values[0] = gi
-            if mask[2]:
-                gb = graph.call_function(aten.sum.dim_IntList, (grad, [0, 2, 3]))
-                _fake(gb, aten.sum.dim_IntList, grad, [0, 2, 3])
-                values[2] = gb
-        _replace_getitems(node, values)
-        n_done += 1
-    return n_done
-
-
-_COMPARE = {aten.le.Scalar, aten.ge.Scalar, aten.lt.Scalar, aten.gt.Scalar}
-_COMBINE = {aten.bitwise_or.Tensor, aten.logical_or.default}
-
-
-def _source(node: torch.fx.Node) -> torch.fx.Node:
-    while node.target in (aten.alias.default, aten.clone.default) and isinstance(node.args[0], torch.fx.Node):
-        node = node.args[0]
-    return node
-
-
-def activation_mask(graph: torch.fx.Graph, forward_end: torch.fx.Node) -> int:
-    """Move backward comparisons of forward tensors (and their or) up to where the tensor is made."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    moved = 0
-    for node in list(graph.nodes):
-        if order[node] <= order[forward_end] or node.target not in _COMPARE:
-            continue
-        if not isinstance(node.args[0], torch.fx.Node):
-            continue
-        src = _source(node.args[0])  # through aliases / the copy export saves: the forward tensor itself
-        if order[src] > order[forward_end]:
-            continue
-        node.args = (src, *node.args[1:])
-        src.append(node)  # right after the tensor it compares
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        moved += 1
-    for node in list(graph.nodes):
-        if node.target in _COMBINE and all(isinstance(a, torch.fx.Node) and a.target in _COMPARE for a in node.args):
-            last = max(node.args, key=lambda a: order[a])
-            if order[last] < order[forward_end]:
-                last.append(node)
-                order = {n: i for i, n in enumerate(graph.nodes)}
-    return moved
-
-
-def avg_pool(graph: torch.fx.Graph) -> int:
-    n_done = 0
-    for node in list(graph.nodes):
-        if node.target is not aten.avg_pool2d_backward.default:
-            continue
-        grad, inp, kernel, stride, padding, ceil_mode, _count_pad, divisor = node.args
-        kernel = list(kernel) * (2 // len(kernel))
-        stride = list(stride or kernel) * (2 // len(stride or kernel))
-        padding = list(padding) * (2 // len(padding)) if padding else [0, 0]
-        if any(padding) or ceil_mode or divisor is not None:
-            raise RepnetError("ExecuTorch export: avg_pool2d with padding / ceil_mode / divisor_override has no "
-                              "backward kernel; use a pool without padding")
-        c = inp.meta["val"].shape[1]
-        shape = [c, 1, kernel[0], kernel[1]]
-        with graph.inserting_before(node):
-            w = graph.call_function(aten.full.default, (shape, 1.0 / (kernel[0] * kernel[1])),
-                                    {"dtype": grad.meta["val"].dtype})
-            _fake(w, lambda s, v: torch.full(s, v, dtype=grad.meta["val"].dtype), shape, 1.0, like=grad)
-            out_pad = _out_padding(inp.meta["val"].shape, grad.meta["val"].shape, shape, stride, [0, 0], [1, 1])
-            args = (grad, w, None, stride, [0, 0], [1, 1], True, out_pad, c)
-            gi = graph.call_function(aten.convolution.default, args)
-            _fake(gi, aten.convolution.default, *args)
-        node.replace_all_uses_with(gi)
-        n_done += 1
-    return n_done
-
-
-PASSES = ("frozen_conv", "activation_mask", "avg_pool")
-
-
-def _forward_end(ep) -> torch.fx.Node:
-    """The loss node: everything after it in the joint graph is the backward."""
-    spec = next(s for s in ep.graph_signature.output_specs if s.kind.name == "LOSS_OUTPUT")
-    return next(n for n in ep.graph_module.graph.nodes if n.name == spec.arg.name)
-
-
+# ----------------------------------------------------------------------------- checks
 def _check_supported(graph: torch.fx.Graph):
     for node in graph.nodes:
         if node.op == "call_function" and str(node.target) in UNSUPPORTED:
@@ -198,44 +66,65 @@ def _check_supported(graph: torch.fx.Graph):
                               f"{UNSUPPORTED[str(node.target)]}")
 
 
+#: frozen conv / linear weights in a program: int8 codes + a scale per output channel, dequantised in
+#: the graph per layer (repnet.memory.quant "linear"; the runtime has no k-means codebook lookup op)
+PROGRAM_FROZEN_BITS = "linear"
+
+
+def program_build(method: str, options: dict | None = None) -> dict:
+    """:func:`repnet.get_model` keyword arguments of a model that a training program is exported
+    from: plain PyTorch layers (``memory="vanilla"``: the passes do the engine's work), frozen weights
+    in 8 bits (:data:`PROGRAM_FROZEN_BITS`), and, for a method whose modules can normalise without
+    batch statistics (an option ``norm``), ``norm=group`` unless the user chose."""
+    from .methods import METHODS
+
+    options = dict(options or {})
+    if "norm" in {f.name for f in dataclasses.fields(METHODS.get(method).Options)}:
+        options.setdefault("norm", "group")
+    return {"memory": "vanilla", "frozen_bits": PROGRAM_FROZEN_BITS, **options}
+
+
 def _check_norms(model: nn.Module):
     """A batch norm that trains with batch statistics (the method's own modules, e.g. Rep-Net's) would
-    run with its running statistics in the program: another model. Refused in one line."""
+    run with its running statistics in the program: another model. Refused in one line, as is a
+    backbone whose norms use batch statistics (``--opt bn=batch``)."""
+    if getattr(getattr(model, "options", None), "bn", "frozen") == "batch":
+        raise RepnetError("ExecuTorch export: bn=batch (backbone norms with batch statistics) cannot run in a training "
+                          "program, which normalises with fixed statistics: use bn=frozen")
     side = getattr(model, "side_modules", lambda: [])()
     for mod in side:
         for name, m in mod.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 raise RepnetError(f"ExecuTorch export: the method's module {type(mod).__name__} normalises with batch "
                                   f"statistics ({type(m).__name__} {name}); a training program runs norms with fixed "
-                                  "statistics (train-mode batch norm does not export): use a method without "
-                                  "trainable batch norms (bias, last)")
+                                  "statistics (train-mode batch norm does not export): use --opt norm=group "
+                                  "(GroupNorm) or a method without trainable batch norms (bias, last)")
 
 
 # ----------------------------------------------------------------------------- programs
 @dataclasses.dataclass
 class TrainingProgram:
     buffer: bytes  # the .pte
-    planned_bytes: int  # the runtime's arena: activations, saved tensors, gradients, outputs
-    weights_bytes: int  # parameters and buffers of the model (held outside the arena)
+    planned_bytes: int  # the runtime's arena less the trained weights in it: activations, saved tensors,
+    #                     gradients, outputs
+    weights_bytes: int  # parameters and buffers of the model (frozen ones outside the arena)
     rewrites: dict  # pass -> number of rewritten sites
     trainable: list  # parameter names, in the program's order
     batch_size: int
     image_size: int
+    arena_bytes: int = 0  # the whole arena (the trained weights, alive throughout, included)
 
 
 def export_training_program(model: nn.Module, batch_size: int, image_size: int, label_smoothing: float = 0.0,
-                            rewrite: bool = True, allow_batch_stats: bool = False) -> TrainingProgram:
-    """A training program for ``model`` (a TransferModel built with ``memory="vanilla"``).
-
-    ``allow_batch_stats``: export even when the method's modules have batch norms (they then run
-    with fixed statistics: another model than eager training; for memory figures only)."""
+                            rewrite: bool = True, passes=PASSES) -> TrainingProgram:
+    """A training program for ``model`` (a TransferModel built with ``memory="vanilla"``), rewritten
+    by ``passes`` (:data:`repnet.executorch_passes.PASSES`); ``rewrite=False``: the stock export."""
     require_executorch()
-    from executorch.exir import to_edge
+    from executorch.exir import ExecutorchBackendConfig, to_edge
     from torch.export import export
     from torch.export.experimental import _export_forward_backward
 
-    if not allow_batch_stats:
-        _check_norms(model)
+    _check_norms(model)
     step = TrainStep(model, label_smoothing).eval()
     x = torch.zeros(batch_size, 3, image_size, image_size)
     y = torch.zeros(batch_size, dtype=torch.long)
@@ -246,32 +135,62 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     except Exception as e:  # noqa: BLE001 - export's own messages are long; name the failing op
         raise RepnetError(f"ExecuTorch export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     graph = ep.graph_module.graph
-    rewrites = {}
-    if rewrite:
-        rewrites["frozen_conv"] = frozen_conv(graph)
-        rewrites["activation_mask"] = activation_mask(graph, _forward_end(ep))
-        rewrites["avg_pool"] = avg_pool(graph)
-        graph.eliminate_dead_code()
-        ep.graph_module.recompile()
+    passes = tuple(passes) if rewrite else ()
+    rewrites = run_passes(ep, passes)
     _check_supported(graph)
     if any(n.target is aten.avg_pool2d_backward.default for n in graph.nodes):
         raise RepnetError("ExecuTorch export: avg_pool2d_backward has no runtime kernel (export with the rewrite)")
-    et = to_edge(ep).to_executorch()
-    plan = et.executorch_program.execution_plan[0]
+    planning = InPlacePlanning() if "inplace" in passes else None
+    et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
+    if planning:
+        rewrites["inplace"] = planning.shared
+    arena = int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
     trainable = [s.target.removeprefix("model.") for s in ep.graph_signature.output_specs
                  if s.kind.name == "GRADIENT_TO_PARAMETER"]
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return TrainingProgram(et.buffer, int(sum(plan.non_const_buffer_sizes)), int(weights), rewrites, trainable,
-                           batch_size, image_size)
+    return TrainingProgram(et.buffer, arena - _weights_in_arena(et), int(weights), rewrites, trainable,
+                           batch_size, image_size, arena)
+
+
+def _weights_in_arena(et) -> int:
+    """Bytes of the parameters the memory plan placed in the arena (the trained ones: the runtime
+    updates them in place), alive for the whole program."""
+    ep = et.exported_program()
+    params = set(ep.graph_signature.inputs_to_parameters)
+    total = 0
+    for node in ep.graph_module.graph.nodes:
+        spec = node.meta.get("spec") if node.op == "placeholder" and node.name in params else None
+        if spec is not None and spec.mem_id is not None and spec.mem_offset is not None:
+            total += spec.allocated_memory
+    return total
+
+
+def analytic_planned_mb(peak_activation_mb: float, trainable_params: int) -> float:
+    """The analytic counterpart of a program's arena: the papers' peak activation x batch (MB) + a
+    4-byte gradient per trainable parameter (weights are held outside the arena)."""
+    return peak_activation_mb + 4 * trainable_params / 1e6
+
+
+def program_memory(model: nn.Module, batch_size: int, image_size: int, rewrite: bool = True) -> dict:
+    """A program's memory figures (``repnet profile --runtime executorch``, the benchmark)."""
+    prog = export_training_program(model.eval(), batch_size, image_size, rewrite=rewrite)
+    return {"program_planned_mb": prog.planned_bytes / 1e6, "program_arena_mb": prog.arena_bytes / 1e6,
+            "program_weights_mb": prog.weights_bytes / 1e6, "program_rewrites": prog.rewrites}
 
 
 class RuntimeTrainer:
     """Runs a :class:`TrainingProgram` on the ExecuTorch runtime: one ``step(x, y)`` is its
     ``forward_backward`` and an SGD step per parameter group; the trained tensors are copied back
-    into ``model`` after every step, so evaluation, checkpoints and adapters work on ``model``."""
+    into ``model`` after every step, so evaluation, checkpoints and adapters work on ``model``.
+
+    ``schedule(step) -> factor`` (e.g. :class:`repnet.loop.CosineSchedule`): the runtime's SGD has a
+    fixed learning rate, so the gradients handed to it are scaled by the factor. Without momentum
+    that is exactly a scheduled learning rate; with momentum the factor applies to each step's
+    gradient as it enters the momentum buffer (torch scales the whole update instead): the same
+    decay to zero, not the same trajectory."""
 
     def __init__(self, model: nn.Module, program: TrainingProgram, lr: float, lr_side: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, schedule=None):
         require_executorch()
         from executorch.extension.training import _load_for_executorch_for_training_from_buffer, get_sgd_optimizer
 
@@ -288,6 +207,7 @@ class RuntimeTrainer:
         self.groups = by_lr
         self.optimizers = None
         self.params = dict(model.named_parameters())
+        self.schedule, self.steps = schedule, 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor):
         if x.shape[0] != self.program.batch_size:
@@ -299,8 +219,13 @@ class RuntimeTrainer:
             self._named = named
             self.optimizers = [(self._make_sgd({f"model.{n}": named[n] for n in names}, lr), names)
                                for lr, names in self.groups.items() if names]
+        factor = self.schedule(self.steps) if self.schedule is not None else 1.0
+        self.steps += 1
         for opt, names in self.optimizers:
-            opt.step({f"model.{n}": grads[f"model.{n}"] for n in names})
+            step = {f"model.{n}": grads[f"model.{n}"] for n in names}
+            if factor != 1.0:
+                step = {k: g * factor for k, g in step.items()}
+            opt.step(step)
         with torch.no_grad():
             for n, t in self._named.items():
                 self.params[n].copy_(t)

@@ -105,7 +105,8 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
             raise RepnetError("--int8 is not supported with --runtime executorch (its SGD trains fp32 tensors)")
         say(f"exporting the ExecuTorch training program ({cfg.image_size}px, batch {cfg.batch_size}) ...")
         program = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing)
-        runtime = RuntimeTrainer(model, program, cfg.lr, cfg.lr_side, momentum=0.9, weight_decay=cfg.weight_decay)
+        runtime = RuntimeTrainer(model, program, cfg.lr, cfg.lr_side, momentum=0.9, weight_decay=cfg.weight_decay,
+                                 schedule=CosineSchedule(total_steps))
         scheduler = None
     st = loop.new_state()  # (``elapsed`` = wall time of earlier sessions; this session's is added when saving)
 
@@ -198,9 +199,9 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         "device": str(device), "runtime": cfg.runtime,
     })
     if program is not None:
-        results.update({"program_planned_mb": program.planned_bytes / 1e6,
+        results.update({"program_planned_mb": program.planned_bytes / 1e6, "program_arena_mb": program.arena_bytes / 1e6,
                         "program_weights_mb": program.weights_bytes / 1e6, "program_rewrites": program.rewrites,
-                        "optimizer": "executorch sgd (momentum 0.9, constant lr)"})
+                        "optimizer": "executorch sgd (momentum 0.9; gradients scaled by the cosine factor)"})
     if cfg.profile_memory:
         try:
             results.update(memory_profile(cfg, num_classes, device))

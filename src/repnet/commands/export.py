@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _training(args: argparse.Namespace) -> int:
     from ..api import from_pretrained, get_model
-    from ..executorch_training import export_training_program
+    from ..executorch_training import export_training_program, program_build
     from ..storage import atomic_write_bytes
 
     if not args.out.endswith(".pte"):
@@ -60,7 +60,7 @@ def _training(args: argparse.Namespace) -> int:
                                 memory="vanilla")
     elif args.backbone:
         model = get_model(args.backbone, args.method, args.num_classes, image_size=args.image_size or 224,
-                          pretrained=args.weights or True, memory="vanilla")
+                          pretrained=args.weights or True, **program_build(args.method))
     else:
         raise RepnetError("give --run / --adapter (a trained model) or --backbone (a fresh one)")
     size = args.image_size or int(getattr(model, "image_size", 224))

@@ -28,6 +28,9 @@ def configure(pp: argparse.ArgumentParser) -> None:
     pp.add_argument("--no-peak", action="store_true", help="skip the peak measurement")
     pp.add_argument("--tensor-peak", action="store_true", help="also the exact live-tensor peak of a training "
                     "step, with what was alive at that moment by kind (PyTorch's memory profiler; slower)")
+    pp.add_argument("--runtime", choices=["eager", "executorch"], default="eager",
+                    help="executorch: also export each method's ExecuTorch training program (built as `repnet train "
+                    "--runtime executorch` builds it) and report its planned arena beside its analytic counterpart")
     pp.add_argument("--json", help="write the record(s) to this JSON file")
     pp.add_argument("--plot", help="write a bar chart PNG across methods")
     pp.add_argument("--tinytl-reference", action="store_true",
@@ -40,17 +43,30 @@ PROFILE_KEYS = ("backbone", "method", "image_size", "batch_size", "trainable_par
 
 def profile_one(backbone: str, method: str, image_size: int, batch_size: int, num_classes: int,
                 memory: str = "engine", pretrained=False, measure: bool = True, peak: bool = True,
-                options: dict | None = None, order: str = "run", tensor_peak: bool = False) -> dict:
+                options: dict | None = None, order: str = "run", tensor_peak: bool = False,
+                runtime: str = "eager") -> dict:
     """Build a model and return the profile record (the CLI contract's keys, and more)."""
     from ..api import get_model
     from ..memory import profile
 
-    model = get_model(backbone, method, num_classes, image_size=image_size, pretrained=pretrained,
-                      memory=memory, **(options or {}))
+    kwargs = {"memory": memory, **(options or {})}
+    if runtime == "executorch":
+        from ..executorch_training import program_build
+
+        program_kwargs = program_build(method, options)  # what `repnet train --runtime executorch` builds
+        kwargs = {**program_kwargs, "memory": memory}
+    model = get_model(backbone, method, num_classes, image_size=image_size, pretrained=pretrained, **kwargs)
     rec = {"backbone": backbone, "method": method, "image_size": image_size, "batch_size": batch_size,
            "num_classes": num_classes, "memory_mode": memory, "options": dataclasses.asdict(model.options)}
     rec.update(profile(model, batch_size=batch_size, image_size=image_size, measure=measure, peak=peak,
                        order=order, tensor_peak=tensor_peak))
+    if runtime == "executorch":
+        from ..executorch_training import analytic_planned_mb, program_memory
+
+        program_model = get_model(backbone, method, num_classes, image_size=image_size, pretrained=pretrained,
+                                  **program_kwargs)
+        rec.update(program_memory(program_model, batch_size, image_size))
+        rec["analytic_planned_mb"] = analytic_planned_mb(rec["analytic_peak_activation_mb"], rec["trainable_params"])
     return rec
 
 
@@ -77,6 +93,7 @@ PROFILE_COLS = [("method", "method"), ("memory_mode", "mode"), ("trainable_param
                 ("analytic_mb", "analytic MB"), ("analytic_saved_mb", "analytic kept MB"),
                 ("measured_saved_mb", "measured kept MB"), ("peak_mb", "peak MB"),
                 ("analytic_with_optimizer_mb", "analytic + optimizer MB"), ("tensor_peak_mb", "tensor peak MB")]
+PROGRAM_COLS = [("analytic_planned_mb", "analytic planned MB"), ("program_planned_mb", "ExecuTorch planned MB")]
 
 
 def run(args) -> int:
@@ -95,10 +112,10 @@ def run(args) -> int:
                                     memory=mode, pretrained=args.weights or False,
                                     measure=not args.no_measure, peak=not (args.no_peak or args.no_measure),
                                     options=parse_pairs(args.opt, "--opt"), order=args.analytic_order,
-                                    tensor_peak=args.tensor_peak and not args.no_measure))
+                                    tensor_peak=args.tensor_peak and not args.no_measure, runtime=args.runtime))
     print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {args.num_classes} classes "
           "(MB = 1e6 bytes; analytic = the papers' model, SPEC §7)")
-    print_table(rows, PROFILE_COLS)
+    print_table(rows, PROFILE_COLS + (PROGRAM_COLS if args.runtime == "executorch" else []))
     if args.tinytl_reference:
         _print_tinytl_reference(args)
     if args.json:

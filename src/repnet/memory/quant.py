@@ -24,7 +24,7 @@ from ..errors import RepnetError
 from .engine import MemConv2d, MemLinear, apply_engine
 
 __all__ = ["quantize_frozen_weights", "dequantize_module", "is_quantized", "kmeans_codebook",
-           "QuantConv2d", "QuantLinear", "SCHEMES"]
+           "QuantConv2d", "QuantLinear", "PlainQuantConv2d", "PlainQuantLinear", "SCHEMES"]
 
 SCHEMES = ("kmeans", "linear")
 
@@ -68,7 +68,16 @@ class QuantLinear(_QuantMixin, MemLinear):
     """Engine linear layer whose frozen weight is stored in 8 bits."""
 
 
-_QUANT = {MemConv2d: QuantConv2d, MemLinear: QuantLinear}
+class PlainQuantConv2d(_QuantMixin, nn.Conv2d):
+    """Plain PyTorch conv (what ``torch.export`` traces for a device program) with its frozen weight
+    in 8 bits: the dequantisation is part of the traced graph."""
+
+
+class PlainQuantLinear(_QuantMixin, nn.Linear):
+    """Plain PyTorch linear layer with its frozen weight in 8 bits."""
+
+
+_QUANT = {MemConv2d: QuantConv2d, MemLinear: QuantLinear, nn.Conv2d: PlainQuantConv2d, nn.Linear: PlainQuantLinear}
 _UNQUANT = {v: k for k, v in _QUANT.items()}
 
 
@@ -125,14 +134,16 @@ def _quantize_module(m: nn.Module, scheme: str) -> None:
         m.register_buffer("weight_scale", scale)
 
 
-def quantize_frozen_weights(model: nn.Module, scheme: str = "kmeans") -> nn.Module:
+def quantize_frozen_weights(model: nn.Module, scheme: str = "kmeans", engine: bool = True) -> nn.Module:
     """Store every frozen Conv2d / Linear weight of ``model`` in 8 bits (in place).
 
-    Returns ``model``. Idempotent; layers whose weight trains keep float weights.
+    Returns ``model``. Idempotent; layers whose weight trains keep float weights. ``engine=False``
+    keeps plain PyTorch layers (:class:`PlainQuantConv2d`: for a traced device program).
     """
     if scheme not in SCHEMES:
         raise RepnetError(f"unknown quantisation scheme '{scheme}'; choose from: {', '.join(SCHEMES)}")
-    apply_engine(model)
+    if engine:
+        apply_engine(model)
     for m in model.modules():
         if type(m) in _QUANT and not m.weight.requires_grad:
             _quantize_module(m, scheme)

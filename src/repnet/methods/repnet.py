@@ -26,6 +26,7 @@ dual       x + p                         x + p (the merged feature; default)
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,20 +43,30 @@ def make_divisible8(c: int) -> int:
     return max(8, int(round(c / 8)) * 8) if c % 8 else c
 
 
+def module_norm(kind: str, channels: int) -> nn.Module:
+    """A module's norm: ``batch`` (the paper's BatchNorm: batch statistics while training) or
+    ``group`` (GroupNorm, 8 groups where the width allows: the same computation in training and in
+    eval mode, so a training program for a device runtime, which runs with fixed statistics,
+    trains the model that eager PyTorch trains)."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 8), channels, eps=1e-3)
+    return nn.BatchNorm2d(channels, eps=1e-3)
+
+
 class RepNetModule(nn.Module):
-    """AvgPool(d) -> WS-conv kxk (groups g) -> BN -> ReLU -> WS-conv 1x1 -> BN(gamma=0) -> resize."""
+    """AvgPool(d) -> WS-conv kxk (groups g) -> norm -> ReLU -> WS-conv 1x1 -> norm(gamma=0) -> resize."""
 
     def __init__(self, cin: int, cout: int, kernel: int, groups: int, mid: int, pool: int, ws: bool = True,
-                 zero_init: bool = True):
+                 zero_init: bool = True, norm: str = "batch"):
         super().__init__()
         # a module (not F.avg_pool2d) so that the memory engine makes its backward keep nothing
         self.pool = nn.AvgPool2d(pool) if pool > 1 else None
         conv = functools.partial(StdConv2d, eps=1e-5) if ws else nn.Conv2d
         self.conv1 = conv(cin, mid, kernel, groups=groups, bias=False, padding=kernel // 2)
-        self.bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+        self.bn1 = module_norm(norm, mid)
         self.act = nn.ReLU(inplace=True)
         self.conv2 = conv(mid, cout, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.bn2 = module_norm(norm, cout)
         for m in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
         if zero_init:
@@ -82,6 +93,8 @@ class RepNetOptions(MethodOptions):
     ws: bool = opt(True, "weight standardisation in the module convs (paper)")
     zero_init: bool = opt(True, "each module's last norm starts with gamma = 0: the model starts as the backbone "
                                 "(paper)")
+    norm: str = opt("batch", "the modules' norm: batch (paper) or group (GroupNorm: what --runtime executorch "
+                             "trains, as it runs norms without batch statistics)", ("batch", "group"))
     image_pool: int = opt(2, "module 1 reads the image average-pooled by this factor (paper: 2; 1 = full image)",
                           check=AT_LEAST_ONE)
 
@@ -106,7 +119,7 @@ class RepNet(TransferModel):
             g = 1 if j == 0 or cin % o.groups or mid % o.groups else o.groups
             k = o.kernel or (3 if max(info.out_size) <= 7 else 5)
             mods.append(RepNetModule(cin, info.out_channels, k, g, mid, pool=4 if j == 0 else 2, ws=o.ws,
-                                     zero_init=o.zero_init))
+                                     zero_init=o.zero_init, norm=o.norm))
         self.repnet = nn.ModuleList(mods)
         self._last_block = len(infos) - 1
         for j, b in enumerate(starts):

@@ -44,8 +44,9 @@ NOMINAL_RESOLUTION = 128  # TinyTL's released rule: ``max_resolution = 128``
 class LiteResidual(RepNetModule):
     """A Rep-Net module whose k x k conv carries the block's stride (TinyTL's lite residual)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, groups: int, mid: int, pool: int, stride: int = 1):
-        super().__init__(cin, cout, kernel, groups, mid, pool)
+    def __init__(self, cin: int, cout: int, kernel: int, groups: int, mid: int, pool: int, stride: int = 1,
+                 norm: str = "batch"):
+        super().__init__(cin, cout, kernel, groups, mid, pool, norm=norm)
         # odd kernels: timm's default padding (k // 2) is the same for stride 1 and 2
         self.conv1.stride = (stride, stride)
 
@@ -73,6 +74,8 @@ class TinyTLOptions(MethodOptions):
                       check=ODD_KERNEL)
     groups: int = opt(2, "groups of the lite residual's k x k conv", check=AT_LEAST_ONE)
     width: float = opt(1.0, "lite-residual width = round8(block input channels x width)", check=POSITIVE)
+    norm: str = opt("batch", "the lite residuals' norm: batch, or group (TinyTL's GroupNorm; what --runtime "
+                             "executorch trains)", ("batch", "group"))
 
 
 class _TinyTL(TransferModel):
@@ -89,7 +92,7 @@ class _TinyTL(TransferModel):
             cin = info.in_channels
             mid = make_divisible8(round(cin * o.width))
             g = o.groups if cin % o.groups == 0 and mid % o.groups == 0 else 1
-            mods.append(LiteResidual(cin, info.out_channels, k, g, mid, pool, stride=info.stride))
+            mods.append(LiteResidual(cin, info.out_channels, k, g, mid, pool, stride=info.stride, norm=o.norm))
         self.lite_blocks = [i.index for i in blocks]
         self.lite = nn.ModuleList(mods)
         for j, b in enumerate(self.lite_blocks):
