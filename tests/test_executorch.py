@@ -157,6 +157,34 @@ def test_recompute_weights_keeps_no_dequantised_weight_across_the_step():
     assert kept.planned_bytes - ours.planned_bytes >= 0.9 * 64 * 64 * 4  # one float copy fewer at the peak
 
 
+class LatePool(nn.Module):
+    """frozen convs on the image, then a trainable conv on the image pooled by 4 (as Rep-Net's module 1
+    reads it), joined at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                    nn.ReLU())
+        self.frozen.requires_grad_(False)
+        self.side = nn.Conv2d(3, 16, 1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = nn.functional.avg_pool2d(self.frozen(x), 4) + self.side(nn.functional.avg_pool2d(x, 4))
+        return self.head(h.mean((2, 3)))
+
+
+def test_hoist_input_reductions_lets_the_image_go_before_the_frozen_convs():
+    torch.manual_seed(0)
+    model = LatePool().eval()
+    ours = export_training_program(model, 2, 32)
+    held = export_training_program(model, 2, 32, passes=_without("hoist_input_reductions"))
+    assert ours.rewrites["hoist_input_reductions"] == 1  # the image's pool; the frozen output's pool is not
+    _grads_match(model, ours, size=32)
+    # the image (2 x 3 x 32 x 32 floats) no longer lives through the frozen convs; its pool (1/16) does
+    assert held.planned_bytes - ours.planned_bytes >= 2 * 3 * 32 * 32 * 4 * 15 // 16 - 64
+
+
 def test_offsets_by_size_packs_tensors_without_overlap():
     """Largest first at the lowest free offset: hand-checked layout of five tensors."""
     from executorch.exir.tensor import TensorSpec

@@ -73,7 +73,8 @@ class TrainConfig:
     seed: int = _f(0, "seed: model init, data order, augmentation, dropout")
     runtime: str = _f("eager", "where training steps run: eager (PyTorch, the memory engine) or executorch (an "
                       "ExecuTorch training program on its runtime: eval-mode forward, its SGD with momentum 0.9 "
-                      "(recipes/runtime-executorch.yaml's lr / lr_side), one batch size)", choices=("eager", "executorch"))
+                      "(recipes/runtime-executorch.yaml's lr / lr_side), one batch size)",
+                      choices=("eager", "executorch"))
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", runtime=True)
     workers: int = _f(min(4, os.cpu_count() or 1), "data-loader worker processes", runtime=True)
     checkpoint_every: int = _f(0, "also checkpoint every N steps (0: at epoch ends only)", runtime=True)
