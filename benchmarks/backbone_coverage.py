@@ -10,15 +10,13 @@ batch 8 on CPU: what the rules say is kept (SPEC §7 plus the extensions documen
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 import repnet
 from repnet.memory import analyze, measure_saved
-from repnet.demo import command_line
+from repnet.demo import command_line, write_results
 
 BACKBONES = ("proxylessnas_mobile", "mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_large", "resnet50",
              "timm:tf_efficientnet_lite0", "timm:efficientnet_b0", "timm:resnet18", "timm:convnext_atto",
@@ -56,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": command_line(argv),
            "image_size": args.image_size, "batch_size": args.batch_size, "device": "cpu",
            "note": "random weights (memory does not depend on them); MB = 1e6 bytes", "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -13,14 +13,12 @@ model. Methods are built as `repnet train --runtime executorch` builds them
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 import repnet
-from repnet.demo import command_line
+from repnet.demo import command_line, write_results
 from repnet.executorch_passes import PASSES
 from repnet.executorch_training import analytic_planned_mb, export_training_program, program_build
 
@@ -75,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    "codes + scales); stock = ExecuTorch's export with only the avg-pool rewrite lowering needs; "
                    "executorch 1.5.1, torch 2.14.1, CPU",
            "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -10,14 +10,12 @@ from the Flower messages (each message = the method's trainable state as an Arra
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-from pathlib import Path
 
 import torch
 
 from repnet.federated import run_federated
-from repnet.demo import command_line
+from repnet.demo import command_line, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(Ray, one actor per core, 1 thread each); message_bytes = serialised ArrayRecord payload "
                    "(tensor data + NumPy headers) per client per round, message_tensor_bytes = its tensor data",
            "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

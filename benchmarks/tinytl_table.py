@@ -16,13 +16,11 @@ Analytic only (shapes and flags), so it runs in seconds on a CPU; no weights are
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from repnet import get_model
 from repnet.memory import analyze
 from repnet.tinytl_reference import reproduce
-from repnet.demo import command_line
+from repnet.demo import command_line, write_results
 
 # Rep-Net paper (SPEC §4 / §6), ProxylessNAS-Mobile, batch 8: (label, image size, options, MB)
 REPNET_PUBLISHED = [
@@ -70,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['label']:<28} {r['image_size']:>4} {r['published_mb']:>9.1f} {r['ours_mb']:>8.2f} "
               f"{r['difference_mb']:>+8.2f} {r['side_params']:>11,d}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "benchmark": "TinyTL's published memory table (ProxylessNAS-Mobile), reproduced and explained",
             "command": command_line(argv),
@@ -94,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 "P + 2.04 A in [-0.08, 0.92] MB at 320 px, i.e. A between -2.9 and -1.0 MB and P between 3.0 "
                 "and 5.9 MB. The 224 px figure is therefore most likely from another configuration than the 320 px one; it remains unexplained."),
         }
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_results(args.out, doc)
     return 0
 
 

@@ -214,7 +214,7 @@ def test_offsets_by_size_packs_tensors_without_overlap():
 def test_avg_pool_backward_is_rewritten_and_refused_without_the_rewrite():
     torch.manual_seed(0)
     model = Tiny(pool=nn.AvgPool2d(2)).eval()
-    with pytest.raises(RepnetError, match="avg_pool2d_backward has no runtime kernel"):
+    with pytest.raises(RepnetError, match="avg_pool2d_backward.*no runtime kernel"):
         export_training_program(model, 2, 16, rewrite=False)
     prog = export_training_program(model, 2, 16)
     assert prog.rewrites["avg_pool"] == 1

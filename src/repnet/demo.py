@@ -290,6 +290,15 @@ def command_line(argv: list[str] | None = None) -> str:
     return "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *args])
 
 
+def write_results(path: str | os.PathLike, doc: dict) -> None:
+    """A benchmark's results document, as JSON at ``path`` (folders made; written atomically)."""
+    from .storage import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def provenance() -> dict:
     """Which code produced a result: the git commit and any uncommitted source files."""
     import subprocess

@@ -24,11 +24,11 @@ from .executorch_passes import PASSES, InPlacePlanning, run_passes
 __all__ = ["TrainStep", "TrainingProgram", "export_training_program", "RuntimeTrainer", "require_executorch",
            "program_build", "program_memory", "analytic_planned_mb", "PROGRAM_FROZEN_BITS"]
 
-aten = torch.ops.aten
 
 #: backward ops the portable runtime has no kernel for (or computes wrongly), with what to do instead
 UNSUPPORTED = {
     "aten._adaptive_avg_pool2d_backward.default": "use a mean over H, W (global pooling) or a fixed-size avg_pool2d",
+    "aten.avg_pool2d_backward.default": "no runtime kernel; the avg_pool pass rewrites it (export with the passes)",
     "aten.max_pool2d_with_indices_backward.default": "max-pool backward gives wrong gradients in ExecuTorch 1.5 "
                                                      "(pytorch/executorch#21686): freeze the layers below the pool",
     "aten.native_batch_norm_backward.default": "train-mode batch norm: use frozen statistics (bn=frozen) or GroupNorm",
@@ -138,8 +138,6 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     passes = tuple(passes) if rewrite else ()
     rewrites = run_passes(ep, passes)
     _check_supported(graph)
-    if any(n.target is aten.avg_pool2d_backward.default for n in graph.nodes):
-        raise RepnetError("ExecuTorch export: avg_pool2d_backward has no runtime kernel (export with the rewrite)")
     planning = InPlacePlanning() if "inplace" in passes else None
     et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
     if planning:
