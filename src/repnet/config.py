@@ -49,10 +49,16 @@ class TrainConfig:
     int8_rounding: str = _f("stochastic", "rounding of the int8 errors", ("stochastic", "nearest"))
     int8_master: str = _f("fp32", "int8 master weights: fp32 copy (default), or int8 (weights kept on their int8 "
                           "grid after every step, the on-device setting)", ("fp32", "int8"))
+    frozen_bits: str = _f("none", "store the frozen backbone's conv / linear weights in 8 bits: linear (per-channel "
+                          "int8) or kmeans (the paper's 256-entry codebook); none: fp32 (--int8 implies linear)",
+                          ("none", "linear", "kmeans"))
     # the recipe (None = from recipes/<dataset>.yaml)
     image_size: int = _f(224, "training / test resolution R")
     epochs: int = _f(50, "epochs")
-    batch_size: int = _f(8, "batch size")
+    batch_size: int = _f(8, "batch size: images per forward / backward (with accum_steps > 1, a micro-batch)")
+    accum_steps: int = _f(1, "gradient accumulation: one optimizer step per this many batches (loss scaled by "
+                          "1/accum_steps), so batch_size x accum_steps images make one step in less memory; steps, "
+                          "steps_per_epoch, max_steps and the schedule count optimizer steps")
     optimizer: str = _f("adam", "optimizer (the paper: Adam, no weight decay)", ("adam", "sgd"))
     lr: float | None = _f(None, "learning rate of the head and trained backbone tensors (recipe: lr)")
     lr_side: float | None = _f(None, "learning rate of the method's side modules (recipe: lr_p)")
@@ -88,7 +94,7 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise RepnetError(f"{f.name}={getattr(self, f.name)!r} is not valid; choose from: {', '.join(choices)}")
-        for name in ("image_size", "epochs", "batch_size"):
+        for name in ("image_size", "epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise RepnetError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "lr_side"):
@@ -271,6 +277,8 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained=None, backbone=No
     if pretrained is None:
         pretrained = False if cfg.random_init else (cfg.weights or True)
     kwargs = {"memory": cfg.memory, **cfg.options}
+    if cfg.frozen_bits != "none":
+        kwargs["frozen_bits"] = cfg.frozen_bits
     if cfg.runtime == "executorch":
         from .executorch_training import program_build
 

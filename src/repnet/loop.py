@@ -15,6 +15,17 @@ What :func:`fit` guarantees, for every caller:
   non-finite weights, so the last good checkpoint is never overwritten by a diverged one.
 * **Ctrl-C** (SIGINT) finishes the current step, calls ``checkpoint`` (the state is consistent
   between steps) and raises :class:`~repnet.errors.Interrupted` with ``resume_hint``.
+* **Gradient accumulation** (``cfg.accum_steps`` = k > 1): each optimizer step is k batches of
+  ``cfg.batch_size`` (micro-batches), each backward on the loss scaled by 1/k, so the step's
+  gradient is the mean over the k x ``batch_size`` images, as one batch of that size gives (up
+  to float summation order; exactly so only where nothing normalises with batch statistics:
+  a train-mode BatchNorm sees each micro-batch alone). "Step" means optimizer step throughout:
+  ``steps_per_epoch``, ``max_steps``, the schedule, ``checkpoint_every``, ``on_step`` and the
+  state's ``step`` / ``batch`` counters. The sampler hands out the same images in the same order
+  as at batch k x ``batch_size``: an epoch is ``n // (k x batch_size)`` full steps and the last
+  partial group is dropped, as ``drop_last`` drops a partial batch (a different remainder each
+  epoch, as the order is redrawn). Checkpoints fall between steps only (no partial gradient is
+  ever saved), and Ctrl-C finishes the step's remaining micro-batches first.
 * **Progress** (tqdm) per epoch, with loss, accuracy and images/s.
 """
 from __future__ import annotations
@@ -110,12 +121,15 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def plan_steps(n_train: int, cfg: TrainConfig, what: str = "") -> tuple[int, int]:
-    """``(steps per epoch, total steps)`` for ``n_train`` images under the config's limits."""
-    steps_per_epoch = n_train // cfg.batch_size
+    """``(steps per epoch, total steps)`` for ``n_train`` images under the config's limits, in
+    optimizer steps of ``batch_size x accum_steps`` images (a last partial one is dropped)."""
+    accum = cfg.accum_steps
+    steps_per_epoch = n_train // (cfg.batch_size * accum)
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     if steps_per_epoch < 1:
-        raise RepnetError(f"{what}{n_train} training images is less than one batch of {cfg.batch_size}")
+        raise RepnetError(f"{what}{n_train} training images is less than one batch of {cfg.batch_size}"
+                          + (f" x {accum} accumulation steps" if accum > 1 else ""))
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -245,7 +259,7 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
       (e.g. a self-supervised warm-up); without logits no training accuracy is counted.
     * ``step(x, y) -> (loss, logits)``: the whole training step done elsewhere (a device runtime's
       forward + backward + optimizer, e.g. :class:`repnet.executorch_training.RuntimeTrainer`);
-      ``optimizer`` and ``scheduler`` are then not stepped here.
+      ``optimizer`` and ``scheduler`` are then not stepped here, and ``cfg.accum_steps`` must be 1.
     * ``name`` prefixes messages (``task 'digits': ``); ``stop_hint`` / ``resume_hint`` end the
       non-finite and the interrupt messages (e.g. the last good checkpoint, the resume command).
     """
@@ -254,6 +268,11 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
     st = state if state is not None else new_state()
     seed = cfg.seed if seed is None else seed
     prefix = f"{name}: " if name else ""
+    accum = cfg.accum_steps
+    if step is not None and accum > 1:
+        raise RepnetError(f"{prefix}accum_steps={accum}: gradient accumulation needs the eager loop (a runtime's "
+                          "step updates the weights after every batch); use accum_steps=1")
+    images_per_step = cfg.batch_size * accum
     steps_per_epoch, total_steps = plan_steps(len(train_ds), cfg, prefix)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = make_loader(val_ds, cfg, device) if val_ds is not None else None
@@ -261,13 +280,14 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
     with _SigintFlag() as sigint:
         while st["step"] < total_steps and st["epoch"] < cfg.epochs:
             epoch = st["epoch"]
-            sampler = EpochSampler(len(train_ds), seed, epoch, start=st["batch"] * cfg.batch_size,
-                                   limit=steps_per_epoch * cfg.batch_size)
+            sampler = EpochSampler(len(train_ds), seed, epoch, start=st["batch"] * images_per_step,
+                                   limit=steps_per_epoch * images_per_step)
             n_batches = min(steps_per_epoch, st["batch"] + total_steps - st["step"])
             bar = tqdm(total=n_batches, initial=st["batch"], desc=f"{name + ' ' if name else ''}epoch "
                        f"{epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress, dynamic_ncols=True)
             t_epoch, images_epoch = time.time(), 0
             batches = iter(make_loader(train_ds, cfg, device, sampler))
+            micro, group = 0, [0.0, 0, 0]  # micro-batches done in this step; their loss sum, correct, images
             try:
                 while True:
                     try:
@@ -298,19 +318,29 @@ def fit(model: nn.Module, train_ds, cfg: TrainConfig, device: torch.device, opti
                         raise RepnetError(f"{prefix}loss became {loss_value} at epoch {epoch + 1} step "
                                           f"{st['step'] + 1}{stop_hint}")
                     if step is None:
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
+                        if micro == 0:
+                            optimizer.zero_grad(set_to_none=True)
+                        (loss / accum if accum > 1 else loss).backward()
+                    micro += 1
+                    group[0] += loss_value * y.numel()
+                    if logits is not None:
+                        group[1] += int((logits.detach().argmax(1) == y).sum())
+                    group[2] += y.numel()
+                    if micro < accum:  # (Ctrl-C too waits for the step's last micro-batch)
+                        continue
+                    if step is None:
                         optimizer.step()
                         if scheduler is not None:
                             scheduler.step()
+                    if accum > 1:
+                        loss_value = group[0] / group[2]  # the step's loss: the mean over its images
                     st["step"] += 1
                     st["batch"] += 1
-                    stats = st["epoch_stats"]
-                    stats[0] += loss_value * y.numel()
-                    if logits is not None:
-                        stats[1] += int((logits.detach().argmax(1) == y).sum())
-                    stats[2] += y.numel()
-                    images_epoch += y.numel()
+                    stats = st["epoch_stats"]  # a step's figures enter the state whole, never a part of one
+                    for i in range(3):
+                        stats[i] += group[i]
+                    images_epoch += group[2]
+                    micro, group = 0, [0.0, 0, 0]
                     bar.set_postfix(loss=f"{stats[0] / stats[2]:.3f}", acc=f"{stats[1] / stats[2]:.3f}",
                                     img_s=f"{images_epoch / max(time.time() - t_epoch, 1e-9):.0f}", refresh=False)
                     bar.update()

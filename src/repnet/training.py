@@ -103,6 +103,12 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
                               "lives in the program; start a new run")
         if cfg.int8:
             raise RepnetError("--int8 is not supported with --runtime executorch (its SGD trains fp32 tensors)")
+        if cfg.accum_steps > 1:
+            raise RepnetError("--accum-steps is not supported with --runtime executorch (its program updates the "
+                              "weights after every batch)")
+        if cfg.frozen_bits not in ("none", "linear"):
+            raise RepnetError(f"--frozen-bits {cfg.frozen_bits} is not supported with --runtime executorch (a "
+                              "program's frozen weights are linear int8: the runtime has no codebook lookup)")
         say(f"exporting the ExecuTorch training program ({cfg.image_size}px, batch {cfg.batch_size}) ...")
         program = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing)
         runtime = RuntimeTrainer(model, program, cfg.lr, cfg.lr_side, momentum=0.9, weight_decay=cfg.weight_decay,
@@ -143,12 +149,14 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         checkpoint(st)  # a last good checkpoint exists from step 0 on
     elapsed_before = st["elapsed"]  # wall time of earlier sessions of this run
 
-    if device.type == "cpu" and total_steps * cfg.batch_size * cfg.image_size ** 2 > 2e10:  # ~1 h and more on 2 cores
+    images = total_steps * cfg.batch_size * cfg.accum_steps
+    if device.type == "cpu" and images * cfg.image_size ** 2 > 2e10:  # ~1 h and more on 2 cores
         say(f"note: {total_steps:,d} steps at {cfg.image_size} px on the CPU take many hours (the paper's recipe is "
             "for a GPU); a quick run: --image-size 64 --epochs 1 --train-subset 1000 --test-subset 500")
     say(f"{cfg.method} on {cfg.backbone} -> {cfg.dataset} ({num_classes} classes): {n_train} train / "
         f"{len(val_ds) if val_ds is not None else 0} val / {len(test_ds)} test images, {cfg.image_size}px, "
-        f"batch {cfg.batch_size}, {total_steps} steps on {device}; trainable {trainable:,d} of {total:,d} params")
+        f"batch {cfg.batch_size}" + (f" x {cfg.accum_steps} accumulated" if cfg.accum_steps > 1 else "")
+        + f", {total_steps} steps on {device}; trainable {trainable:,d} of {total:,d} params")
 
     def on_epoch(state: dict, rec: dict) -> None:
         if cfg.select_best_on == "val" and state["best_val_epoch"] == rec["epoch"]:

@@ -41,6 +41,10 @@ def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: 
 
 
 class MBInvertedConv(nn.Module):
+    #: its children run in order, each output read only by the next (the memory engine may fuse the
+    #: expansion with the depthwise conv: repnet.memory.ops.fused)
+    engine_chain = True
+
     def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
         super().__init__()
         mid = round(cin * expand)
@@ -49,9 +53,12 @@ class MBInvertedConv(nn.Module):
         self.point_linear = conv_bn(mid, cout, 1, act=False)
 
     def forward(self, x):
+        # each result rebinds ``x``: a layer's input is freed once the next layer has it (a nested
+        # call would hold the expanded map through the projection)
         if self.inverted_bottleneck is not None:
             x = self.inverted_bottleneck(x)
-        return self.point_linear(self.depth_conv(x))
+        x = self.depth_conv(x)
+        return self.point_linear(x)
 
 
 class MobileInvertedResidualBlock(nn.Module):

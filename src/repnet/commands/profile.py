@@ -9,7 +9,7 @@ import os
 from ..errors import RepnetError
 from ..keyvalue import parse_pairs
 
-HELP = "training-memory profile: analytic, measured kept-for-backward, peak"
+HELP = "training-memory profile: analytic, measured kept-for-backward, exact peak of a step"
 
 
 def configure(pp: argparse.ArgumentParser) -> None:
@@ -25,9 +25,13 @@ def configure(pp: argparse.ArgumentParser) -> None:
     pp.add_argument("--analytic-order", choices=["run", "paper"], default="run",
                     help="analytic model's execution order: run (this package's forward: Rep-Net's module 1 "
                     "after block 1) or paper (module 1 before the stem, as the released code)")
-    pp.add_argument("--no-peak", action="store_true", help="skip the peak measurement")
-    pp.add_argument("--tensor-peak", action="store_true", help="also the exact live-tensor peak of a training "
-                    "step, with what was alive at that moment by kind (PyTorch's memory profiler; slower)")
+    pp.add_argument("--frozen-bits", choices=["linear", "kmeans", "fp32"], default="linear",
+                    help="how the frozen conv / linear weights are held: 8-bit codes (linear: per-channel int8, "
+                    "kmeans: 256-entry codebook), as the papers count them, or fp32 for comparison")
+    pp.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                    help="the step's optimizer (its state counts in the peak and in analytic + optimizer)")
+    pp.add_argument("--no-peak", action="store_true", help="skip the measured peaks (tensor peak and RSS)")
+    pp.add_argument("--no-rss", action="store_true", help="skip the RSS peak (a subprocess per model)")
     pp.add_argument("--runtime", choices=["eager", "executorch"], default="eager",
                     help="executorch: also export each method's ExecuTorch training program (built as `repnet train "
                     "--runtime executorch` builds it) and report its planned arena beside its analytic counterpart")
@@ -38,18 +42,24 @@ def configure(pp: argparse.ArgumentParser) -> None:
 
 
 PROFILE_KEYS = ("backbone", "method", "image_size", "batch_size", "trainable_params", "total_params",
-                "analytic_mb", "analytic_saved_mb", "measured_saved_mb", "peak_mb")
+                "analytic_mb", "analytic_with_optimizer_mb", "analytic_saved_mb", "measured_saved_mb", "peak_mb",
+                "peak_breakdown_mb", "rss_peak_mb")
 
 
 def profile_one(backbone: str, method: str, image_size: int, batch_size: int, num_classes: int,
                 memory: str = "engine", pretrained=False, measure: bool = True, peak: bool = True,
-                options: dict | None = None, order: str = "run", tensor_peak: bool = False,
-                runtime: str = "eager") -> dict:
-    """Build a model and return the profile record (the CLI contract's keys, and more)."""
+                options: dict | None = None, order: str = "run", runtime: str = "eager",
+                frozen_bits: str = "linear", rss: bool = True, optimizer: str = "adam") -> dict:
+    """Build a model and return the profile record (the CLI contract's keys, and more).
+
+    ``frozen_bits``: ``linear`` / ``kmeans`` (frozen weights as 8-bit codes, the papers' setting,
+    default) or ``fp32``."""
     from ..api import get_model
     from ..memory import profile
 
     kwargs = {"memory": memory, **(options or {})}
+    if frozen_bits != "fp32":
+        kwargs["frozen_bits"] = frozen_bits
     if runtime == "executorch":
         from ..executorch_training import program_build
 
@@ -59,7 +69,7 @@ def profile_one(backbone: str, method: str, image_size: int, batch_size: int, nu
     rec = {"backbone": backbone, "method": method, "image_size": image_size, "batch_size": batch_size,
            "num_classes": num_classes, "memory_mode": memory, "options": dataclasses.asdict(model.options)}
     rec.update(profile(model, batch_size=batch_size, image_size=image_size, measure=measure, peak=peak,
-                       order=order, tensor_peak=tensor_peak))
+                       rss=peak and rss, order=order, optimizer=optimizer))
     if runtime == "executorch":
         from ..executorch_training import analytic_planned_mb, program_memory
 
@@ -89,10 +99,13 @@ def print_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(d, widths)))
 
 
-PROFILE_COLS = [("method", "method"), ("memory_mode", "mode"), ("trainable_params", "trainable"),
-                ("analytic_mb", "analytic MB"), ("analytic_saved_mb", "analytic kept MB"),
-                ("measured_saved_mb", "measured kept MB"), ("peak_mb", "peak MB"),
-                ("analytic_with_optimizer_mb", "analytic + optimizer MB"), ("tensor_peak_mb", "tensor peak MB")]
+PROFILE_COLS = [("method", "method"), ("memory_mode", "mode"), ("frozen_bits", "frozen"),
+                ("trainable_params", "trainable"), ("analytic_mb", "analytic MB"),
+                ("analytic_saved_mb", "analytic kept MB"), ("measured_saved_mb", "measured kept MB"),
+                ("analytic_with_optimizer_mb", "analytic + optimizer MB"), ("peak_mb", "peak MB"),
+                ("peak_over_analytic", "peak / analytic+opt"), ("rss_peak_mb", "RSS peak MB")]
+BREAKDOWN = [("frozen_weights", "frozen weights"), ("trainable_state", "trained weights + grads + optimizer"),
+             ("forward_activations", "forward activations"), ("transient", "backward / temporary buffers")]
 PROGRAM_COLS = [("analytic_planned_mb", "analytic planned MB"), ("program_planned_mb", "ExecuTorch planned MB")]
 
 
@@ -112,10 +125,19 @@ def run(args) -> int:
                                     memory=mode, pretrained=args.weights or False,
                                     measure=not args.no_measure, peak=not (args.no_peak or args.no_measure),
                                     options=parse_pairs(args.opt, "--opt"), order=args.analytic_order,
-                                    tensor_peak=args.tensor_peak and not args.no_measure, runtime=args.runtime))
+                                    runtime=args.runtime, frozen_bits=args.frozen_bits, rss=not args.no_rss,
+                                    optimizer=args.optimizer))
     print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {args.num_classes} classes "
           "(MB = 1e6 bytes; analytic = the papers' model, SPEC §7)")
     print_table(rows, PROFILE_COLS + (PROGRAM_COLS if args.runtime == "executorch" else []))
+    for r in rows:
+        if r.get("peak_breakdown_mb"):
+            b, a = r["peak_breakdown_mb"], r["analytic_breakdown_mb"]
+            parts = ", ".join(f"{label} {b[k]:.2f}" for k, label in BREAKDOWN)
+            print(f"{r['method']} ({r['memory_mode']}): peak {r['peak_mb']:.2f} MB = {parts} (input batch "
+                  f"{b['input']:.2f} MB not counted, as in the analytic figure); analytic: frozen weights "
+                  f"{a['frozen_weights']:.2f}, trained weights {a['trainable_weights']:.2f}, grads + optimizer "
+                  f"{a['gradients_and_optimizer_state']:.2f}, peak activation {a['peak_activation']:.2f}")
     if args.tinytl_reference:
         _print_tinytl_reference(args)
     if args.json:

@@ -66,15 +66,17 @@ and the functions that apply it.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .ops import SWAP as _OP_SWAP
 from .ops.activations import (_MaskedActFn, MemHardswish, MemHardtanh, MemReLU, MemReLU6, _StepMixin,
                               masked_activation)
-from .ops.conv import (MemConv2d, MemLinear, _FrozenConv2dFn, _FrozenLinearFn, _numeric_padding, _standardize,
+from .ops.conv import (FEEDS_NORM, MemConv2d, MemLinear, _FrozenConv2dFn, _FrozenLinearFn, _numeric_padding, _standardize,
                        _StdConv2dFn, conv2d_input_grad, frozen_conv2d, frozen_linear)
+from .ops.fused import _FusedInvertedCoreFn, mark_fusable, unmark_fusable
 from .ops.masks import apply_mask, pack_bits, unpack_bits
-from .ops.norm import MemBatchNorm2d, _FrozenBatchNormFn
+from .ops.norm import MemBatchNorm2d, _FrozenBatchNormFn, _InplaceFrozenBatchNormFn
 from .ops.pooling import MemAvgPool2d, MemMaxPool2d, _AvgPool2dFn, avg_pool2d
 
 __all__ = [
@@ -84,7 +86,8 @@ __all__ = [
     "MemHardswish", "MemAvgPool2d", "MemMaxPool2d",
 ]
 # (the autograd Functions and helpers imported above stay reachable here for tests and repnet.int8)
-_FUNCTIONS = (_MaskedActFn, _FrozenConv2dFn, _FrozenLinearFn, _StdConv2dFn, _FrozenBatchNormFn, _AvgPool2dFn,
+_FUNCTIONS = (_MaskedActFn, _FrozenConv2dFn, _FrozenLinearFn, _StdConv2dFn, _FrozenBatchNormFn,
+              _InplaceFrozenBatchNormFn, _FusedInvertedCoreFn, _AvgPool2dFn,
               _numeric_padding, _standardize)
 
 #: The one swap table: plain class -> engine class (collected from every op module).
@@ -107,17 +110,45 @@ def apply_engine(model: nn.Module) -> nn.Module:
         new = _SWAP.get(type(m))
         if new is not None:
             m.__class__ = new
+    _mark_conv_norm_pairs(model)
+    mark_fusable(model)  # expansion + depthwise pairs run in channel slices (ops.fused)
+    # oneDNN's CPU convolutions read and write channels-last (NHWC) tensors as they are; on NCHW
+    # tensors each one reorders its input or output into a blocked copy - a second activation
+    # of the layer's size alive while it runs. 4-D weights go channels-last, and with them every
+    # conv's output (the first conv converts the image), so the whole network stays NHWC.
+    model.to(memory_format=torch.channels_last)
     return model
+
+
+def _mark_conv_norm_pairs(model: nn.Module) -> None:
+    """Mark each engine conv that an ``nn.Sequential`` runs right before a batch norm.
+
+    In a Sequential the conv's output is read by the next module only, so a frozen norm with eval
+    statistics may overwrite it (ops.norm ``CONSUMABLE``): the conv's output and the norm's are
+    not alive side by side - in a high-resolution expansion layer, the step's largest pair of
+    buffers. Anywhere else (a block's own ``forward``, where the code may read the conv's output
+    again) nothing is marked.
+    """
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            kids = list(seq.children())
+            for a, b in zip(kids, kids[1:]):
+                if isinstance(a, MemConv2d) and isinstance(b, nn.modules.batchnorm._BatchNorm) \
+                        and isinstance(b, ENGINE_TYPES):
+                    a.__dict__[FEEDS_NORM] = True
 
 
 def remove_engine(model: nn.Module) -> nn.Module:
     """Restore plain PyTorch modules (8-bit weights are dequantised back to float first)."""
+    unmark_fusable(model)
     for m in model.modules():
         if hasattr(m, "dequantize_"):  # 8-bit frozen weights (memory.quant)
             m.dequantize_()
         old = _UNSWAP.get(type(m))
         if old is not None:
             m.__class__ = old
+        m.__dict__.pop(FEEDS_NORM, None)
+    model.to(memory_format=torch.contiguous_format)
     return model
 
 

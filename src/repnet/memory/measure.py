@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 __all__ = ["measure_saved_bytes", "measure_saved", "SavedReport", "measure_peak_bytes", "default_loss",
-           "measure_tensor_peak"]
+           "measure_tensor_peak", "OPTIMIZER_STATE_BYTES", "make_step_optimizer"]
 
 
 def default_loss(out: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,16 +241,40 @@ class _quiet_stderr:
         os.close(self.saved)
 
 
+#: bytes per trainable parameter beyond its weight that a step of each optimizer holds: the
+#: gradient (4 B) and the state (Adam: two moments; SGD with momentum: one buffer)
+OPTIMIZER_STATE_BYTES = {"adam": 12, "sgd": 8}
+
+
+def make_step_optimizer(params: list, optimizer: str = "adam", lr: float = 1e-3):
+    """The optimizer a measured step uses (as the training loop builds it: Adam, or SGD + momentum 0.9)."""
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
+    if not params:
+        return None
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
 def measure_tensor_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
-                        lr: float = 1e-3) -> dict:
-    """Peak live tensor bytes of one steady-state Adam training step (module doc), in bytes:
-    ``{"peak_bytes", "by_kind": {kind: bytes alive at the peak}, "frozen_weight_bytes",
-    "trainable_weight_bytes"}``. The model's gradients are cleared afterwards."""
+                        lr: float = 1e-3, optimizer: str = "adam") -> dict:
+    """Peak live tensor bytes of one steady-state training step (module doc), in bytes.
+
+    Returns ``peak_bytes`` (everything alive at the peak, the input batch included),
+    ``input_bytes`` (the batch), ``by_kind`` (PyTorch's categories at that moment) and
+    ``breakdown``: ``frozen_weights`` (frozen parameters and every buffer: 8-bit codes, scales,
+    norm statistics - resident, known exactly from the model), ``trainable_state`` (trained
+    weights + their gradients + optimizer state), ``forward_activations`` (PyTorch's "activation":
+    tensors the forward made - at a forward peak the layer's input and output and what is kept,
+    at a backward peak what is still kept), ``input`` (the batch) and ``transient`` (the rest:
+    backward buffers, temporaries). The model's gradients are cleared afterwards and its state is
+    as before."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr) if params else None
+    opt = make_step_optimizer(params, optimizer, lr)
     was = model.training
     model.train()
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -260,6 +284,7 @@ def measure_tensor_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Non
         loss = nn.functional.cross_entropy(out, y) if out.dim() == 2 and y is not None else out.float().sum()
         if loss.requires_grad:
             loss.backward()
+        del out, loss  # as a training loop's next iteration would
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -280,7 +305,15 @@ def measure_tensor_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Non
     k = max(range(len(totals)), key=totals.__getitem__) if totals else 0
     names = {c: ("unknown" if c is None else c.name.lower()) for c in _CATEGORY_TO_INDEX}
     by_kind = {names[c]: int(sizes[k][i + 1]) for c, i in _CATEGORY_TO_INDEX.items()} if totals else {}
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    return {"peak_bytes": int(totals[k]) if totals else 0, "by_kind": by_kind, "frozen_weight_bytes": frozen,
-            "trainable_weight_bytes": sum(p.numel() * p.element_size() for p in params)}
-
+    peak = int(totals[k]) if totals else 0
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    frozen = nbytes(p for p in model.parameters() if not p.requires_grad) + nbytes(model.buffers())
+    # weights and the batch are known exactly; PyTorch's categories give the rest (its "parameter"
+    # also holds frozen parameters, its "input" the buffers and the batch)
+    trainable = nbytes(params) + by_kind.get("gradient", 0) + by_kind.get("optimizer_state", 0)
+    act = by_kind.get("activation", 0)
+    inp = x.numel() * x.element_size()
+    breakdown = {"frozen_weights": frozen, "trainable_state": trainable, "forward_activations": act, "input": inp,
+                 "transient": max(0, peak - frozen - trainable - act - inp)}
+    return {"peak_bytes": peak, "input_bytes": inp, "by_kind": by_kind, "breakdown": breakdown,
+            "frozen_weight_bytes": frozen, "trainable_weight_bytes": nbytes(params)}

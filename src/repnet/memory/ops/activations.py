@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import ACT_BYTES, engine_off
-from .masks import apply_mask, pack_bits
+from .base import ACT_BYTES, engine_off, owned
+from .masks import apply_mask, pack_mask
 
 class _MaskedActFn(torch.autograd.Function):
-    """An activation whose backward is ``g * mask``: keeps the mask bit-packed (numel/8 B).
+    """An activation whose backward is ``g * mask``: keeps the mask bit-packed (numel/8 B), and
+    applies it to the incoming gradient in place where no one else holds that gradient.
 
     ``lo``/``hi`` give the mask ``lo < x < hi`` (ReLU: 0, inf; ReLU6: 0, 6), exactly the
     derivative PyTorch uses; ``step=True`` gives MobileTL's approximation ``x >= 0``.
@@ -25,12 +26,7 @@ class _MaskedActFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, op, lo, hi, step, inplace):
-        if step:
-            packed = pack_bits(x >= 0)
-        elif hi == float("inf"):
-            packed = pack_bits(x > lo)
-        else:
-            packed = pack_bits(x > lo, x < hi)
+        packed, ctx.channels_last = pack_mask(x, lo, hi, step)
         ctx.save_for_backward(packed)
         if inplace:
             op(x, True)
@@ -42,7 +38,8 @@ class _MaskedActFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
-        return apply_mask(g, packed), None, None, None, None, None
+        # the incoming gradient is overwritten when it is this node's alone (base.owned)
+        return apply_mask(g, packed, ctx.channels_last, inplace=owned(g)), None, None, None, None, None
 
 
 def _clamp_op(lo: float, hi: float):

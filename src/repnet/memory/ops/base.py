@@ -56,5 +56,25 @@ def engine_off(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
 
 
+def owned(g: torch.Tensor) -> bool:
+    """Whether a backward may overwrite the gradient ``g`` it was handed (no one else can see it).
+
+    Autograd hands a node's gradient to its backward and keeps no reference of its own when
+    the tensor is the node's alone; a gradient shared with another branch (an add passes the
+    same tensor to both of its inputs) is referenced twice until the other branch has run. So:
+    one reference to the tensor (``_use_count``, the C++ count PyTorch's own gradient
+    accumulation consults before it reuses a buffer), one tensor on its storage (no view, no
+    base alive elsewhere: the storage's count is that tensor + the storage handle asked for here),
+    and a dense layout (contiguous or channels-last) covering the whole storage (no expanded /
+    strided gradient). Anything
+    else: the caller computes out of place, as PyTorch does.
+    """
+    dense = g.is_contiguous() or (g.dim() == 4 and g.is_contiguous(memory_format=torch.channels_last))
+    if g.requires_grad or not dense or g.storage_offset() != 0 or g._use_count() != 1:
+        return False
+    s = g.untyped_storage()
+    return s.nbytes() == g.numel() * g.element_size() and torch._C._storage_Use_Count(s._cdata) == 2
+
+
 def pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from torch.nn.modules.module import _global_forward_hooks
+
 from .base import ACT_BYTES, engine_off, identity, input_bytes, pair, wants_grad, weight_trains
+from .norm import CONSUMABLE
 
 class _FrozenConv2dFn(torch.autograd.Function):
     """Conv2d with a frozen weight: keeps only the weight tensors (parameters or 8-bit codes)."""
@@ -109,10 +112,32 @@ class _WeightMixin:
         return self.weight.requires_grad
 
 
+#: set by :func:`repnet.memory.engine.apply_engine` on a conv whose output goes straight into the
+#: norm after it in an ``nn.Sequential``
+FEEDS_NORM = "_feeds_norm"
+#: on a fused core's output (ops.fused): the modules, in order, that pass it through as computed
+FUSED = "_repnet_fused"
+
+
 class MemConv2d(_WeightMixin, nn.Conv2d):
-    """``nn.Conv2d`` that keeps nothing for backward when its weight is frozen."""
+    """``nn.Conv2d`` that keeps nothing for backward when its weight is frozen.
+
+    A conv marked ``FEEDS_NORM`` with no forward hook tags its output ``CONSUMABLE``: its only
+    reader is the frozen norm that follows, which then normalises it in place (ops.norm).
+    """
 
     def forward(self, x):
+        skip = x.__dict__.get(FUSED)
+        if skip and skip[0] is self:  # the projection of a fused inverted-residual core (ops.fused)
+            skip.pop(0)
+            y = x
+        else:
+            y = self._conv(x)
+        if self.__dict__.get(FEEDS_NORM) and not (self._forward_hooks or _global_forward_hooks):
+            setattr(y, CONSUMABLE, True)
+        return y
+
+    def _conv(self, x):
         if engine_off(x) or self._weight_trains() or not (x.requires_grad or wants_grad(self.bias)):
             return super().forward(x)
         pad = _numeric_padding(self)

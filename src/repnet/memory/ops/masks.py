@@ -49,10 +49,66 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return _table(torch.bool, packed.device).index_select(0, packed.int()).view(-1)[:n].view(shape)
 
 
-def apply_mask(g: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``where(mask, g, 0)`` for a mask packed by :func:`pack_bits` (same shape as ``g``)."""
+#: elements per slice when a mask is made or applied (a multiple of 8: whole mask bytes): the
+#: only temporaries are one slice's comparisons and looked-up words, never an activation-sized tensor
+MASK_SLICE = 1 << 18
+
+
+def flat_memory(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s elements in memory order as a 1-D view (contiguous or channels-last), else None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)  # the permuted tensor is contiguous: a view
+    return None
+
+
+def _slices(n: int):
+    for s in range(0, n, MASK_SLICE):
+        yield s, min(n, s + MASK_SLICE)
+
+
+def pack_mask(x: torch.Tensor, lo: float, hi: float, step: bool = False) -> tuple[torch.Tensor, bool]:
+    """The bit-packed mask of ``lo < x < hi`` (``x >= 0`` if ``step``) in ``x``'s memory order, made
+    slice by slice; returns ``(packed, channels_last)``, the layout the bits follow."""
+    flat = flat_memory(x)
+    if flat is None:
+        x = x.contiguous()
+        flat = x.view(-1)
+    cl = not x.is_contiguous()
+    out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+    for s, e in _slices(flat.numel()):
+        xs = flat[s:e]
+        if step:
+            packed = pack_bits(xs >= 0)
+        elif hi == float("inf"):
+            packed = pack_bits(xs > lo)
+        else:
+            packed = pack_bits(xs > lo, xs < hi)
+        out[s // 8: s // 8 + packed.numel()] = packed
+    return out, cl
+
+
+def apply_mask(g: torch.Tensor, packed: torch.Tensor, channels_last: bool = False,
+               inplace: bool = False) -> torch.Tensor:
+    """``where(mask, g, 0)`` for a mask from :func:`pack_mask` (bits in the layout it reports).
+
+    ``inplace=True`` (``g`` is the caller's to overwrite): ``g``'s masked-out elements are zeroed
+    in place. Either way the work goes slice by slice, so no gradient-sized temporary is made;
+    a gradient in another layout than the mask's is first copied into it (that copy is then
+    written in place).
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not g.is_contiguous(memory_format=fmt):
+        g, inplace = g.contiguous(memory_format=fmt), True
+    out = g if inplace else torch.empty_like(g, memory_format=fmt)
+    src, dst = flat_memory(g), flat_memory(out)
     it = _INT_OF.get(g.dtype)
-    if it is None:
-        return g.where(unpack_bits(packed, g.shape), 0)
-    words = _table(it, packed.device).index_select(0, packed.int()).view(-1)[: g.numel()].view(g.shape)
-    return words.bitwise_and_(g.view(it)).view(g.dtype)
+    table = _table(it or torch.bool, packed.device)
+    for s, e in _slices(src.numel()):
+        bits = table.index_select(0, packed[s // 8:(e + 7) // 8].int()).view(-1)[: e - s]
+        if it is None:
+            dst[s:e] = src[s:e].where(bits, 0)
+        else:
+            torch.bitwise_and(src[s:e].view(it), bits, out=dst[s:e].view(it))
+    return out

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import ACT_BYTES, engine_off, wants_grad, weight_trains
+from .base import ACT_BYTES, engine_off, owned, wants_grad, weight_trains
 
 class _FrozenBatchNormFn(torch.autograd.Function):
     """BatchNorm with a frozen (or absent) scale; the shift may train.
@@ -47,6 +47,12 @@ class _FrozenBatchNormFn(torch.autograd.Function):
             x, weight, mean, invstd = ctx.saved_tensors
             gx, _, gb = torch.ops.aten.native_batch_norm_backward(
                 g, x, weight, None, None, mean, invstd, True, ctx.eps, [True, False, need_b])
+        elif not ctx.training and need_x and owned(g):
+            # eval statistics, and the gradient is ours to overwrite (base.owned): the per-channel
+            # scale in place, after the shift's gradient has read it
+            weight, running_mean, running_var = ctx.saved_tensors
+            gb = g.sum(ctx.dims) if need_b else None
+            gx = g.mul_(_channel(_scale(weight, running_var, ctx.eps), g))
         elif not ctx.training:
             # eval statistics: PyTorch's own kernel (grad_x = g * gamma / sqrt(var + eps), grad_beta =
             # sum g); it reads its "input" argument only for grad_gamma, not requested, so ``g``
@@ -57,6 +63,54 @@ class _FrozenBatchNormFn(torch.autograd.Function):
         if need_b and gb is None:
             gb = g.sum(ctx.dims)
         return gx, None, gb, None, None, None, None, None
+
+
+def _scale(weight, running_var, eps):
+    """The fixed per-channel scale of an eval-statistics norm: ``gamma / sqrt(var + eps)``."""
+    s = torch.rsqrt(running_var + eps)
+    return s if weight is None else s * weight
+
+
+def _channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+class _InplaceFrozenBatchNormFn(torch.autograd.Function):
+    """Eval-statistics BatchNorm with a frozen scale, computed in place on its input.
+
+    Only for an input no one else will read: a frozen conv's output handed straight to this
+    norm (``CONSUMABLE``, below). ``y = x * s + (beta - mean * s)`` with ``s = gamma /
+    sqrt(var + eps)`` - the affine form PyTorch's CPU inference kernel uses - so the conv's
+    output and the norm's never exist side by side. Backward: ``g * s`` (in place when the
+    gradient is ours), ``sum(g)`` for a trainable shift.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        s = _scale(weight, running_var, eps)
+        shift = -running_mean * s if bias is None else bias - running_mean * s
+        x.mul_(_channel(s, x)).add_(_channel(shift, x))
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(weight, running_var)  # the norm's own tensors: the scale is recomputed
+        ctx.dims, ctx.eps = [0] + list(range(2, x.dim())), eps
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        weight, running_var = ctx.saved_tensors
+        s = _scale(weight, running_var, ctx.eps)
+        gb = g.sum(ctx.dims) if ctx.needs_input_grad[2] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = g.mul_(_channel(s, g)) if owned(g) else g * _channel(s, g)
+        return gx, None, gb, None, None, None
+
+
+#: The attribute a frozen conv sets on an output whose only reader is the norm right after it
+#: in an ``nn.Sequential`` (``repnet.memory.engine`` marks such convs; ops.conv sets it when no
+#: hook can see the tensor): that norm may overwrite it.
+CONSUMABLE = "_repnet_consumable"
 
 
 def _engine_batch_norm(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +129,13 @@ def _engine_batch_norm(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> t
         bn_training, eaf, m.eps)
 
 
+def _consume(m, x) -> bool:
+    """Whether ``m`` normalises ``x`` in place: a tagged conv output (``CONSUMABLE``), eval
+    statistics, a frozen scale - whether or not anything needs a gradient (the same kernel)."""
+    return (x.__dict__.pop(CONSUMABLE, False) and not m.training and m.running_var is not None
+            and not wants_grad(m.weight) and not torch.is_autocast_enabled(x.device.type))
+
+
 def _bn_uses_engine(m, x) -> bool:
     return not (engine_off(x) or wants_grad(m.weight) or not (x.requires_grad or wants_grad(m.bias)))
 
@@ -83,6 +144,9 @@ class MemBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose backward keeps nothing (eval statistics) when its scale is frozen."""
 
     def forward(self, x):
+        if _consume(self, x):
+            return _InplaceFrozenBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                   self.eps)
         if not _bn_uses_engine(self, x):
             return super().forward(x)
         return _engine_batch_norm(self, x)
@@ -97,6 +161,10 @@ try:  # timm's fused BN + drop + act
         """timm ``BatchNormAct2d``: the engine's batch norm, then its own drop and act modules."""
 
         def forward(self, x):
+            if _consume(self, x):
+                x = _InplaceFrozenBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                    self.eps)
+                return self.act(self.drop(x))
             if not _bn_uses_engine(self, x):
                 return super().forward(x)
             return self.act(self.drop(_engine_batch_norm(self, x)))
