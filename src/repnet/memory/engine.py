@@ -50,8 +50,22 @@ differs. Each engine module decides per call: if its own weight trains (or autog
 or autocast is on, or nothing upstream or in the layer needs a gradient) it runs the
 ordinary PyTorch path; otherwise the memory-saving Function. :func:`remove_engine` restores
 the original classes. The backward kernels are PyTorch's own (transposed convolution,
-``native_batch_norm_backward``), so gradients equal plain PyTorch's (tested in float64 to
-1e-9 relative on every method x backbone, typically bit-identical).
+``native_batch_norm_backward``), so gradients equal plain PyTorch's (tested in float64 on every
+method x backbone against plain PyTorch in the same layout, to 1e-6 of each tensor's scale - plain
+PyTorch NCHW against NHWC differs by up to 2.3e-7 of it - and with 8-bit frozen weights against
+plain PyTorch holding the same dequantised weights).
+
+Beyond what is kept, the step's *peak* (``repnet.memory.profile``'s ``peak_mb``) is also the
+layers' transient buffers, so the engine also:
+
+* runs the network channels-last (NHWC): oneDNN's CPU convolutions then read and write the
+  tensors as they are (on NCHW each one reorders its input or output into a blocked copy);
+* normalises a frozen conv's output in place when the norm follows it in an ``nn.Sequential``
+  (ops.norm ``CONSUMABLE``), makes the 1-bit masks slice by slice, and applies a mask or a frozen
+  norm's scale to the incoming gradient in place when no one else holds that gradient
+  (ops.base ``owned``);
+* runs each frozen inverted-residual core ([1x1 expansion ->] depthwise -> 1x1 projection) in
+  channel slices, so its wide maps are never whole (ops.fused).
 
 Functional calls (``F.relu``, ``F.avg_pool2d``, ...) inside ``forward`` methods are not seen
 by the class swap: use modules, or the ops' functional forms (:func:`avg_pool2d`,
@@ -60,7 +74,7 @@ by the class swap: use modules, or the ops' functional forms (:func:`avg_pool2d`
 Where it lives
 --------------
 One family of layers per module of :mod:`repnet.memory.ops` (``conv``, ``norm``,
-``activations``, ``pooling``; ``masks`` packs the 1-bit masks), each with its engine classes,
+``activations``, ``pooling``, ``fused``; ``masks`` packs the 1-bit masks), each with its engine classes,
 its autograd Function and its analytic rule. This file is the one swap table built from them,
 and the functions that apply it.
 """

@@ -110,10 +110,11 @@ def _plan(head: nn.Module, x: torch.Tensor):
     return [(c, n, _bounds(a)) for c, n, a in units], proj
 
 
-def _affine_act(t: torch.Tensor, s, shift, lo, hi):
-    """Eval-statistics norm (in place) then the activation's 1-bit mask and the activation (in place)."""
+def _affine_act(t: torch.Tensor, s, shift, lo, hi, keep: bool = True):
+    """Eval-statistics norm (in place) then the activation's 1-bit mask (if a backward will come:
+    ``keep``) and the activation (in place)."""
     t.mul_(_channel(s, t)).add_(_channel(shift, t))
-    mask = pack_mask(t, lo, hi)
+    mask = pack_mask(t, lo, hi) if keep else (None, False)
     t.clamp_(lo, hi)
     return mask
 
@@ -148,6 +149,7 @@ class _FusedInvertedCoreFn(torch.autograd.Function):
         conv_dw = (dw.stride, _numeric_padding(dw), dw.dilation)
         C = weights[-1].shape[0]
         step = math.ceil(C / k)
+        keep = any(ctx.needs_input_grad[:3])  # nothing needs a gradient (e.g. last-layer training): no masks
         out = rows = None
         slices, layouts, masks = [], [], []
         for c0 in range(0, C, step):
@@ -155,13 +157,13 @@ class _FusedInvertedCoreFn(torch.autograd.Function):
             ms, cls = [], []
             if expand:
                 e = F.conv2d(x, weights[0][sl])
-                m, cl = _affine_act(e, scales[0][sl], shifts[0][sl], *units[0][2])
+                m, cl = _affine_act(e, scales[0][sl], shifts[0][sl], *units[0][2], keep)
                 ms.append(m), cls.append(cl)
             else:
                 e = x[:, sl]
             d = F.conv2d(e, weights[-1][sl], None, *conv_dw, sl.stop - sl.start)
             del e
-            m, cl = _affine_act(d, scales[-1][sl], shifts[-1][sl], *units[-1][2])
+            m, cl = _affine_act(d, scales[-1][sl], shifts[-1][sl], *units[-1][2], keep)
             ms.append(m), cls.append(cl)
             d = d.contiguous(memory_format=torch.channels_last)
             if out is None:
@@ -171,7 +173,7 @@ class _FusedInvertedCoreFn(torch.autograd.Function):
             del d
             slices.append(sl)
             layouts.append(cls)
-            masks += ms
+            masks += [m for m in ms if m is not None]
         ctx.plan, ctx.slices, ctx.layouts, ctx.conv_dw, ctx.x_shape = plan, slices, layouts, conv_dw, x.shape
         ctx.nparts = [len(p) for p in wparts] + [len(pparts)]
         ctx.save_for_backward(*[t for p in wparts for t in p], *pparts, *masks)  # masks through autograd
