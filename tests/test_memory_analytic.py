@@ -203,7 +203,7 @@ def test_paper_execution_order_counts_module_1_before_the_stem():
 
 def test_tensor_peak_counts_every_live_tensor_of_a_step_by_kind():
     """One Linear(1000, 1000), batch 8, Adam: the peak holds the weights, their gradients, Adam's two
-    moments (+ its step counters), the batch and the output - each exactly, by hand."""
+    moments (+ its step counters), the batch and Adam's update temporaries - each exactly, by hand."""
     from repnet.memory.measure import measure_tensor_peak
 
     torch.manual_seed(0)
@@ -216,7 +216,12 @@ def test_tensor_peak_counts_every_live_tensor_of_a_step_by_kind():
     assert k["parameter"] == w and k["gradient"] == w
     assert k["optimizer_state"] == 2 * w + 2 * 4          # exp_avg, exp_avg_sq, a float32 step per tensor
     assert k["input"] >= 4 * 8 * 1000 + 8 * 8            # the batch and its int64 labels
-    assert k["activation"] == 4 * 8 * 1000 + 4            # the output kept for the loss's backward, the loss
-    assert r["peak_bytes"] == sum(k.values()) >= 4 * w
+    # the peak is Adam's update: the output and the loss are gone (freed before the step, as a training
+    # loop's next iteration frees them), Adam's foreach update holds two weight-sized temporaries
+    assert k["activation"] == 0 and k["unknown"] == 2 * 4 * 1000 * 1000  # (those of the weight matrix)
+    assert r["peak_bytes"] == sum(k.values()) >= 6 * w
+    b = r["breakdown"]
+    assert b["trainable_state"] == 4 * w + 2 * 4 and b["input"] == 4 * 8 * 1000 and b["frozen_weights"] == 0
+    assert b["transient"] == r["peak_bytes"] - b["trainable_state"] - b["input"]
     assert r["trainable_weight_bytes"] == w and r["frozen_weight_bytes"] == 0
     assert all(torch.equal(v, before[n]) for n, v in m.state_dict().items()) and m.weight.grad is None
