@@ -114,7 +114,7 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
         out["peak_over_analytic"] = out["peak_mb"] / out["analytic_with_optimizer_mb"]
         out["peak_kind"] = "live tensors"
     if rss:
-        b = measure_peak_bytes(model, x, y if nc else None)
+        b = measure_peak_bytes(model, x, y if nc else None, optimizer=optimizer)
         if b is not None:
             out["cuda_allocator_peak_mb" if x.is_cuda else "rss_peak_mb"] = b / 1e6
     return out

@@ -122,9 +122,8 @@ def measure_saved_bytes(model: nn.Module, inputs, loss_fn=None) -> int:
 
 
 # ----------------------------------------------------------------------------- peak
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr) if params else None
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3, optimizer: str = "adam"):
+    opt = make_step_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr)
     out = model(x)
     loss = nn.functional.cross_entropy(out, y) if out.dim() == 2 else out.float().sum()
     if loss.requires_grad:
@@ -134,14 +133,14 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 
     return opt
 
 
-def _cuda_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+def _cuda_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str = "adam") -> int:
     dev = x.device
     model.train()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize(dev)
     before = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    opt = _train_step(model, x, y)
+    opt = _train_step(model, x, y, optimizer=optimizer)
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev) - before
     del opt
@@ -191,7 +190,7 @@ def _child_main(data: bytes) -> dict:
         reset = False
     base = _proc_status("VmRSS")
     hwm0 = _proc_status("VmHWM")
-    _train_step(model, x, y)
+    _train_step(model, x, y, optimizer=blob.get("optimizer", "adam"))
     hwm = _proc_status("VmHWM")
     if not reset and hwm <= hwm0:
         return {"peak_bytes": None, "baseline_rss": base, "hwm_reset": reset}
@@ -199,8 +198,9 @@ def _child_main(data: bytes) -> dict:
 
 
 def measure_peak_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
-                       threads: int | None = None, timeout: float = 900) -> int | None:
-    """Peak bytes of one training step beyond what was resident before it (module doc).
+                       threads: int | None = None, timeout: float = 900, optimizer: str = "adam") -> int | None:
+    """Peak bytes of one training step beyond what was resident before it (module doc), with
+    ``optimizer`` (``adam`` / ``sgd``, as :func:`measure_tensor_peak`).
 
     CUDA inputs: allocator peak in this process. CPU: peak RSS increase in a fresh
     subprocess (coarse). Returns ``None`` where it cannot be measured (no ``/proc``).
@@ -208,12 +208,13 @@ def measure_peak_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     if targets is None:
         targets = torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
     if inputs.is_cuda:
-        return _cuda_peak(model, inputs, targets)
+        return _cuda_peak(model, inputs, targets, optimizer)
     if not os.path.exists("/proc/self/status"):
         return None
     import pickle
 
-    data = pickle.dumps({"model": model, "x": inputs, "y": targets, "threads": threads or torch.get_num_threads()})
+    data = pickle.dumps({"model": model, "x": inputs, "y": targets, "threads": threads or torch.get_num_threads(),
+                         "optimizer": optimizer})
     # the child sees the same import path, so classes defined next to the caller unpickle
     path_env = os.pathsep.join(p for p in sys.path if p)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=path_env)
