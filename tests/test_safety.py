@@ -398,3 +398,71 @@ def test_continual_and_federated_overwrite(tmp_path, capsys):
     capsys.readouterr()
     assert main(fl) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*fl, "--overwrite"]) == 0
+
+
+def test_overwrite_never_replaces_a_run_of_another_kind(tmp_path, capsys):
+    """A finished federated run's folder is refused by `repnet train --overwrite` (it used to be replaced)."""
+    fl = tmp_path / "fl"
+    assert main(["federated", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--method", "last",
+                 "--clients", "2", "--rounds", "1", "--quiet", "--out", str(fl), "--set", "random_init=true",
+                 "--set", "image_size=32", "--set", "workers=0", "--set", "train_subset=64",
+                 "--set", "test_subset=16"]) == 0
+    before = {p.name: p.read_bytes() for p in fl.iterdir() if p.is_file()}
+    capsys.readouterr()
+    train = ["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init", "--image-size",
+             "32", "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0", "--quiet", "--no-profile"]
+    assert main([*train, "--out", str(fl), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "federated run" in err
+    assert {p.name: p.read_bytes() for p in fl.iterdir() if p.is_file()} == before
+    assert (fl / "adapter" / "adapter.safetensors").is_file()
+    # a folder of the old layout (no repnet-run.json): the checkpoint's keys tell the kinds apart
+    (fl / "repnet-run.json").unlink()
+    assert main([*train, "--out", str(fl), "--overwrite"]) == 2
+    assert "does not hold a training run" in capsys.readouterr().err
+    assert (fl / "checkpoint.pt").read_bytes() == before["checkpoint.pt"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_overwrite(tmp_path, capsys, monkeypatch):
+    import repnet.training as training
+
+    args = ["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init", "--image-size",
+            "32", "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0", "--quiet", "--no-profile"]
+    run = tmp_path / "run"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # dies while the data is read, before the step-0 checkpoint
+    with monkeypatch.context() as m:
+        m.setattr(training, "build_data", killed)
+        assert main([*args, "--out", str(run)]) == 130
+    assert json.loads((run / "repnet-run.json").read_text()) == {"kind": "run", "state": "started"}
+    assert not (run / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert main([*args, "--resume", str(run)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(run)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(run), "--overwrite"]) == 0
+    assert json.loads((run / "repnet-run.json").read_text())["state"] == "finished"
+    assert (run / "results.json").is_file()
+
+
+def test_flower_app_never_replaces_a_file_it_did_not_write(tmp_path):
+    from repnet.errors import RepnetError
+    from repnet.federated import write_app
+
+    tiny = {"dataset": "digits", "backbone": "proxylessnas_mobile", "method": "last", "random_init": True}
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text("[project]\nname = 'mine'\n")
+    with pytest.raises(RepnetError, match="not written by repnet"):
+        write_app(str(app), tiny)
+    assert (app / "pyproject.toml").read_text() == "[project]\nname = 'mine'\n"
+    ours = tmp_path / "ours"
+    first = write_app(str(ours), tiny, rounds=2).read_text()
+    assert "num-server-rounds = 2" in first
+    assert "num-server-rounds = 3" in write_app(str(ours), tiny, rounds=3).read_text()  # ours, unchanged: rewritten
+    (ours / "pyproject.toml").write_text((ours / "pyproject.toml").read_text() + "# my edit\n")
+    with pytest.raises(RepnetError, match="edited since"):
+        write_app(str(ours), tiny, rounds=4)
+    assert (ours / "pyproject.toml").read_text().endswith("# my edit\n")

@@ -62,7 +62,8 @@ from .int8 import unpack_on_grid
 from .methods import METHODS, TransferModel, parse_options
 from .methods.base import _version
 from .registry import Registry
-from .storage import (RunKind, atomic_write_bytes, atomic_write_text, claim_folder, read_json, read_safetensors,
+from .storage import (RunKind, atomic_write_bytes, atomic_write_text, check_resumable, claim_folder, read_json,
+                      read_safetensors, set_run_state,
                       save_tensors, tensors_to_bytes)
 
 FORMAT = "repnet-multitask/1"
@@ -504,6 +505,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
         for old in out.glob("*-state-*.safetensors"):
             if old.name != results.get("state_file"):
                 old.unlink()
+    set_run_state(out, RUN, "finished")
     print(format_matrix(results))  # the result itself: printed even with --quiet
     say(f"wrote {out / 'results.json'} and {out / 'model'}")
     return results
@@ -522,13 +524,15 @@ def _verify_run(out: Path) -> None:
 
 
 #: A continual run folder (``overwrite=True`` replaces exactly these files, once verified as ours).
-RUN = RunKind("continual run", "results.json", ("results.json", "model", "*-state-*.safetensors"), _verify_run)
+RUN = RunKind("continual run", "results.json", ("results.json", "model", "*-state-*.safetensors"), _verify_run,
+              "repnet continual")
 
 
 def _resumable(out: Path, pairs, cfgs, backbone: str, method: str, naive: bool) -> dict:
     """The earlier results of the run in ``out``, checked against what is asked now."""
     path = out / "results.json"
-    if not path.is_file() or not (out / "model" / "config.json").is_file():
+    check_resumable(out, RUN)
+    if not (out / "model" / "config.json").is_file():
         raise RepnetError(f"cannot resume: {out} holds no continual run (results.json and model/)")
     prev = read_json(path, "continual results")
     if prev.get("complete"):

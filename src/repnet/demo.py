@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -37,7 +36,8 @@ import torch
 
 from .config import LINEAR_PROBE, DemoConfig, TrainConfig
 from .keyvalue import parse_pairs
-from .storage import atomic_write_text
+from .errors import RepnetError
+from .storage import RunKind, atomic_write_text, claim_folder, read_json, set_run_state
 from .training import MEMORY_KEYS, memory_profile, train
 
 #: (lr, lr_side) per method for the demo's short schedule (3 epochs, batch 32): the best of a
@@ -212,13 +212,18 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- run
-def compare(cfg: DemoConfig) -> list[dict]:
-    """Train every method of ``cfg.methods`` on the shared budget; one result dict per method."""
+def check_methods(cfg: DemoConfig) -> None:
+    """Unknown method names fail before anything runs."""
     from .methods import METHODS
 
     for m in cfg.methods:
         if m != LINEAR_PROBE:
-            METHODS.get(parse_method(m)[0])  # unknown names fail before anything runs
+            METHODS.get(parse_method(m)[0])
+
+
+def compare(cfg: DemoConfig) -> list[dict]:
+    """Train every method of ``cfg.methods`` on the shared budget; one result dict per method."""
+    check_methods(cfg)
     rows = []
     for i, m in enumerate(cfg.methods):
         if cfg.progress:
@@ -227,7 +232,6 @@ def compare(cfg: DemoConfig) -> list[dict]:
             rows.append(linear_probe(cfg))
             continue
         tc = method_config(cfg, m)
-        shutil.rmtree(tc.out_dir, ignore_errors=True)  # the demo owns its run folders
         res = train(tc)
         res["method"], res["lr"], res["lr_side"] = m, tc.lr, tc.lr_side
         rows.append(res)
@@ -254,10 +258,20 @@ def verdict(rows: list[dict]) -> list[str]:
     return out
 
 
+def _verify_demo(folder: Path) -> None:
+    prev = read_json(folder / "results.json", "demo results")
+    if not (isinstance(prev, dict) and {"budget", "rows", "demo_config"} <= set(prev)):
+        raise RepnetError(f"{folder} holds a results.json that is not a demo's: it is left as it is; give another --out")
+
+
+#: ``repnet demo``'s output folder: a rerun replaces an earlier demo there, and nothing else.
+DEMO = RunKind("demo", "results.json", ("results.json", "memory_vs_accuracy.png", "runs"), _verify_demo, "repnet demo")
+
+
 def run(cfg: DemoConfig) -> dict:
     t0 = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_methods(cfg)
+    out = claim_folder(cfg.out_dir, kind=DEMO, overwrite=True)
     rows = compare(cfg)
     total = time.time() - t0
     budget = (f"{cfg.backbone} (ImageNet) -> {cfg.dataset}: {cfg.image_size}px, {rows[0].get('train_images')} train / "
@@ -276,6 +290,7 @@ def run(cfg: DemoConfig) -> dict:
         "rows": [{k: r[k] for k in keep if k in r} for r in rows], "table": table, "verdict": lines,
     }
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    set_run_state(out, DEMO, "finished")
     print(f"wrote {out / 'results.json'} and {plot_path}")
     return result
 
@@ -292,8 +307,6 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def write_results(path: str | os.PathLike, doc: dict) -> None:
     """A benchmark's results document, as JSON at ``path`` (folders made; written atomically)."""
-    from .storage import atomic_write_text
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path}")

@@ -42,7 +42,8 @@ from torch.utils.data import Subset
 
 from . import loop
 from .errors import RepnetError
-from .storage import RunKind, atomic_write_text, claim_folder, clean_temps, load_checkpoint, save_checkpoint
+from .storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, load_checkpoint,
+                      save_checkpoint, set_run_state)
 
 __all__ = ["Settings", "STRATEGIES", "partition", "state_bytes", "LocalClient", "Server", "screen_reply",
            "encode_state", "decode_arrays", "RUN"]
@@ -319,8 +320,16 @@ class LocalClient:
 
 # ----------------------------------------------------------------------------- server
 #: A federated run folder (``overwrite=True`` replaces exactly these files, once the checkpoint is ours).
-RUN = RunKind("federated run", "checkpoint.pt", ("checkpoint.pt", "adapter", "results.json"),
-              lambda folder: load_checkpoint(folder / "checkpoint.pt"))
+def _verify_run(folder: Path) -> None:
+    """Raise unless ``folder/checkpoint.pt`` is a federated run's checkpoint (checksum and keys)."""
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    if not {"round", "global_state", "history", "settings"} <= set(ckpt):
+        raise RepnetError(f"--overwrite: {folder} does not hold a federated run (its checkpoint.pt is another kind's); "
+                          "give a new or empty folder")
+
+
+RUN = RunKind("federated run", "checkpoint.pt", ("checkpoint.pt", "adapter", "results.json"), _verify_run,
+              "repnet federated")
 
 
 def _project_on_grid(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -356,8 +365,9 @@ class Server:
         self.progress = progress
         self.ckpt = None
         if settings.resume:
-            if self.ckpt_path is None or not self.ckpt_path.is_file():
-                raise RepnetError(f"cannot resume: no checkpoint.pt in {settings.out or '(no --out)'}")
+            if self.ckpt_path is None:
+                raise RepnetError("cannot resume: no run folder (--out)")
+            check_resumable(self.out, RUN)
             clean_temps(self.ckpt_path.parent)
             self.ckpt = load_checkpoint(self.ckpt_path)
             if self.ckpt.get("settings") != self.identity:
@@ -498,5 +508,6 @@ class Server:
             self.out.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(str(self.out / "adapter"))
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
+            set_run_state(self.out, RUN, "finished")
             results["out_dir"] = str(self.out)
         return results

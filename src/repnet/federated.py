@@ -11,9 +11,11 @@ on a real fleet with ``flwr run`` (:func:`write_app` writes the app folder).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import RepnetError
+from .storage import RUN_FILE, TMP_PREFIX, atomic_write_text, read_run_file
 from .fedcore import RUN, STRATEGIES, Settings, partition, state_bytes
 
 __all__ = ["run_federated", "write_app", "partition", "state_bytes", "Settings", "STRATEGIES", "RUN"]
@@ -67,13 +69,45 @@ def write_app(folder: str, overrides: dict, clients: int = 2, rounds: int = 3, l
               strategy_options: dict | None = None, min_clients: int = 0, timeout: float = 3600.0) -> Path:
     """Write a Flower app folder (``pyproject.toml``) that ``flwr run`` deploys to a SuperLink."""
     from .flower_app import app_toml
-    from .storage import atomic_write_text
 
     s = _settings(overrides, clients, rounds, local_epochs, scheme, out_dir, False, False, strategy,
                   strategy_options, min_clients, timeout)
+    return write_app_folder(folder, app_toml(s, str(Path(folder))))
+
+
+#: The kind recorded in a Flower app folder's :data:`repnet.storage.RUN_FILE`.
+APP_KIND = "Flower app"
+
+
+def write_app_folder(folder: str, text: str) -> Path:
+    """Write ``folder/pyproject.toml`` into a new or empty folder; an existing one is replaced only if
+    repnet wrote it (its SHA-256 is recorded beside it in :data:`repnet.storage.RUN_FILE`) and nobody
+    edited it since. Anything else in the folder is refused, before anything is written."""
+    import hashlib
+
     path = Path(folder)
-    if path.exists() and any(p.name != "pyproject.toml" for p in path.iterdir()):
-        raise RepnetError(f"{folder} holds other files: give a new or empty folder for the Flower app")
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "pyproject.toml", app_toml(s, str(path)))
-    return path / "pyproject.toml"
+    target = path / "pyproject.toml"
+    if path.exists() and not path.is_dir():
+        raise RepnetError(f"--flower-app {folder} is a file, not a folder")
+    record = read_run_file(path) if path.is_dir() else None
+    if record is not None and record["kind"] != APP_KIND:
+        raise RepnetError(f"--flower-app {folder} holds a {record['kind']}: give a new or empty folder for the Flower app")
+    entries = sorted(p.name for p in path.iterdir() if p.name != RUN_FILE and not p.name.startswith(TMP_PREFIX)) \
+        if path.is_dir() else []
+    ours = record is not None and target.is_file() and \
+        hashlib.sha256(target.read_bytes()).hexdigest() == record.get("sha256")
+    if "pyproject.toml" in entries and not ours:
+        raise RepnetError(f"{target} was not written by repnet (or was edited since): it is left as it is; give a new "
+                          "or empty folder for the Flower app")
+    other = [n for n in entries if n != "pyproject.toml"]
+    if other:
+        raise RepnetError(f"--flower-app {folder} holds other files ({', '.join(other[:3])}): give a new or empty "
+                          "folder for the Flower app")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RepnetError(f"cannot create --flower-app {folder}: {e.strerror or e}") from None
+    atomic_write_text(target, text)
+    atomic_write_text(path / RUN_FILE, json.dumps({"kind": APP_KIND, "state": "finished",
+                                                    "sha256": hashlib.sha256(text.encode()).hexdigest()}) + "\n")
+    return target

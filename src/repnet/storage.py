@@ -65,16 +65,46 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+#: The file that names a run folder's kind and state (written first, before any work).
+RUN_FILE = "repnet-run.json"
+
+
 @dataclass(frozen=True)
 class RunKind:
-    """What a workflow's run folder holds: ``marker`` (the file that says a run is there), ``files``
-    (glob patterns of everything it writes) and ``verify(folder)`` (raises ``RepnetError`` unless the
-    marker is really ours, e.g. a checksummed checkpoint)."""
+    """What a workflow's run folder holds: ``marker`` (the file that says the run got somewhere, e.g.
+    its checkpoint), ``files`` (glob patterns of everything it writes) and ``verify(folder)`` (raises
+    ``RepnetError`` unless the marker is really ours; used for folders written before
+    :data:`RUN_FILE` existed). ``command`` names the workflow in messages."""
 
     name: str
     marker: str
     files: tuple[str, ...]
     verify: Callable[[Path], Any]
+    command: str = "repnet"
+
+
+def read_run_file(folder: str | os.PathLike) -> dict | None:
+    """The kind and state recorded in ``folder/repnet-run.json`` (None: no such file); one line if damaged."""
+    import json
+
+    path = Path(folder) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        rec = None
+    if not (isinstance(rec, dict) and isinstance(rec.get("kind"), str) and isinstance(rec.get("state"), str)):
+        raise RepnetError(f"{path} is damaged (not a repnet run record): the folder is left as it is; give another "
+                          "folder")
+    return rec
+
+
+def set_run_state(folder: str | os.PathLike, kind: RunKind, state: str) -> None:
+    """Record ``folder``'s kind and ``state`` (``started`` / ``finished``) in :data:`RUN_FILE`, atomically."""
+    import json
+
+    atomic_write_text(Path(folder) / RUN_FILE, json.dumps({"kind": kind.name, "state": state}) + "\n")
 
 
 def claim_folder(folder: str | os.PathLike, what: str = "--out", kind: RunKind | None = None,
@@ -82,10 +112,11 @@ def claim_folder(folder: str | os.PathLike, what: str = "--out", kind: RunKind |
     """Create ``folder`` for a new run, or accept it if it is empty; anything else is one line.
 
     A run folder is ours only: one with the user's own files is refused before anything is
-    written into it, so nothing the user owned is ever replaced. A folder holding an earlier run
-    of ``kind`` is refused with the way out (``--resume`` / ``--overwrite``); with ``overwrite``
-    its files are removed and the folder reused - only when the run is verified as ours and the
-    folder holds nothing but that run's files.
+    written into it, so nothing the user owned is ever replaced. Its kind and state are recorded in
+    :data:`RUN_FILE` as soon as it is claimed. A folder holding an earlier run of ``kind`` is refused
+    with the way out (``--resume`` / ``--overwrite``); with ``overwrite`` its files are removed and
+    the folder reused - only when the run is of the same kind and the folder holds nothing but that
+    run's files. A run of another kind is never replaced.
     """
     import fnmatch
     import shutil
@@ -98,24 +129,53 @@ def claim_folder(folder: str | os.PathLike, what: str = "--out", kind: RunKind |
             folder.mkdir(parents=True)
         except OSError as e:
             raise RepnetError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+        if kind is not None:
+            set_run_state(folder, kind, "started")
         return folder
     entries = [p for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)]
     ours: list[Path] = []
-    if kind is not None and (folder / kind.marker).exists():
+    record = read_run_file(folder) if kind is not None else None
+    if record is not None and record["kind"] != kind.name:
+        raise RepnetError(f"{what} {folder} holds a {record['kind']}, not a {kind.name}: it is never replaced by "
+                          f"{kind.command}; pick another {what}")
+    if kind is not None and (record is not None or (folder / kind.marker).exists()):
+        started_only = not (folder / kind.marker).exists()  # killed before its first checkpoint
         if not overwrite:
+            if started_only:
+                raise RepnetError(f"{folder} holds a {kind.name} stopped before its first checkpoint: start it again "
+                                  f"with the same command and --overwrite, or pick another {what}")
             raise RepnetError(f"{folder} already holds a {kind.name}; continue it with --resume, replace it with "
                               f"--overwrite, or pick another {what}")
-        kind.verify(folder)
-        ours = [p for p in entries if any(fnmatch.fnmatch(p.name, pat) for pat in kind.files)]
+        if record is None:  # a run folder written before repnet-run.json existed: its marker must be ours
+            kind.verify(folder)
+        ours = [p for p in entries if p.name == RUN_FILE or any(fnmatch.fnmatch(p.name, pat) for pat in kind.files)]
     foreign = sorted(p.name for p in entries if p not in ours)
     if foreign:
         more = ", ..." if len(foreign) > 3 else ""
         raise RepnetError(f"{what} {folder} is not empty ({', '.join(foreign[:3])}{more}"
                           f"{' besides its earlier run' if ours else ''}): give a new or empty folder, or resume "
                           "the run it holds")
-    for p in ours:  # only with overwrite: the files of an earlier, verified run of the same kind
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for p in ours:  # only with overwrite: the files of an earlier run of the same kind
+        if p.name != RUN_FILE:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     clean_temps(folder)
+    if kind is not None:
+        set_run_state(folder, kind, "started")
+    return folder
+
+
+def check_resumable(folder: str | os.PathLike, kind: RunKind) -> Path:
+    """``folder`` holds a run of ``kind`` that can be continued (its marker exists); else one line
+    naming the command that works."""
+    folder = Path(folder)
+    record = read_run_file(folder) if folder.is_dir() else None
+    if record is not None and record["kind"] != kind.name:
+        raise RepnetError(f"cannot resume {folder}: it holds a {record['kind']}, not a {kind.name}")
+    if not (folder / kind.marker).is_file():
+        if record is not None:
+            raise RepnetError(f"cannot resume {folder}: the {kind.name} was stopped before its first checkpoint; start "
+                              "it again with the same command and --overwrite (instead of --resume)")
+        raise RepnetError(f"cannot resume: no {kind.marker} in {folder}")
     return folder
 
 

@@ -39,15 +39,23 @@ from .config import FIELDS, RUNTIME_KEYS, TrainConfig, _read_yaml, build_data, b
 from .errors import RepnetError
 from .loop import CosineSchedule, all_finite, evaluate, make_loader, make_optimizer, plan_steps, resolve_device
 from .loop import rng_state, seed_everything, set_rng_state
-from .storage import (RunKind, atomic_write_text, claim_folder, clean_temps, load_checkpoint, read_safetensors, save_checkpoint,
-                      save_tensors)
+from .storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, load_checkpoint,
+                      read_safetensors, save_checkpoint, save_tensors, set_run_state)
 
 __all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
 
 
 #: A ``repnet train`` run folder (``overwrite=True`` replaces exactly these files, once the checkpoint is ours).
-RUN = RunKind("run", "checkpoint.pt", ("config.yaml", "checkpoint.pt", "log.jsonl", "best.safetensors", "adapter",
-                                       "results.json"), lambda folder: load_checkpoint(folder / "checkpoint.pt"))
+def _verify_run(folder: Path) -> None:
+    """Raise unless ``folder/checkpoint.pt`` is a ``repnet train`` checkpoint (checksum and keys)."""
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    if not {"model", "optimizer", "scheduler", "total_steps", "state"} <= set(ckpt):
+        raise RepnetError(f"--overwrite: {folder} does not hold a training run (its checkpoint.pt is another kind's); "
+                          "give a new or empty folder")
+
+
+RUN = RunKind("run", "checkpoint.pt", ("config.yaml", "checkpoint.pt", "log.jsonl", "best.safetensors",
+                                                "adapter", "results.json"), _verify_run, "repnet train")
 
 
 def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None,
@@ -73,8 +81,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
     ckpt = None
     if resume:
-        if not ckpt_path.is_file():
-            raise RepnetError(f"cannot resume: no checkpoint.pt in {run_dir}")
+        check_resumable(run_dir, RUN)
         clean_temps(run_dir)
         ckpt = load_checkpoint(ckpt_path)
     else:
@@ -221,6 +228,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     results["run_dir"] = str(run_dir)
     results["adapter"] = str(run_dir / "adapter")
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    set_run_state(run_dir, RUN, "finished")
     say(f"test accuracy {results['test_accuracy']:.4f} (final epoch {final['accuracy']:.4f}"
         + (f", best val {st['best_val']:.4f} at epoch {st['best_val_epoch']}" if st["best_val"] is not None else "")
         + f"); wrote {run_dir / 'results.json'} and {run_dir / 'adapter'}")
