@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from repnet.demo import command_line, parse_method, provenance
+from common import command_line, provenance
+from repnet.demo.config import parse_method
 from repnet.storage import atomic_write_text
 
 
@@ -49,7 +50,7 @@ def kept_mb(backbone: str, method: str, options: dict, num_classes: int, image_s
 
 
 def run_one(args, spec: str, seed: int, size: int) -> dict:
-    from repnet.training import make_config, train
+    from repnet.training.run import make_config, train
 
     method, options = parse_method(spec)
     tag = label(spec, args).replace("@", "_").replace(",", "_").replace("=", "-").replace("[", "_").replace("]", "")

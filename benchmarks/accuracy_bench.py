@@ -2,7 +2,7 @@
 
 The full benchmark (owed on a GPU) is the whole of Fashion-MNIST (54,000 train / 6,000
 validation held out of the training set / 10,000 test) at 224 px, batch 8, 50 epochs, the
-recipe of ``src/repnet/recipes/fashion_mnist.yaml`` (Adam, lr 3e-4 for head + biases, 1e-3
+recipe of ``src/repnet/config/recipes/fashion_mnist.yaml`` (Adam, lr 3e-4 for head + biases, 1e-3
 for side modules, cosine per iteration, label smoothing 0.1, crop + flip) for every method:
 
     python benchmarks/accuracy_bench.py --device cuda --out benchmarks/results/accuracy_gpu
@@ -25,9 +25,11 @@ import json
 import time
 from pathlib import Path
 
-from repnet.demo import DemoConfig, LINEAR_PROBE, command_line, compare, format_table, plot, provenance, verdict
-from repnet.config import load_recipe
-from repnet.training import MEMORY_KEYS
+from repnet.demo.config import DemoConfig, LINEAR_PROBE
+from common import command_line, provenance
+from repnet.demo.run import compare, format_table, plot, verdict
+from repnet.config.recipes import load_recipe
+from repnet.training.run import MEMORY_KEYS
 
 METHODS = ("repnet", "repnet@bn=batch", "tinytl_lb", "bias", "last", "full", LINEAR_PROBE)
 

@@ -16,7 +16,7 @@ import torch
 
 import repnet
 from repnet.memory import analyze, measure_saved
-from repnet.demo import command_line, write_results
+from common import command_line, write_results
 
 BACKBONES = ("proxylessnas_mobile", "mobilenet_v2", "efficientnet_lite0", "mobilenet_v3_large", "resnet50",
              "timm:tf_efficientnet_lite0", "timm:efficientnet_b0", "timm:resnet18", "timm:convnext_atto",

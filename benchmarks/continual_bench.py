@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from repnet.continual import train_sequence
-from repnet.demo import command_line, parse_method, provenance
+from repnet.continual.sequence import train_sequence
+from common import command_line, provenance
+from repnet.demo.config import parse_method
 from repnet.storage import atomic_write_text
 
 RUNS = ("repnet", "naive:bias", "naive:full")

@@ -15,8 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from repnet.demo import DemoConfig, command_line, method_config, provenance
-from repnet.training import train
+from repnet.demo.config import DemoConfig
+from common import command_line, provenance
+from repnet.demo.config import method_config
+from repnet.training.run import train
 
 GRIDS = {  # (lr for head + biases, lr_side for side modules)
     "repnet": [(3e-4, 1e-3), (1e-3, 3e-3), (3e-3, 1e-2)],

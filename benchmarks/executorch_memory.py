@@ -18,9 +18,9 @@ import time
 import torch
 
 import repnet
-from repnet.demo import command_line, write_results
-from repnet.executorch_passes import PASSES
-from repnet.executorch_training import analytic_planned_mb, export_training_program, program_build
+from common import command_line, write_results
+from repnet.runtime.executorch.passes import PASSES
+from repnet.runtime.executorch.program import analytic_planned_mb, export_training_program, program_build
 
 #: the stock export: ExecuTorch's own, with only the rewrite that lowering needs (avg-pool backward has
 #: no runtime kernel; a no-op for models without average pooling)

@@ -1,7 +1,7 @@
 """The accuracy expectations ``repnet plan`` ranks by, summarised from the committed benchmark results.
 
 ``repnet plan`` must rank configurations in an installed package too, where ``benchmarks/`` is
-absent, so it reads this script's output, ``src/repnet/expected_accuracy.json``, not the
+absent, so it reads this script's output, ``src/repnet/training/expected_accuracy.json``, not the
 benchmark files. Every number in it is computed here from ``benchmarks/results/*.json`` (nothing
 typed in), and ``tests/test_plan.py`` regenerates it and fails if the committed copy is stale.
 
@@ -23,7 +23,7 @@ The rules (each figure names its files in the output):
   same file, seeds and learning rate (``accuracy_224_mnist5k_ablations.json``:
   ``repnet@placement=all[lr_side=1e-3]`` against ``repnet[lr_side=1e-3]``, seed 0).
 
-    python benchmarks/expected_accuracy.py          # rewrites src/repnet/expected_accuracy.json
+    python benchmarks/expected_accuracy.py          # rewrites src/repnet/training/expected_accuracy.json
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-OUT = ROOT / "src" / "repnet" / "expected_accuracy.json"
+OUT = ROOT / "src" / "repnet" / "training" / "expected_accuracy.json"
 COMMAND = "python benchmarks/expected_accuracy.py"
 
 BACKBONE = "mobilenet_v2"
@@ -131,7 +131,7 @@ def summarize() -> dict:
 
 
 def main() -> None:
-    from repnet.demo import write_results
+    from common import write_results
 
     write_results(OUT, summarize())
 

@@ -14,8 +14,8 @@ import tempfile
 
 import torch
 
-from repnet.federated import run_federated
-from repnet.demo import command_line, write_results
+from repnet.federated.run import run_federated
+from common import command_line, write_results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from repnet.api import get_model
-from repnet.demo import command_line, provenance
-from repnet.int8 import enable_int8_training, int8_layers
+from common import command_line, provenance
+from repnet.memory.int8 import enable_int8_training, int8_layers
 from repnet.memory.quant import quantized_weight_numel
-from repnet.training import MEMORY_KEYS, make_config, train
+from repnet.training.run import MEMORY_KEYS, make_config, train
 
 ROWS = {"fp32": {}, "int8": {"int8": True}, "int8-nearest": {"int8": True, "int8_rounding": "nearest"},
         "int8-master": {"int8": True, "int8_master": "int8"}}

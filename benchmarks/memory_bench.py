@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import repnet
-from repnet.demo import command_line, write_results
+from common import command_line, write_results
 from repnet.memory import analyze, profile
 
 TARGET_METHODS = ("repnet", "bias", "tinytl_lb", "last")

@@ -19,8 +19,8 @@ import argparse
 
 from repnet import get_model
 from repnet.memory import analyze
-from repnet.tinytl_reference import reproduce
-from repnet.demo import command_line, write_results
+from repnet.reproduce.tinytl_memory import reproduce
+from common import command_line, write_results
 
 # Rep-Net paper (SPEC §4 / §6), ProxylessNAS-Mobile, batch 8: (label, image size, options, MB)
 REPNET_PUBLISHED = [

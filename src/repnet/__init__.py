@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import RepnetError
+from repnet.errors import RepnetError
 
 _EXPORTS = {
     "get_model": "api", "from_pretrained": "api",
@@ -23,7 +23,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
-    try:  # a subpackage used as an attribute: repnet.memory, repnet.int8, ...
+    try:  # a subpackage used as an attribute: repnet.memory, repnet.memory.int8, ...
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":

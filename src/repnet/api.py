@@ -5,10 +5,10 @@ import numbers
 import os
 
 
-from .backbones import Backbone, create_backbone
-from .errors import RepnetError
-from .storage import read_json, read_safetensors
-from .methods import METHODS, TransferModel, parse_options
+from repnet.backbones import Backbone, create_backbone
+from repnet.errors import RepnetError
+from repnet.storage import read_json, read_safetensors
+from repnet.methods import METHODS, TransferModel, parse_options
 
 MEMORY_MODES = ("engine", "vanilla")
 
@@ -34,7 +34,7 @@ def get_model(
 
     * ``memory``: ``engine`` (default; frozen layers keep nothing for backward) or ``vanilla``
       (plain PyTorch, for comparison);
-    * ``int8``: INT8 training of the side network (``True`` or :class:`repnet.int8.Int8Config`
+    * ``int8``: INT8 training of the side network (``True`` or :class:`repnet.memory.int8.Int8Config`
       fields, e.g. ``{"rounding": "nearest", "master": "int8"}``); implies 8-bit frozen weights;
     * ``frozen_bits``: store the frozen backbone's conv / linear weights in 8 bits (``linear``
       per-channel, or the paper's ``kmeans``) without INT8 training.
@@ -58,16 +58,16 @@ def get_model(
         model.to(device=ref.device, dtype=ref.dtype)
     model.memory_mode = memory
     if memory == "engine":
-        from .memory import apply_engine
+        from repnet.memory import apply_engine
 
         apply_engine(model)
     if frozen_bits:
-        from .memory import quantize_frozen_weights
+        from repnet.memory import quantize_frozen_weights
 
         quantize_frozen_weights(model, frozen_bits, engine=memory == "engine")
         model.frozen_bits = frozen_bits
     if int8:
-        from .int8 import enable_int8_training
+        from repnet.memory.int8 import enable_int8_training
 
         enable_int8_training(model, **({} if int8 is True else dict(int8)))
     return model
@@ -109,7 +109,7 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
             f"backbone weights do not match the adapter in {directory}: it was trained on {cfg['backbone']} "
             f"with weights fingerprint {cfg['backbone_fingerprint']}, these weights have {model.backbone.fingerprint}"
         )
-    from .int8 import unpack_on_grid
+    from repnet.memory.int8 import unpack_on_grid
 
     tensors = unpack_on_grid(stored)
     expected = set(model.trainable_state_keys())

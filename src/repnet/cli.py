@@ -10,8 +10,8 @@ import importlib
 import os
 import sys
 
-from .commands import COMMANDS
-from .errors import Interrupted, RepnetError
+from repnet.commands import COMMANDS
+from repnet.errors import Interrupted, RepnetError
 
 
 class UsageError(RepnetError):

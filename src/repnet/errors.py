@@ -10,3 +10,7 @@ class RepnetError(Exception):
 
 class Interrupted(RepnetError):
     """Training stopped by Ctrl-C after writing a checkpoint; the CLI exits with status 130."""
+
+
+class NonFinite(RepnetError):
+    """Training produced a non-finite loss or weights (one line, exit 2; the last good checkpoint is kept)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import RepnetError
+from repnet.errors import RepnetError
 
 T = TypeVar("T")
 
@@ -38,6 +38,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plug-in's or a test's registration)."""
+        self._items.pop(name)
+        self._help.pop(name, None)
+
     def get(self, name: str) -> T:
         if name in self._items:
             return self._items[name]
@@ -61,3 +66,17 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A module ``__getattr__`` for ``package`` that imports ``name`` from ``package.<exports[name]>``
+    on first use (PEP 562), so a package can re-export its public names without importing (and paying
+    for) every module at once."""
+    import importlib
+
+    def __getattr__(name: str):
+        if name in exports:
+            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        raise AttributeError(f"module '{package}' has no attribute '{name}'")
+
+    return __getattr__

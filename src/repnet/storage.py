@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import RepnetError
+from repnet.errors import RepnetError
 
 TMP_PREFIX = ".tmp-"
 DIGEST_KEY = "__sha256__"

@@ -13,6 +13,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from repnet.backbones import BACKBONES
+from repnet.backbones import weights as W
+from repnet.backbones.base import Backbone
+
 # (out channels, stride, kernel, expand ratio) for the 22 MB-blocks; None = zero block.
 # SPEC §3 stage table.
 PROXYLESS_MOBILE_BLOCKS: list[tuple[int, int, int, int] | None] = [
@@ -112,3 +116,23 @@ class ProxylessNASMobile(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_features(x), 1), 1)
         return self.classifier(x)
+
+
+# ---------------------------------------------------------------- registration
+class ProxylessBackbone(Backbone):
+    def forward_features(self, x):
+        return self.model.forward_features(x)
+
+
+@BACKBONES.register("proxylessnas_mobile", help="ProxylessNAS-Mobile (paper backbone); official checkpoint from a file/URL")
+def proxylessnas_mobile(pretrained=True) -> Backbone:
+    model = ProxylessNASMobile()
+    src = W.resolve(pretrained, "proxylessnas_mobile", None, f"official checkpoint: {OFFICIAL_URL}")
+    if src == "official":
+        src = OFFICIAL_URL
+    if src:
+        W.load_into(model, src, "proxylessnas_mobile", ignore_prefixes=("classifier.",))
+    model.classifier = nn.Identity()  # the ImageNet head is never used
+    return ProxylessBackbone(
+        "proxylessnas_mobile", model, [f"blocks.{i}" for i in range(len(model.blocks))], 1280, weights=src
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import RepnetError
-from ..storage import load_torch_file, read_safetensors
+from repnet.errors import RepnetError
+from repnet.storage import load_torch_file, read_safetensors
 
 
 def package_file(package: str, relpath: str) -> str | None:

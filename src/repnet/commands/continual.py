@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
+from repnet.commands.flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
 
 HELP = "tasks in sequence on one frozen backbone, each with its own adapter"
 
@@ -27,7 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_resume_overwrite(args)
-    from ..continual import train_sequence
+    from repnet.continual.sequence import train_sequence
 
     overrides = overrides_from(args)
     overrides.pop("profile_memory", None)

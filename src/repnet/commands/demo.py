@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import LINEAR_PROBE, DemoConfig
-from ..errors import RepnetError
+from repnet.demo.config import LINEAR_PROBE, DemoConfig
+from repnet.errors import RepnetError
+from repnet.keyvalue import parse_pairs
 
 HELP = "offline demo: MobileNetV2 -> Fashion-MNIST, repnet vs baselines"
 
@@ -12,9 +13,11 @@ HELP = "offline demo: MobileNetV2 -> Fashion-MNIST, repnet vs baselines"
 def configure(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     p.add_argument("--out", default=d.out_dir, help=f"output folder (default: {d.out_dir})")
-    p.add_argument("--methods", default=",".join(d.methods),
+    p.add_argument("--method", default=",".join(d.methods),
                    help=f"comma-separated methods; '{LINEAR_PROBE}' = logistic regression on frozen features "
                         f"(default: {','.join(d.methods)})")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="method option (repeatable), for every compared method that has it; see `repnet list -v`")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--train-subset", type=int, default=d.train_subset, help="training images")
     p.add_argument("--test-subset", type=int, default=d.test_subset, help="test images")
@@ -30,14 +33,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run as run_demo
+    from repnet.demo.run import run as run_demo
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     if not methods:
-        raise RepnetError("--methods is empty")
+        raise RepnetError("--method is empty")
     cfg = DemoConfig(out_dir=args.out, methods=methods, image_size=args.image_size, train_subset=args.train_subset,
                      test_subset=args.test_subset, epochs=args.epochs, batch_size=args.batch_size,
                      memory=args.memory, workers=args.workers, seed=args.seed, device=args.device,
-                     data_root=args.data_root, profile_memory=not args.no_profile, progress=not args.quiet)
+                     data_root=args.data_root, profile_memory=not args.no_profile, progress=not args.quiet,
+                     options=parse_pairs(args.opt, "--opt"))
     run_demo(cfg)
     return 0

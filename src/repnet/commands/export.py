@@ -1,11 +1,11 @@
 """``repnet export``: a trained model for inference (.pt2 or ONNX), checked against eager
-(repnet.export); with ``--training``: an ExecuTorch training program (.pte, repnet.executorch_training)."""
+(repnet.export); with ``--training``: an ExecuTorch training program (.pte, repnet.runtime.executorch.program)."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from ..errors import RepnetError
+from repnet.errors import RepnetError
 
 HELP = "export a trained model for inference (.pt2 / ONNX), or an ExecuTorch training program (--training)"
 
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
         raise RepnetError(f"--image-size must be >= 32, got {args.image_size}")
     if args.training:
         return _training(args)
-    from ..api import from_pretrained
-    from ..export import export_model
+    from repnet.api import from_pretrained
+    from repnet.export.inference import export_model
 
     if not (args.adapter or args.run):
         raise RepnetError("give --adapter or --run (the trained model to export)")
@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _training(args: argparse.Namespace) -> int:
-    from ..api import from_pretrained, get_model
-    from ..executorch_training import export_training_program, program_build
-    from ..storage import atomic_write_bytes
+    from repnet.api import from_pretrained, get_model
+    from repnet.runtime.executorch.program import export_training_program, program_build
+    from repnet.storage import atomic_write_bytes
 
     if not args.out.endswith(".pte"):
         raise RepnetError(f"--out {args.out}: an ExecuTorch program is a .pte file")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import RepnetError
-from ..keyvalue import parse_pairs
-from .flags import add_overwrite_flag, check_resume_overwrite
+from repnet.errors import RepnetError
+from repnet.keyvalue import parse_pairs
+from repnet.commands.flags import add_overwrite_flag, check_resume_overwrite
 
 HELP = "federated learning of the method's trainable state on Flower (backbone stays home)"
 
@@ -38,7 +38,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_resume_overwrite(args)
-    from ..federated import run_federated, write_app
+    from repnet.federated.run import run_federated, write_app
 
     ov = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method}
     ov.update(parse_pairs(args.set, "--set"))

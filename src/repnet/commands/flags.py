@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..config import FIELDS, cli_flag as flag
-from ..keyvalue import parse_pairs
+from repnet.config.schema import FIELDS, choices_of
+from repnet.config.flags import cli_flag as flag
+from repnet.keyvalue import parse_pairs
 
 def add_config_flags(p: argparse.ArgumentParser, keys=None) -> None:
     """Add one flag per config field (or per ``keys``), plus ``--opt`` and ``--set``."""
@@ -26,7 +27,7 @@ def add_config_flags(p: argparse.ArgumentParser, keys=None) -> None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "the recipe's" if key in ("lr", "lr_side", "label_smoothing") else default
-        choices = f.metadata.get("choices")
+        choices = choices_of(key)
         text = help_text if "default" in help_text else f"{help_text} (default: {shown})"
         p.add_argument(flag(key), dest=key, default=None, choices=choices,
                        metavar=None if choices else key.upper(), help=text.replace("%", "%%"))
@@ -52,7 +53,7 @@ def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
 
 def check_resume_overwrite(args: argparse.Namespace) -> None:
     if getattr(args, "resume", None) and getattr(args, "overwrite", False):
-        from ..errors import RepnetError
+        from repnet.errors import RepnetError
 
         raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
 

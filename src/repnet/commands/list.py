@@ -15,7 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
-HELP = "backbones, methods (with -v: their options), datasets"
+HELP = "backbones, methods (with -v: their options), runtimes, datasets"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def run(args) -> int:
     except OSError:
         text = listing(args.verbose)
         try:
-            from ..storage import atomic_write_text
+            from repnet.storage import atomic_write_text
 
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache, text)
@@ -51,10 +51,11 @@ def run(args) -> int:
 
 
 def listing(verbose: bool) -> str:
-    from ..backbones import BACKBONES
-    from ..continual import CONTINUAL_METHODS
-    from ..data import DATASETS
-    from ..methods import METHODS
+    from repnet.backbones import BACKBONES
+    from repnet.continual.methods import CONTINUAL_METHODS
+    from repnet.data import DATASETS
+    from repnet.methods import METHODS
+    from repnet.runtime import RUNTIMES
 
     lines = ["backbones:"]
     lines += [f"  {n:<22} {BACKBONES.help(n)}" for n in BACKBONES.names(with_prefixes=True)]
@@ -68,6 +69,8 @@ def listing(verbose: bool) -> str:
         lines.append(f"  {n:<22} {CONTINUAL_METHODS.help(n)}")
         if verbose:
             lines += _options(CONTINUAL_METHODS.get(n).Options)
+    lines.append("runtimes (repnet train --runtime):")
+    lines += [f"  {n:<22} {RUNTIMES.help(n)}" for n in RUNTIMES.names()]
     lines.append("datasets:")
     lines += [f"  {n:<22} {DATASETS.help(n)}" for n in DATASETS.names(with_prefixes=True)]
     return "\n".join(lines) + "\n"

@@ -1,12 +1,12 @@
-"""``repnet plan``: configurations whose measured training peak fits a memory budget (repnet.planner)."""
+"""``repnet plan``: configurations whose measured training peak fits a memory budget (repnet.training.planner)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 
-from ..config import TrainConfig
-from ..errors import RepnetError
+from repnet.config.schema import TrainConfig
+from repnet.errors import RepnetError
 
 HELP = "fit training into a memory budget: measured configurations, best expected accuracy first"
 
@@ -30,7 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=TrainConfig.backbone, help=f"default: {TrainConfig.backbone}")
     p.add_argument("--dataset", default=TrainConfig.dataset, help="its recipe and number of classes (its files need "
                    f"not be here); default: {TrainConfig.dataset}")
-    p.add_argument("--methods", help="methods to search, comma-separated (default: repnet,tinytl_lb,bias,last)")
+    p.add_argument("--method", help="methods to search, comma-separated (default: repnet,tinytl_lb,bias,last)")
     p.add_argument("--image-sizes", help="resolutions to search, comma-separated (default: 224,192,160,128)")
     p.add_argument("--precisions", help="fp32 (float frozen weights), int8-frozen (frozen conv / linear weights in 8 "
                    "bits), int8-side (INT8 training of the side network); comma-separated (default: all three)")
@@ -45,12 +45,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..planner import format_plan, parse_budget, plan
-    from ..storage import atomic_write_text
+    from repnet.training.planner import format_plan, parse_budget, plan
+    from repnet.storage import atomic_write_text
 
     budget = parse_budget(args.budget)
     result = plan(budget, args.backbone, args.dataset,
-                  methods=_names(args.methods, "--methods") if args.methods else None,
+                  methods=_names(args.method, "--method") if args.method else None,
                   image_sizes=_sizes(args.image_sizes) if args.image_sizes else None,
                   precisions=_names(args.precisions, "--precisions") if args.precisions else None,
                   top=args.top, effective_batch=args.effective_batch, num_classes=args.num_classes,

@@ -1,13 +1,17 @@
-"""``repnet profile``: training memory of methods on a backbone: analytic, measured kept, peak."""
+"""``repnet profile``: training memory of methods on a backbone: analytic, measured kept, peak (and a
+runtime's own figures with ``--runtime``).
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+from repnet.errors import RepnetError
+from repnet.keyvalue import parse_pairs
+from repnet.training.profile import profile_one
+from repnet.config.schema import choices_of
+from repnet.runtime import get_runtime, runtime_names
 
-from ..errors import RepnetError
-from ..keyvalue import parse_pairs
 
 HELP = "training-memory profile: analytic, measured kept-for-backward, exact peak of a step"
 
@@ -25,59 +29,22 @@ def configure(pp: argparse.ArgumentParser) -> None:
     pp.add_argument("--analytic-order", choices=["run", "paper"], default="run",
                     help="analytic model's execution order: run (this package's forward: Rep-Net's module 1 "
                     "after block 1) or paper (module 1 before the stem, as the released code)")
-    pp.add_argument("--frozen-bits", choices=["linear", "kmeans", "fp32"], default="linear",
+    pp.add_argument("--frozen-bits", choices=choices_of("frozen_bits"), default="linear",
                     help="how the frozen conv / linear weights are held: 8-bit codes (linear: per-channel int8, "
-                    "kmeans: 256-entry codebook), as the papers count them, or fp32 for comparison")
-    pp.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                    help="the step's optimizer (its state counts in the peak and in analytic + optimizer)")
+                    "kmeans: 256-entry codebook), as the papers count them (default: linear), or none (fp32) for "
+                    "comparison")
+    pp.add_argument("--optimizer", choices=choices_of("optimizer"),
+                    help="the step's optimizer (its state counts in the peak and in analytic + optimizer; default: "
+                    "the recipe's, Adam - SGD on the executorch runtime)")
     pp.add_argument("--no-peak", action="store_true", help="skip the measured peaks (tensor peak and RSS)")
     pp.add_argument("--no-rss", action="store_true", help="skip the RSS peak (a subprocess per model)")
-    pp.add_argument("--runtime", choices=["eager", "executorch"], default="eager",
-                    help="executorch: also export each method's ExecuTorch training program (built as `repnet train "
-                    "--runtime executorch` builds it) and report its planned arena beside its analytic counterpart")
+    pp.add_argument("--runtime", choices=runtime_names(), default="eager",
+                    help="profile the model `repnet train --runtime R` builds, with the runtime's own figures beside "
+                    "(executorch: each method's training program's planned arena beside its analytic counterpart)")
     pp.add_argument("--json", help="write the record(s) to this JSON file")
     pp.add_argument("--plot", help="write a bar chart PNG across methods")
     pp.add_argument("--tinytl-reference", action="store_true",
                     help="also print TinyTL's published memory table, reproduced row by row (analytic, seconds)")
-
-
-PROFILE_KEYS = ("backbone", "method", "image_size", "batch_size", "trainable_params", "total_params",
-                "analytic_mb", "analytic_with_optimizer_mb", "analytic_saved_mb", "measured_saved_mb", "peak_mb",
-                "peak_breakdown_mb", "rss_peak_mb")
-
-
-def profile_one(backbone: str, method: str, image_size: int, batch_size: int, num_classes: int,
-                memory: str = "engine", pretrained=False, measure: bool = True, peak: bool = True,
-                options: dict | None = None, order: str = "run", runtime: str = "eager",
-                frozen_bits: str = "linear", rss: bool = True, optimizer: str = "adam") -> dict:
-    """Build a model and return the profile record (the CLI contract's keys, and more).
-
-    ``frozen_bits``: ``linear`` / ``kmeans`` (frozen weights as 8-bit codes, the papers' setting,
-    default) or ``fp32``."""
-    from ..api import get_model
-    from ..memory import profile
-
-    kwargs = {"memory": memory, **(options or {})}
-    if frozen_bits != "fp32":
-        kwargs["frozen_bits"] = frozen_bits
-    if runtime == "executorch":
-        from ..executorch_training import program_build
-
-        program_kwargs = program_build(method, options)  # what `repnet train --runtime executorch` builds
-        kwargs = {**program_kwargs, "memory": memory}
-    model = get_model(backbone, method, num_classes, image_size=image_size, pretrained=pretrained, **kwargs)
-    rec = {"backbone": backbone, "method": method, "image_size": image_size, "batch_size": batch_size,
-           "num_classes": num_classes, "memory_mode": memory, "options": dataclasses.asdict(model.options)}
-    rec.update(profile(model, batch_size=batch_size, image_size=image_size, measure=measure, peak=peak,
-                       rss=peak and rss, order=order, optimizer=optimizer))
-    if runtime == "executorch":
-        from ..executorch_training import analytic_planned_mb, program_memory
-
-        program_model = get_model(backbone, method, num_classes, image_size=image_size, pretrained=pretrained,
-                                  **program_kwargs)
-        rec.update(program_memory(program_model, batch_size, image_size))
-        rec["analytic_planned_mb"] = analytic_planned_mb(rec["analytic_peak_activation_mb"], rec["trainable_params"])
-    return rec
 
 
 def _fmt(v) -> str:
@@ -104,13 +71,14 @@ PROFILE_COLS = [("method", "method"), ("memory_mode", "mode"), ("frozen_bits", "
                 ("analytic_saved_mb", "analytic kept MB"), ("measured_saved_mb", "measured kept MB"),
                 ("analytic_with_optimizer_mb", "analytic + optimizer MB"), ("peak_mb", "peak MB"),
                 ("peak_over_analytic", "peak / analytic+opt"), ("rss_peak_mb", "RSS peak MB")]
+
+
 BREAKDOWN = [("frozen_weights", "frozen weights"), ("trainable_state", "trained weights + grads + optimizer"),
              ("forward_activations", "forward activations"), ("transient", "backward / temporary buffers")]
-PROGRAM_COLS = [("analytic_planned_mb", "analytic planned MB"), ("program_planned_mb", "ExecuTorch planned MB")]
 
 
 def run(args) -> int:
-    from ..storage import atomic_write_text
+    from repnet.storage import atomic_write_text
 
     if args.batch_size < 1:
         raise RepnetError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -128,8 +96,8 @@ def run(args) -> int:
                                     runtime=args.runtime, frozen_bits=args.frozen_bits, rss=not args.no_rss,
                                     optimizer=args.optimizer))
     print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {args.num_classes} classes "
-          "(MB = 1e6 bytes; analytic = the papers' model, SPEC §7)")
-    print_table(rows, PROFILE_COLS + (PROGRAM_COLS if args.runtime == "executorch" else []))
+          "(MB = 1e6 bytes; analytic = the papers' model, docs/memory.md)")
+    print_table(rows, PROFILE_COLS + list(get_runtime(args.runtime).profile_columns))
     for r in rows:
         if r.get("peak_breakdown_mb"):
             b, a = r["peak_breakdown_mb"], r["analytic_breakdown_mb"]
@@ -146,7 +114,7 @@ def run(args) -> int:
         atomic_write_text(args.json, json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
-        from ..plots import memory_bar_chart
+        from repnet.training.profile import memory_bar_chart
 
         memory_bar_chart(rows, args.plot, title=f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}")
         print(f"wrote {args.plot}")
@@ -155,10 +123,10 @@ def run(args) -> int:
 
 def _print_tinytl_reference(args) -> None:
     """TinyTL's published rows next to ours and to the configuration TinyTL's script profiled."""
-    from ..tinytl_reference import reproduce
+    from repnet.reproduce.tinytl_memory import reproduce
 
     print("\nTinyTL's published table (ProxylessNAS-Mobile, batch 8, 102 classes), MB; 'TinyTL cfg' = its script's "
-          "network (lite residuals always inserted, every mask counted): repnet.tinytl_reference")
+          "network (lite residuals always inserted, every mask counted): repnet.reproduce.tinytl_memory")
     rows = [r for r in reproduce((224, 320)) if r["published_mb"] is not None]
     print_table([{"method": r["method"], "px": r["image_size"], "published": r["published_mb"], "ours": r["ours_mb"],
                   "TinyTL cfg": r["tinytl_config_mb"]} for r in rows],

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import RepnetError
-from ..keyvalue import parse_pairs
+from repnet.errors import RepnetError
+from repnet.keyvalue import parse_pairs
 
 HELP = "run / resume / collect a paper table (table1, table2, table3)"
 TABLE_NAMES = ("table1", "table2", "table3")
@@ -29,8 +29,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import coerce
-    from ..reproduce import collect, plan, run_table, train_command
+    from repnet.config.schema import coerce
+    from repnet.reproduce.runner import collect, plan, run_table, train_command
 
     settings = {k: coerce(k, v) for k, v in parse_pairs(args.set, "--set").items()}
     for k in ("out_dir", "dataset", "backbone", "method"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
+from repnet.commands.flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
 
 HELP = "train a method on a dataset (paper recipe by default)"
 
@@ -17,8 +17,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_resume_overwrite(args)
-    from ..config import make_config
-    from ..training import resume_config, train
+    from repnet.config.recipes import make_config
+    from repnet.training.run import resume_config, train
 
     overrides = overrides_from(args)
     if args.resume:

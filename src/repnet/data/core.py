@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import RepnetError
+from repnet.errors import RepnetError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Dataset registry, per-dataset recipe presets, and :func:`build_datasets`.
+"""Dataset registry, what is known of each dataset before reading it, and :func:`build_datasets`.
 
 Three splits, never mixed:
 
@@ -28,51 +28,40 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from ..errors import RepnetError
-from ..registry import Registry
-from .core import ArraySource, ImageDataset, stratified_split
-from .imagefolder import SPLIT_SEED, check_root, find_test_dir, load_imagefolder, load_split_folders
-from .native import NATIVE_FORMATS
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from repnet.errors import RepnetError
+from repnet.registry import Registry
+from repnet.data.core import ArraySource, ImageDataset, stratified_split
+from repnet.data.imagefolder import SPLIT_SEED, check_root, find_test_dir, load_imagefolder, load_split_folders
+from repnet.data.native import NATIVE_FORMATS
+from repnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 
 
-# ----------------------------------------------------------------------------- presets (SPEC §5)
+# ----------------------------------------------------------------------------- what is known before reading
 @dataclass(frozen=True)
-class DatasetPreset:
-    """The training recipe of one dataset (SPEC §5 table)."""
+class DatasetInfo:
+    """What the data layer knows of a dataset before reading its files: its class count (None: read
+    from the files) and whether a mirrored image keeps its label. Training recipes (learning rates,
+    label smoothing, augmentation: colour jitter for Aircraft and Cars) are in
+    ``repnet/config/recipes/<dataset>.yaml``, nowhere else."""
 
-    num_classes: int | None
-    label_smoothing: float
-    lr: float            # head + biases
-    lr_p: float          # Rep-Net modules / side modules
-    color_jitter: bool = False
+    num_classes: int | None = None
     hflip: bool = True   # False for digits: a mirrored digit is not the same digit
-    fine_grained: bool = False
 
 
-DATASET_PRESETS: dict[str, DatasetPreset] = {
-    "aircraft": DatasetPreset(100, 0.7, 16e-4, 3e-3, color_jitter=True, fine_grained=True),
-    "cars": DatasetPreset(196, 0.7, 8e-4, 1e-3, color_jitter=True, fine_grained=True),
-    "cub200": DatasetPreset(200, 0.7, 6e-4, 3e-3, fine_grained=True),
-    "flowers102": DatasetPreset(102, 0.7, 2e-4, 1e-3, fine_grained=True),
-    "pets": DatasetPreset(37, 0.7, 1e-4, 1e-4, fine_grained=True),
-    "food101": DatasetPreset(101, 0.1, 2e-4, 1e-3),
-    "cifar10": DatasetPreset(10, 0.1, 3e-4, 1e-3),
-    "cifar100": DatasetPreset(100, 0.1, 3e-4, 1e-3),
-    # offline sets: not in the paper; the CIFAR recipe (lr_p per dataset on the validation split, as the paper)
-    "fashion_mnist": DatasetPreset(10, 0.1, 3e-4, 1e-3),
-    "mnist5k": DatasetPreset(10, 0.1, 3e-4, 3e-3, hflip=False),  # lr_p chosen on validation (224 px)
-    "digits": DatasetPreset(10, 0.1, 3e-4, 1e-3, hflip=False),
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "aircraft": DatasetInfo(100), "cars": DatasetInfo(196), "cub200": DatasetInfo(200),
+    "flowers102": DatasetInfo(102), "pets": DatasetInfo(37), "food101": DatasetInfo(101),
+    "cifar10": DatasetInfo(10), "cifar100": DatasetInfo(100), "fashion_mnist": DatasetInfo(10),
+    "mnist5k": DatasetInfo(10, hflip=False), "digits": DatasetInfo(10, hflip=False),
 }
-#: Used for ``imagefolder:<path>`` (class count read from the folders).
-DEFAULT_PRESET = DatasetPreset(None, 0.1, 3e-4, 1e-3)
 
 
-def get_preset(name: str) -> DatasetPreset:
-    if name in DATASET_PRESETS:
-        return DATASET_PRESETS[name]
-    DATASETS.get(name)  # unknown names raise the registry's error listing the choices
-    return DEFAULT_PRESET
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of a registered dataset (an unknown name is one line listing the choices)."""
+    if name in DATASET_INFO:
+        return DATASET_INFO[name]
+    DATASETS.get(name)
+    return DatasetInfo()
 
 
 # ----------------------------------------------------------------------------- registry
@@ -284,8 +273,9 @@ def build_datasets(name: str, data_root: str | os.PathLike | None = None, image_
     * ``train_subset=n``: a stratified ``n``-image subset of the training split (e.g. 2,000 for
       the demo); the validation split is then capped to keep its proportion
       (``round(n * val_fraction / (1 - val_fraction))``). ``test_subset=n``: same for test.
-    * ``augment``: ``None``/``True`` the dataset's recipe (crop + flip, + jitter for Aircraft and
-      Cars); ``False`` no augmentation; ``"basic"`` / ``"jitter"`` to force (see ``build_transforms``).
+    * ``augment``: ``None``/``True``/``"preset"``/``"basic"`` crop + flip (flips only where the dataset
+      allows them); ``"jitter"`` + colour jitter (the Aircraft / Cars recipes say so); ``False`` /
+      ``"none"`` no augmentation (see ``build_transforms``).
     * ``mean``/``std``: the backbone's normalisation. ``download`` only when the user asks.
     * ``verify``: open and verify every image file once when scanning (unreadable ones are
       skipped and counted in ``.skipped``).
@@ -296,8 +286,7 @@ def build_datasets(name: str, data_root: str | os.PathLike | None = None, image_
         if n is not None and (not isinstance(n, (int, np.integer)) or n <= 0):
             raise RepnetError(f"{what} must be a positive integer, got {n!r}")
     loader = DATASETS.get(name)
-    preset = get_preset(name)
-    train_tf, eval_tf = build_transforms(image_size, mean, std, augment, preset.color_jitter, preset.hflip)
+    train_tf, eval_tf = build_transforms(image_size, mean, std, augment, hflip=dataset_info(name).hflip)
 
     train_all, test = loader(data_root, download=download, verify=verify)
     train_pos, val_pos = stratified_split(train_all.targets, val_fraction, seed)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import RepnetError
-from .core import IMG_EXTENSIONS, ImageDataset, scan_files, stratified_split
+from repnet.errors import RepnetError
+from repnet.data.core import IMG_EXTENSIONS, ImageDataset, scan_files, stratified_split
 
 SINGLE_FOLDER_TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: official-less train/test splits must not move with the run's seed

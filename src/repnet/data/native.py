@@ -20,9 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import RepnetError
-from ..storage import restricted_unpickle
-from .core import ArraySource, ImageDataset, scan_files
+from repnet.errors import RepnetError
+from repnet.storage import restricted_unpickle
+from repnet.data.core import ArraySource, ImageDataset, scan_files
 
 
 class NativeFormat:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from torchvision import transforms as T
 
-from ..errors import RepnetError
+from repnet.errors import RepnetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,10 +86,10 @@ def build_transforms(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEA
                      color_jitter: bool = False, hflip: bool = True) -> tuple[T.Compose, T.Compose]:
     """Return ``(train_transform, eval_transform)``.
 
-    ``augment``: ``None``/``True``/``"preset"`` -> the recipe, with ``color_jitter``/``hflip`` as the
-    dataset preset says; ``False``/``"none"`` -> no augmentation (training images get the test
-    transform; the quick demo); ``"basic"`` -> crop + flip without jitter; ``"jitter"`` -> crop +
-    flip + jitter whatever the preset says.
+    ``augment``: ``None``/``True``/``"preset"`` -> crop + flip (+ jitter if ``color_jitter``: the dataset's);
+    ``False``/``"none"`` -> no augmentation (training images get the test transform; the quick demo);
+    ``"basic"`` -> crop + flip without jitter; ``"jitter"`` -> crop + flip + jitter. Flips only where
+    ``hflip`` (the dataset allows them).
     """
     mode = {None: "preset", True: "preset", False: "none"}.get(augment, augment) \
         if not isinstance(augment, str) else augment.lower()

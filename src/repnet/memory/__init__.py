@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .analytic import AnalyticReport, analyze, format_breakdown
-from .engine import apply_engine, engine_applied, remove_engine, set_step_backward
-from .measure import (OPTIMIZER_STATE_BYTES, measure_peak_bytes, measure_saved, measure_saved_bytes,
-                      measure_tensor_peak)
-from .quant import quantize_frozen_weights
+from repnet.memory.analytic import AnalyticReport, analyze, format_breakdown
+from repnet.memory.engine import apply_engine, engine_applied, remove_engine, set_step_backward
+from repnet.memory.measure import (OPTIMIZER_STATE_BYTES, measure_peak_bytes, measure_saved, measure_saved_bytes,
+                                   measure_tensor_peak)
+from repnet.memory.quant import quantize_frozen_weights
 
 __all__ = ["apply_engine", "remove_engine", "engine_applied", "set_step_backward", "quantize_frozen_weights",
            "analyze", "AnalyticReport", "format_breakdown", "measure_saved_bytes", "measure_saved",

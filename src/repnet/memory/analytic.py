@@ -17,7 +17,7 @@ SiLU, GELU                             grad (|x| / 8 under
 pooling, interpolation, add, dropout   0                           0
 =====================================  ==========================  ======================
 
-An INT8-trained conv / linear (``repnet.int8``, int8 activations) keeps its input's 8-bit
+An INT8-trained conv / linear (``repnet.memory.int8``, int8 activations) keeps its input's 8-bit
 codes: ``|x|`` bytes instead of ``4|x|``.
 
 Beyond the papers' rules (their networks have none of these), so that every backbone's figure
@@ -39,7 +39,7 @@ rules reproduce to the published 37.1 / 64.7 MB for TinyTL-L+B on ProxylessNAS-M
 (224 / 320 px, batch 8, 102 classes). TinyTL's other rows (FT-Last 30.8, B 31.7, L 37.1,
 Norm+Last 192.4, Full 390.8) are reproduced too, to 0.05 MB, once the network TinyTL's
 script actually profiled is rebuilt (lite residuals inserted for every method, and every
-mask counted, ``masks="always"``): see :mod:`repnet.tinytl_reference`. Our own
+mask counted, ``masks="always"``): see :mod:`repnet.reproduce.tinytl_memory`. Our own
 models give less for those methods (29.0 / 29.9 / 36.3 / 183.0 / 367.0 MB).
 
 **Execution order** (``order``): the rules are summed in the order the layers run. ``"run"``
@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .ops import RULES
-from .ops.base import ACT_BYTES, RuleContext
+from repnet.memory.ops import RULES
+from repnet.memory.ops.base import ACT_BYTES, RuleContext
 
 __all__ = ["AnalyticReport", "LayerRow", "analyze", "param_bytes", "format_breakdown", "MASK_RULES"]
 
@@ -116,7 +116,7 @@ class AnalyticReport:
 
 
 def _int8_master_numel(model: nn.Module) -> int:
-    """Trainable weights held on their int8 grid (``repnet.int8`` master="int8"): 1 byte each."""
+    """Trainable weights held on their int8 grid (``repnet.memory.int8`` master="int8"): 1 byte each."""
     return sum(m.weight.numel() for m in model.modules()
                if getattr(m, "_int8", None) is not None and m._int8.master == "int8" and m.weight.requires_grad)
 
@@ -125,9 +125,9 @@ def param_bytes(model: nn.Module, trainable_bytes: int = 4, frozen_bytes: int = 
     """(bytes, trainable count, total count): 4 B per trainable, 1 B per frozen parameter.
 
     8-bit weight codes (``quantize_frozen_weights``) count as frozen parameters; trainable
-    weights kept on their int8 grid (``repnet.int8``, master="int8") cost 1 B too.
+    weights kept on their int8 grid (``repnet.memory.int8``, master="int8") cost 1 B too.
     """
-    from .quant import quantized_weight_numel
+    from repnet.memory.quant import quantized_weight_numel
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + quantized_weight_numel(model)
@@ -141,7 +141,7 @@ def _residual_blocks(model: nn.Module, image_size: int) -> list[nn.Module]:
     if backbone is not None and hasattr(backbone, "describe") and hasattr(backbone, "blocks"):
         blocks = backbone.blocks()
         return [blocks[i.index] for i in backbone.describe(image_size) if i.residual]
-    from ..backbones.base import has_shortcut
+    from repnet.backbones.base import has_shortcut
 
     return [m for m in model.modules() if list(m.children()) and has_shortcut(m)]
 

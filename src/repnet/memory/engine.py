@@ -83,27 +83,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import SWAP as _OP_SWAP
-from .ops.activations import (_MaskedActFn, MemHardswish, MemHardtanh, MemReLU, MemReLU6, _StepMixin,
-                              masked_activation)
-from .ops.conv import (FEEDS_NORM, MemConv2d, MemLinear, _FrozenConv2dFn, _FrozenLinearFn, _numeric_padding, _standardize,
-                       _StdConv2dFn, conv2d_input_grad, frozen_conv2d, frozen_linear)
-from .ops.fused import _FusedInvertedCoreFn, mark_fusable, unmark_fusable
-from .ops.masks import apply_mask, pack_bits, unpack_bits
-from .ops.norm import MemBatchNorm2d, _FrozenBatchNormFn, _InplaceFrozenBatchNormFn
-from .ops.pooling import MemAvgPool2d, MemMaxPool2d, _AvgPool2dFn, avg_pool2d
+from repnet.memory.ops import SWAP as _OP_SWAP
+from repnet.memory.ops.activations import (MaskedActFn, MemHardswish, MemHardtanh, MemReLU, MemReLU6, StepBackwardMixin,
+                                           masked_activation)
+from repnet.memory.ops.conv import (FEEDS_NORM, MemConv2d, MemLinear, FrozenConv2dFn, FrozenLinearFn,
+                                    StdConv2dFn, conv2d_input_grad, frozen_conv2d,
+                                    frozen_linear)
+from repnet.memory.ops.fused import FusedInvertedCoreFn, mark_fusable, unmark_fusable
+from repnet.memory.ops.masks import apply_mask, pack_bits, unpack_bits
+from repnet.memory.ops.norm import MemBatchNorm2d, FrozenBatchNormFn, InplaceFrozenBatchNormFn
+from repnet.memory.ops.pooling import MemAvgPool2d, MemMaxPool2d, AvgPool2dFn, avg_pool2d
 
 __all__ = [
     "apply_engine", "remove_engine", "engine_applied", "set_step_backward", "ENGINE_TYPES",
     "pack_bits", "unpack_bits", "apply_mask", "frozen_conv2d", "frozen_linear", "masked_activation", "avg_pool2d",
     "conv2d_input_grad", "MemConv2d", "MemLinear", "MemBatchNorm2d", "MemReLU", "MemReLU6", "MemHardtanh",
     "MemHardswish", "MemAvgPool2d", "MemMaxPool2d",
+    # the autograd Functions the engine classes run (tests count their calls)
+    "MaskedActFn", "FrozenConv2dFn", "FrozenLinearFn", "StdConv2dFn", "FrozenBatchNormFn", "InplaceFrozenBatchNormFn",
+    "FusedInvertedCoreFn", "AvgPool2dFn",
 ]
-# (the autograd Functions and helpers imported above stay reachable here for tests and repnet.int8)
-_FUNCTIONS = (_MaskedActFn, _FrozenConv2dFn, _FrozenLinearFn, _StdConv2dFn, _FrozenBatchNormFn,
-              _InplaceFrozenBatchNormFn, _FusedInvertedCoreFn, _AvgPool2dFn,
-              _numeric_padding, _standardize)
-
 #: The one swap table: plain class -> engine class (collected from every op module).
 _SWAP: dict[type, type] = dict(_OP_SWAP)
 _UNSWAP: dict[type, type] = {v: k for k, v in _SWAP.items()}
@@ -179,10 +178,10 @@ def set_step_backward(module: nn.Module, enabled: bool = True) -> int:
     apply_engine(module)
     n = 0
     for m in module.modules():
-        if isinstance(m, _StepMixin):
+        if isinstance(m, StepBackwardMixin):
             if enabled:
-                m._step_backward = True
-            elif "_step_backward" in m.__dict__:
-                del m._step_backward
+                m.step_backward = True
+            elif "step_backward" in m.__dict__:
+                del m.step_backward
             n += 1
     return n

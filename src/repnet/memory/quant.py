@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import RepnetError
-from .engine import MemConv2d, MemLinear, apply_engine
+from repnet.errors import RepnetError
+from repnet.memory.engine import MemConv2d, MemLinear, apply_engine
 
 __all__ = ["quantize_frozen_weights", "dequantize_module", "is_quantized", "kmeans_codebook",
            "QuantConv2d", "QuantLinear", "PlainQuantConv2d", "PlainQuantLinear", "SCHEMES"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..registry import Registry
+from repnet.registry import Registry
 
 METHODS: Registry = Registry("method")
 
@@ -13,6 +13,6 @@ for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _m != "base":
         importlib.import_module(f"{__name__}.{_m}")
 
-from .base import MethodOptions, TransferModel, parse_options  # noqa: E402
+from repnet.methods.base import MethodOptions, TransferModel, parse_options  # noqa: E402
 
 __all__ = ["METHODS", "MethodOptions", "TransferModel", "parse_options"]

@@ -23,10 +23,10 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..errors import RepnetError
-from ..keyvalue import coerce_value, type_name
-from ..storage import atomic_write_text, save_tensors
+from repnet.backbones import Backbone
+from repnet.errors import RepnetError
+from repnet.keyvalue import coerce_value, type_name
+from repnet.storage import atomic_write_text, save_tensors
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -174,7 +174,7 @@ class TransferModel(nn.Module):
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; frozen weights stored as 8-bit codes (int8 training,
         ``frozen_bits``) are buffers, not parameters, and count in the total all the same."""
-        from ..memory.quant import quantized_weight_numel
+        from repnet.memory.quant import quantized_weight_numel
 
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters()) + quantized_weight_numel(self)
@@ -203,10 +203,10 @@ class TransferModel(nn.Module):
             "num_classes": self.num_classes,
             "image_size": self.image_size,
             "options": dataclasses.asdict(self.options),
-            "repnet_version": _version(),
+            "repnet_version": repnet_version(),
             # construction options (repnet.get_model): restored by from_pretrained
             "memory": getattr(self, "memory_mode", "vanilla"),
-            **({"int8": self.int8_config} if getattr(self, "int8_config", None) else {}),  # repnet.int8
+            **({"int8": self.int8_config} if getattr(self, "int8_config", None) else {}),  # repnet.memory.int8
             **({"frozen_bits": self.frozen_bits} if getattr(self, "frozen_bits", None) else {}),
         }
 
@@ -216,7 +216,7 @@ class TransferModel(nn.Module):
         A folder holding another model's adapter (other method, backbone, classes or size) is
         refused unless ``overwrite``; one holding files that are not an adapter always is.
         """
-        from ..int8 import pack_on_grid
+        from repnet.memory.int8 import pack_on_grid
 
         existing = os.path.join(directory, "config.json")
         if os.path.isdir(directory) and os.listdir(directory):
@@ -259,7 +259,7 @@ class _BlockHook:
         return out
 
 
-def _version() -> str:
+def repnet_version() -> str:
     try:
         from importlib.metadata import version
 

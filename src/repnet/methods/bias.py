@@ -1,8 +1,8 @@
 """TinyTL-B: only the backbone's biases (and the classifier) train."""
 from __future__ import annotations
 
-from . import METHODS
-from .base import TransferModel
+from repnet.methods import METHODS
+from repnet.methods.base import TransferModel
 
 
 def backbone_biases(model: TransferModel):

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import METHODS
-from .base import AT_LEAST_ONE, MethodOptions, NON_NEGATIVE, ODD_KERNEL, TransferModel, opt
-from .bias import backbone_biases
-from .repnet import make_divisible8
+from repnet.methods import METHODS
+from repnet.methods.base import AT_LEAST_ONE, MethodOptions, NON_NEGATIVE, ODD_KERNEL, TransferModel, opt
+from repnet.methods.bias import backbone_biases
+from repnet.methods.repnet import make_divisible8
 
 
 class GateProduct(nn.Module):

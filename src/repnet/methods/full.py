@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import METHODS
-from .base import MethodOptions, TransferModel, opt
+from repnet.methods import METHODS
+from repnet.methods.base import MethodOptions, TransferModel, opt
 
 
 @dataclass

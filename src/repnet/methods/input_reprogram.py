@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import METHODS
-from .base import TransferModel
+from repnet.methods import METHODS
+from repnet.methods.base import TransferModel
 
 PROJECTION_SEED = 0
 

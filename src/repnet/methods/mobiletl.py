@@ -17,7 +17,7 @@ dropout / drop-path, is a ReLU-like activation (this also covers timm's ``BatchN
 activation is its own child). No per-backbone code.
 
 Implementation: each activation of the fine-tuned region gets the memory engine's
-``_step_backward`` switch (``repnet.memory.engine``: ReLU / ReLU6 / Hardtanh / Hardswish keep a
+``step_backward`` switch (``repnet.memory.engine``: ReLU / ReLU6 / Hardtanh / Hardswish keep a
 bit-packed step mask once the engine is applied, ``memory="engine"``) and a pair of hooks that do
 the same wherever the engine does not (``memory="vanilla"``, SiLU / GELU / ...), active only
 inside ``TransferModel.forward``: the pre-hook keeps the mask ``x >= 0`` (one byte per element)
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import RepnetError
-from . import METHODS
-from .base import AT_LEAST_ONE, MethodOptions, NORM_TYPES, TransferModel, opt
+from repnet.errors import RepnetError
+from repnet.methods import METHODS
+from repnet.methods.base import AT_LEAST_ONE, MethodOptions, NORM_TYPES, TransferModel, opt
 
 # class names of the ReLU-like activations of torch and timm whose backward the step approximates
 # (sigmoid-like gates are not among them: their derivative is not a step)
@@ -126,7 +126,7 @@ class MobileTL(TransferModel):
 
         self._step_acts = [n for n in region if _kind(modules[n]) in RELU_LIKE] if o.step_backward else []
         for n in self._step_acts:
-            modules[n]._step_backward = True  # the memory engine's switch (used once it is applied)
+            modules[n].step_backward = True  # the memory engine's switch (used once it is applied)
             modules[n].register_forward_pre_hook(self._act_pre)
             modules[n].register_forward_hook(self._act_post)
         blocks = self.backbone.blocks()
@@ -170,7 +170,7 @@ def _engine_steps(module: nn.Module) -> bool:
     """Whether the memory engine runs this activation with its own step backward.
 
     ``repnet.memory.engine`` swaps ReLU / ReLU6 / Hardtanh / Hardswish to classes with a
-    ``_step_backward`` switch (bit-packed masks); ``build`` sets that switch on the instance, so
+    ``step_backward`` switch (bit-packed masks); ``build`` sets that switch on the instance, so
     once the engine is applied it takes over and these hooks step aside.
     """
-    return hasattr(type(module), "_step_backward") and bool(module._step_backward)
+    return hasattr(type(module), "step_backward") and bool(module.step_backward)

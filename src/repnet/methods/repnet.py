@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from timm.layers import StdConv2d
 from torch import nn
 
-from . import METHODS
-from .bias import backbone_biases
-from .base import AT_LEAST_ONE, KERNEL_OR_RULE, MethodOptions, POSITIVE, TransferModel, opt
+from repnet.methods import METHODS
+from repnet.methods.bias import backbone_biases
+from repnet.methods.base import AT_LEAST_ONE, KERNEL_OR_RULE, MethodOptions, POSITIVE, TransferModel, opt
 
 
 def make_divisible8(c: int) -> int:

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import METHODS
-from .base import AT_LEAST_ONE, KERNEL_OR_RULE, MethodOptions, POSITIVE, TransferModel, opt
-from .repnet import RepNetModule, make_divisible8
+from repnet.methods import METHODS
+from repnet.methods.base import AT_LEAST_ONE, KERNEL_OR_RULE, MethodOptions, POSITIVE, TransferModel, opt
+from repnet.methods.repnet import RepNetModule, make_divisible8
 
 
 class Down(nn.Sequential):

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import METHODS
-from .base import AT_LEAST_ONE, MethodOptions, ODD_KERNEL, POSITIVE, TransferModel, opt
-from .bias import backbone_biases
-from .repnet import RepNetModule, make_divisible8
+from repnet.methods import METHODS
+from repnet.methods.base import AT_LEAST_ONE, MethodOptions, ODD_KERNEL, POSITIVE, TransferModel, opt
+from repnet.methods.bias import backbone_biases
+from repnet.methods.repnet import RepNetModule, make_divisible8
 
 NOMINAL_RESOLUTION = 128  # TinyTL's released rule: ``max_resolution = 128``
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import ACT_BYTES, engine_off, owned
-from .masks import apply_mask, pack_mask
+from repnet.memory.ops.base import ACT_BYTES, engine_off, owned
+from repnet.memory.ops.masks import apply_mask, pack_mask
 
-class _MaskedActFn(torch.autograd.Function):
+class MaskedActFn(torch.autograd.Function):
     """An activation whose backward is ``g * mask``: keeps the mask bit-packed (numel/8 B), and
     applies it to the incoming gradient in place where no one else holds that gradient.
 
@@ -55,53 +55,53 @@ _HSWISH_OP = lambda x, inplace: F.hardswish(x, inplace=inplace)  # noqa: E731
 def masked_activation(x, kind: str = "relu6", step: bool = False, inplace: bool = False):
     """Functional form: ``kind`` in relu / relu6 / hardswish (hardswish needs ``step=True``)."""
     if kind == "relu":
-        return _MaskedActFn.apply(x, _RELU_OP, 0.0, float("inf"), step, inplace)
+        return MaskedActFn.apply(x, _RELU_OP, 0.0, float("inf"), step, inplace)
     if kind == "relu6":
-        return _MaskedActFn.apply(x, _clamp_op(0.0, 6.0), 0.0, 6.0, step, inplace)
+        return MaskedActFn.apply(x, _clamp_op(0.0, 6.0), 0.0, 6.0, step, inplace)
     if kind == "hardswish" and step:
-        return _MaskedActFn.apply(x, _HSWISH_OP, 0.0, 0.0, True, inplace)
+        return MaskedActFn.apply(x, _HSWISH_OP, 0.0, 0.0, True, inplace)
     raise ValueError(f"masked_activation: unsupported kind={kind!r} step={step}")
 
 
-class _StepMixin:
-    _step_backward: bool = False  # MobileTL's approximate backward, off by default
+class StepBackwardMixin:
+    step_backward: bool = False  # MobileTL's approximate backward, off by default
 
 
-class MemReLU(_StepMixin, nn.ReLU):
+class MemReLU(StepBackwardMixin, nn.ReLU):
     """``nn.ReLU`` keeping a bit-packed mask for backward."""
 
     def forward(self, x):
         if engine_off(x) or not x.requires_grad:
             return super().forward(x)
-        return _MaskedActFn.apply(x, _RELU_OP, 0.0, float("inf"), self._step_backward, self.inplace)
+        return MaskedActFn.apply(x, _RELU_OP, 0.0, float("inf"), self.step_backward, self.inplace)
 
 
 def _hardtanh_forward(self, x):
     if engine_off(x) or not x.requires_grad:
         return nn.Hardtanh.forward(self, x)
     lo, hi = float(self.min_val), float(self.max_val)
-    return _MaskedActFn.apply(x, _clamp_op(lo, hi), lo, hi, self._step_backward, self.inplace)
+    return MaskedActFn.apply(x, _clamp_op(lo, hi), lo, hi, self.step_backward, self.inplace)
 
 
-class MemHardtanh(_StepMixin, nn.Hardtanh):
+class MemHardtanh(StepBackwardMixin, nn.Hardtanh):
     """``nn.Hardtanh`` (e.g. ``Hardtanh(0, 6)``) keeping a bit-packed mask."""
 
     forward = _hardtanh_forward
 
 
-class MemReLU6(_StepMixin, nn.ReLU6):
+class MemReLU6(StepBackwardMixin, nn.ReLU6):
     """``nn.ReLU6`` keeping a bit-packed mask."""
 
     forward = _hardtanh_forward
 
 
-class MemHardswish(_StepMixin, nn.Hardswish):
+class MemHardswish(StepBackwardMixin, nn.Hardswish):
     """``nn.Hardswish``: exact PyTorch backward (keeps its input) unless step backward is on."""
 
     def forward(self, x):
-        if not self._step_backward or engine_off(x) or not x.requires_grad:
+        if not self.step_backward or engine_off(x) or not x.requires_grad:
             return super().forward(x)
-        return _MaskedActFn.apply(x, _HSWISH_OP, 0.0, 0.0, True, self.inplace)
+        return MaskedActFn.apply(x, _HSWISH_OP, 0.0, 0.0, True, self.inplace)
 
 
 SWAP: dict[type, type] = {nn.ReLU: MemReLU, nn.ReLU6: MemReLU6, nn.Hardtanh: MemHardtanh, nn.Hardswish: MemHardswish}
@@ -136,7 +136,7 @@ def _rule(m, x, out, ctx) -> tuple[float, float, float]:
         return (nx / 8 if ctx.act_grad else 0.0), ACT_BYTES * nx, 0.0
     if not ctx.act_grad:
         return 0.0, 0.0, 0.0
-    return (nx / 8 if getattr(m, "_step_backward", False) else ACT_BYTES * nx), 0.0, 0.0
+    return (nx / 8 if getattr(m, "step_backward", False) else ACT_BYTES * nx), 0.0, 0.0
 
 
 RULE = (_claims, _rule)

@@ -38,7 +38,7 @@ def weight_trains(m: nn.Module) -> bool:
 
 def input_bytes(m: nn.Module) -> int:
     """Bytes per kept input element of a trained conv / linear: 1 for an INT8-trained layer with
-    int8 activations (it keeps the input's int8 codes, ``repnet.int8``), else 4."""
+    int8 activations (it keeps the input's int8 codes, ``repnet.memory.int8``), else 4."""
     cfg = getattr(m, "_int8", None)
     return 1 if cfg is not None and cfg.activations else ACT_BYTES
 

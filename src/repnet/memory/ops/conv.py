@@ -17,10 +17,10 @@ from torch.autograd.function import once_differentiable
 
 from torch.nn.modules.module import _global_forward_hooks
 
-from .base import ACT_BYTES, engine_off, identity, input_bytes, pair, wants_grad, weight_trains
-from .norm import CONSUMABLE
+from repnet.memory.ops.base import ACT_BYTES, engine_off, identity, input_bytes, pair, wants_grad, weight_trains
+from repnet.memory.ops.norm import CONSUMABLE
 
-class _FrozenConv2dFn(torch.autograd.Function):
+class FrozenConv2dFn(torch.autograd.Function):
     """Conv2d with a frozen weight: keeps only the weight tensors (parameters or 8-bit codes)."""
 
     @staticmethod
@@ -59,10 +59,10 @@ def conv2d_input_grad(in_shape, w, g, stride, padding, dilation, groups):
 
 def frozen_conv2d(x, bias, wparts, dequant=identity, stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d`` whose weight ``dequant(*wparts)`` is frozen: nothing kept but ``wparts``."""
-    return _FrozenConv2dFn.apply(x, bias, dequant, pair(stride), pair(padding), pair(dilation), groups, *wparts)
+    return FrozenConv2dFn.apply(x, bias, dequant, pair(stride), pair(padding), pair(dilation), groups, *wparts)
 
 
-class _FrozenLinearFn(torch.autograd.Function):
+class FrozenLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, dequant, *wparts):
         y = F.linear(x, dequant(*wparts), bias)
@@ -85,10 +85,10 @@ class _FrozenLinearFn(torch.autograd.Function):
 
 def frozen_linear(x, bias, wparts, dequant=identity):
     """``F.linear`` with a frozen weight: keeps nothing but the weight tensors."""
-    return _FrozenLinearFn.apply(x, bias, dequant, *wparts)
+    return FrozenLinearFn.apply(x, bias, dequant, *wparts)
 
 
-def _numeric_padding(m: nn.Conv2d):
+def numeric_padding(m: nn.Conv2d):
     """Integer padding of ``m`` or ``None`` where only the plain path can do it."""
     if m.padding_mode != "zeros":
         return None
@@ -140,7 +140,7 @@ class MemConv2d(_WeightMixin, nn.Conv2d):
     def _conv(self, x):
         if engine_off(x) or self._weight_trains() or not (x.requires_grad or wants_grad(self.bias)):
             return super().forward(x)
-        pad = _numeric_padding(self)
+        pad = numeric_padding(self)
         if pad is None:
             return super().forward(x)
         wparts, dq = self._frozen_weight()
@@ -158,13 +158,13 @@ class MemLinear(_WeightMixin, nn.Linear):
 
 
 # ----------------------------------------------------------------------------- weight-standardised conv (trainable)
-def _standardize(w: torch.Tensor, eps: float) -> torch.Tensor:
+def standardize(w: torch.Tensor, eps: float) -> torch.Tensor:
     """timm ``StdConv2d``'s weight standardisation (per output channel), same kernels."""
     return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0,
                         eps=eps).reshape_as(w)
 
 
-class _StdConv2dFn(torch.autograd.Function):
+class StdConv2dFn(torch.autograd.Function):
     """Conv2d with a weight-standardised (WS) weight that keeps the raw weight, not the WS copy.
 
     Plain PyTorch keeps the standardised weight (a new tensor, as large as the weight) plus the
@@ -174,7 +174,7 @@ class _StdConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, stride, padding, dilation, groups):
-        y = F.conv2d(x, _standardize(weight, eps), bias, stride, padding, dilation, groups)
+        y = F.conv2d(x, standardize(weight, eps), bias, stride, padding, dilation, groups)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.eps, ctx.in_shape = eps, x.shape
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -192,7 +192,7 @@ class _StdConv2dFn(torch.autograd.Function):
             x, weight = ctx.saved_tensors
             with torch.enable_grad():
                 w = weight.detach().requires_grad_(need_w)
-                ws = _standardize(w, ctx.eps)
+                ws = standardize(w, ctx.eps)
             if need_x:
                 gx = conv2d_input_grad(ctx.in_shape, ws.detach(), g, stride, padding, dilation, groups)
             if need_w:
@@ -215,7 +215,7 @@ try:  # timm's weight-standardised conv (Rep-Net / TinyTL side modules)
             if (engine_off(x) or self.padding_mode != "zeros" or isinstance(self.padding, str)
                     or not (x.requires_grad or self.weight.requires_grad or wants_grad(self.bias))):
                 return super().forward(x)
-            return _StdConv2dFn.apply(x, self.weight, self.bias, self.eps, self.stride, self.padding,
+            return StdConv2dFn.apply(x, self.weight, self.bias, self.eps, self.stride, self.padding,
                                       self.dilation, self.groups)
 
     SWAP[_TimmStdConv2d] = MemStdConv2d
@@ -231,7 +231,7 @@ def _padded_conv_engine(base: type, pre_pad: Callable) -> type:
     def forward(self, x):
         if engine_off(x) or self._weight_trains() or not (x.requires_grad or wants_grad(self.bias)):
             return base.forward(self, x)
-        pad = _numeric_padding(self)
+        pad = numeric_padding(self)
         if pad is None:
             return base.forward(self, x)
         wparts, dq = self._frozen_weight()

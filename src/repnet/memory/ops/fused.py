@@ -37,11 +37,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from .activations import MemHardtanh, MemReLU, MemReLU6
-from .base import engine_off, wants_grad
-from .conv import FUSED, MemConv2d, _numeric_padding, conv2d_input_grad
-from .masks import apply_mask, pack_mask
-from .norm import _channel, _scale
+from repnet.memory.ops.activations import MemHardtanh, MemReLU, MemReLU6
+from repnet.memory.ops.base import engine_off, wants_grad
+from repnet.memory.ops.conv import FUSED, MemConv2d, numeric_padding, conv2d_input_grad
+from repnet.memory.ops.masks import apply_mask, pack_mask
+from repnet.memory.ops.norm import per_channel, frozen_bn_scale
 
 FUSED_WITH = "_fused_with"  # on the core's first unit: (depthwise unit or None, projection conv)
 SLICE_SHARE = 4  # a slice of the widest map is at most 1/SLICE_SHARE of the core's input or output
@@ -78,7 +78,7 @@ def _projection(m: nn.Module | None, channels: int):
 
 
 def _bounds(act: nn.Module):
-    if getattr(act, "_step_backward", False):
+    if getattr(act, "step_backward", False):
         return None
     if isinstance(act, MemReLU):
         return 0.0, float("inf")
@@ -91,7 +91,7 @@ def _hooked(*mods: nn.Module) -> bool:
 
 
 def _frozen(conv: MemConv2d) -> bool:
-    return not conv._weight_trains() and conv.bias is None and _numeric_padding(conv) is not None
+    return not conv._weight_trains() and conv.bias is None and numeric_padding(conv) is not None
 
 
 def _plan(head: nn.Module, x: torch.Tensor):
@@ -113,7 +113,7 @@ def _plan(head: nn.Module, x: torch.Tensor):
 def _affine_act(t: torch.Tensor, s, shift, lo, hi, keep: bool = True):
     """Eval-statistics norm (in place) then the activation's 1-bit mask (if a backward will come:
     ``keep``) and the activation (in place)."""
-    t.mul_(_channel(s, t)).add_(_channel(shift, t))
+    t.mul_(per_channel(s, t)).add_(per_channel(shift, t))
     mask = pack_mask(t, lo, hi) if keep else (None, False)
     t.clamp_(lo, hi)
     return mask
@@ -128,7 +128,7 @@ def _nhwc_zeros(like: torch.Tensor, shape) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device=like.device, memory_format=torch.channels_last).zero_()
 
 
-class _FusedInvertedCoreFn(torch.autograd.Function):
+class FusedInvertedCoreFn(torch.autograd.Function):
     """[expand -> norm -> act ->] depthwise -> norm -> act -> project, ``k`` channel slices at a time."""
 
     @staticmethod
@@ -140,13 +140,13 @@ class _FusedInvertedCoreFn(torch.autograd.Function):
             parts, dq = conv._frozen_weight()
             wparts.append(parts)
             weights.append(dq(*parts))
-            s = _scale(norm.weight, norm.running_var, norm.eps)
+            s = frozen_bn_scale(norm.weight, norm.running_var, norm.eps)
             scales.append(s)
             shifts.append(-norm.running_mean * s + (0 if shift is None else shift))
         pparts, pdq = proj._frozen_weight()
         w3 = pdq(*pparts)
         dw = units[-1][0]
-        conv_dw = (dw.stride, _numeric_padding(dw), dw.dilation)
+        conv_dw = (dw.stride, numeric_padding(dw), dw.dilation)
         C = weights[-1].shape[0]
         step = math.ceil(C / k)
         keep = any(ctx.needs_input_grad[:3])  # nothing needs a gradient (e.g. last-layer training): no masks
@@ -189,7 +189,7 @@ class _FusedInvertedCoreFn(torch.autograd.Function):
             weights.append(conv._frozen_weight()[1](*saved[i:i + n]))
             i += n
         masks, w3 = saved[i:], weights.pop()
-        scales = [_scale(n.weight, n.running_var, n.eps) for _, n, _ in units]
+        scales = [frozen_bn_scale(n.weight, n.running_var, n.eps) for _, n, _ in units]
         need_x = ctx.needs_input_grad[0]
         need_shift = ctx.needs_input_grad[1:3][-len(units):]
         gx = _nhwc_zeros(g, ctx.x_shape) if need_x else None
@@ -215,7 +215,7 @@ class _FusedInvertedCoreFn(torch.autograd.Function):
                 gshift[-1][sl] = gd.sum((0, 2, 3))
             if not (need_x or (expand and need_shift[0])):
                 continue
-            gd.mul_(_channel(scales[-1][sl], gd))
+            gd.mul_(per_channel(scales[-1][sl], gd))
             ge = conv2d_input_grad((n, width, *ctx.x_shape[2:]), weights[-1][sl], gd, *ctx.conv_dw, width)
             del gd
             if not expand:
@@ -225,7 +225,7 @@ class _FusedInvertedCoreFn(torch.autograd.Function):
             if need_shift[0]:
                 gshift[0][sl] = ge.sum((0, 2, 3))
             if need_x:
-                ge.mul_(_channel(scales[0][sl], ge))
+                ge.mul_(per_channel(scales[0][sl], ge))
                 ge = ge.contiguous(memory_format=torch.channels_last)
                 _rows(gx).addmm_(_rows(ge), weights[0][sl].reshape(width, -1))  # 1x1 input gradient
         shifts = [None, None]
@@ -239,7 +239,7 @@ def _slices(x: torch.Tensor, plan) -> int:
     units, proj = plan
     dw = units[-1][0]
     h, w = x.shape[-2:]
-    pd = _numeric_padding(dw)
+    pd = numeric_padding(dw)
     ho, wo = ((s + 2 * p - d * (q - 1) - 1) // t + 1
               for s, p, d, q, t in zip((h, w), pd, dw.dilation, dw.kernel_size, dw.stride))
     wide = dw.in_channels * max(h * w, ho * wo)
@@ -256,7 +256,7 @@ def _head_forward(self, x):
     mid, proj = self.__dict__[FUSED_WITH]
     units = plan[0]
     shifts = [u[1].bias for u in units]
-    out = _FusedInvertedCoreFn.apply(x, shifts[0] if len(units) == 2 else None, shifts[-1], plan, k)
+    out = FusedInvertedCoreFn.apply(x, shifts[0] if len(units) == 2 else None, shifts[-1], plan, k)
     out.__dict__[FUSED] = [m for m in (mid, proj) if m is not None]  # they pass it through
     return out
 

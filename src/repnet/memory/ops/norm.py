@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import ACT_BYTES, engine_off, owned, wants_grad, weight_trains
+from repnet.memory.ops.base import ACT_BYTES, engine_off, owned, wants_grad, weight_trains
 
-class _FrozenBatchNormFn(torch.autograd.Function):
+class FrozenBatchNormFn(torch.autograd.Function):
     """BatchNorm with a frozen (or absent) scale; the shift may train.
 
     Eval statistics: a fixed affine map, keeps nothing but its own buffers.
@@ -52,7 +52,7 @@ class _FrozenBatchNormFn(torch.autograd.Function):
             # scale in place, after the shift's gradient has read it
             weight, running_mean, running_var = ctx.saved_tensors
             gb = g.sum(ctx.dims) if need_b else None
-            gx = g.mul_(_channel(_scale(weight, running_var, ctx.eps), g))
+            gx = g.mul_(per_channel(frozen_bn_scale(weight, running_var, ctx.eps), g))
         elif not ctx.training:
             # eval statistics: PyTorch's own kernel (grad_x = g * gamma / sqrt(var + eps), grad_beta =
             # sum g); it reads its "input" argument only for grad_gamma, not requested, so ``g``
@@ -65,17 +65,17 @@ class _FrozenBatchNormFn(torch.autograd.Function):
         return gx, None, gb, None, None, None, None, None
 
 
-def _scale(weight, running_var, eps):
+def frozen_bn_scale(weight, running_var, eps):
     """The fixed per-channel scale of an eval-statistics norm: ``gamma / sqrt(var + eps)``."""
     s = torch.rsqrt(running_var + eps)
     return s if weight is None else s * weight
 
 
-def _channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-class _InplaceFrozenBatchNormFn(torch.autograd.Function):
+class InplaceFrozenBatchNormFn(torch.autograd.Function):
     """Eval-statistics BatchNorm with a frozen scale, computed in place on its input.
 
     Only for an input no one else will read: a frozen conv's output handed straight to this
@@ -87,9 +87,9 @@ class _InplaceFrozenBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps):
-        s = _scale(weight, running_var, eps)
+        s = frozen_bn_scale(weight, running_var, eps)
         shift = -running_mean * s if bias is None else bias - running_mean * s
-        x.mul_(_channel(s, x)).add_(_channel(shift, x))
+        x.mul_(per_channel(s, x)).add_(per_channel(shift, x))
         ctx.mark_dirty(x)
         ctx.save_for_backward(weight, running_var)  # the norm's own tensors: the scale is recomputed
         ctx.dims, ctx.eps = [0] + list(range(2, x.dim())), eps
@@ -99,11 +99,11 @@ class _InplaceFrozenBatchNormFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         weight, running_var = ctx.saved_tensors
-        s = _scale(weight, running_var, ctx.eps)
+        s = frozen_bn_scale(weight, running_var, ctx.eps)
         gb = g.sum(ctx.dims) if ctx.needs_input_grad[2] else None
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = g.mul_(_channel(s, g)) if owned(g) else g * _channel(s, g)
+            gx = g.mul_(per_channel(s, g)) if owned(g) else g * per_channel(s, g)
         return gx, None, gb, None, None, None
 
 
@@ -124,7 +124,7 @@ def _engine_batch_norm(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> t
     track = not m.training or m.track_running_stats
     if bn_training:
         F._verify_batch_size(x.size())
-    return _FrozenBatchNormFn.apply(
+    return FrozenBatchNormFn.apply(
         x, m.weight, m.bias, m.running_mean if track else None, m.running_var if track else None,
         bn_training, eaf, m.eps)
 
@@ -145,7 +145,7 @@ class MemBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x):
         if _consume(self, x):
-            return _InplaceFrozenBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+            return InplaceFrozenBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                                    self.eps)
         if not _bn_uses_engine(self, x):
             return super().forward(x)
@@ -162,7 +162,7 @@ try:  # timm's fused BN + drop + act
 
         def forward(self, x):
             if _consume(self, x):
-                x = _InplaceFrozenBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                x = InplaceFrozenBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                                     self.eps)
                 return self.act(self.drop(x))
             if not _bn_uses_engine(self, x):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import engine_off, pair
+from repnet.memory.ops.base import engine_off, pair
 
-class _AvgPool2dFn(torch.autograd.Function):
+class AvgPool2dFn(torch.autograd.Function):
     """``F.avg_pool2d`` keeping nothing (PyTorch keeps the input, though only its shape is used)."""
 
     @staticmethod
@@ -37,7 +37,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
         return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
     k = pair(kernel_size)
     s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else pair(stride)
-    return _AvgPool2dFn.apply(x, list(k), list(s), list(pair(padding)), ceil_mode, count_include_pad,
+    return AvgPool2dFn.apply(x, list(k), list(s), list(pair(padding)), ceil_mode, count_include_pad,
                               divisor_override)
 
 
@@ -49,7 +49,7 @@ class MemAvgPool2d(nn.AvgPool2d):
                           self.count_include_pad, self.divisor_override)
 
 
-class _MaxPool2dFn(torch.autograd.Function):
+class MaxPool2dFn(torch.autograd.Function):
     """Max pooling that keeps, per output element, the arg-max's position inside its window
     (1 byte) instead of the input and int64 indices (PyTorch: 4 B per input + 8 B per output)."""
 
@@ -94,7 +94,7 @@ class MemMaxPool2d(nn.MaxPool2d):
                 or kernel[0] * kernel[1] > 256):
             return super().forward(x)
         stride = pair(self.stride if self.stride is not None else self.kernel_size)
-        return _MaxPool2dFn.apply(x, kernel, stride, pair(self.padding), pair(self.dilation), self.ceil_mode)
+        return MaxPool2dFn.apply(x, kernel, stride, pair(self.padding), pair(self.dilation), self.ceil_mode)
 
 
 SWAP: dict[type, type] = {nn.AvgPool2d: MemAvgPool2d, nn.MaxPool2d: MemMaxPool2d}

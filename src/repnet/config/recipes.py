@@ -1,0 +1,73 @@
+"""Recipes and how a run's config is merged: defaults < the dataset's recipe < the runtime's recipe <
+a config file < overrides (:func:`make_config`).
+
+The recipes are YAML only: ``config/recipes/default.yaml`` updated by ``config/recipes/<dataset>.yaml``
+(the paper's per-dataset rates, docs/recipes.md), and a runtime's own ``recipe.yaml`` (e.g. ExecuTorch's
+SGD rates).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+import yaml
+from repnet.errors import RepnetError
+from repnet.config.schema import TrainConfig, coerce
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def load_recipe(dataset: str) -> dict:
+    """``recipes/default.yaml`` updated with ``recipes/<dataset>.yaml`` (if there is one: a dataset
+    without one, e.g. ``imagefolder:<path>``, trains with the default recipe)."""
+    recipe = read_yaml(RECIPES_DIR / "default.yaml")
+    path = RECIPES_DIR / f"{dataset.split(':', 1)[0]}.yaml"
+    if path.is_file():
+        recipe.update(read_yaml(path))
+    recipe.pop("description", None)
+    return recipe
+
+
+def load_runtime_recipe(runtime: str) -> dict:
+    """What training on ``runtime`` changes in every dataset's recipe: the YAML file the runtime names
+    (ExecuTorch: its SGD's learning rates); nothing for a runtime without one or an unknown name (which
+    fails in ``TrainConfig.validate``)."""
+    from repnet.runtime import RUNTIMES
+
+    path = RUNTIMES.get(runtime).recipe if runtime in RUNTIMES else None
+    recipe = read_yaml(Path(path)) if path else {}
+    recipe.pop("description", None)
+    return recipe
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML file holding a mapping (safe loader: no tags that build objects); one-line errors."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise RepnetError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise RepnetError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RepnetError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def make_config(overrides: dict | None = None, config_file: str | None = None) -> TrainConfig:
+    """Merge: ``TrainConfig`` defaults < recipe of the dataset < recipe of the runtime <
+    ``config_file`` < ``overrides``."""
+    overrides = dict(overrides or {})
+    from_file = read_yaml(Path(config_file)) if config_file else {}
+    dataset = overrides.get("dataset", from_file.get("dataset", TrainConfig.dataset))
+    runtime = overrides.get("runtime", from_file.get("runtime", TrainConfig.runtime))
+    merged: dict[str, Any] = {}
+    for source in (load_recipe(str(dataset)), load_runtime_recipe(str(runtime)), from_file, overrides):
+        for key, value in source.items():
+            value = coerce(key, value)
+            if key == "options":
+                value = {**merged.get("options", {}), **value}
+            merged[key] = value
+    cfg = TrainConfig(**merged)
+    cfg.validate()
+    return cfg

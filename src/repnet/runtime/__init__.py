@@ -1,0 +1,82 @@
+"""Where training steps run: the runtime registry.
+
+A runtime is one registered :class:`Runtime` subclass: how a model is built for it, which settings it
+refuses, its trainer (``None``: the eager loop's own PyTorch step), its recipe changes and its figures
+in ``repnet profile``. ``eager`` (PyTorch with the memory engine) is the default; ``executorch`` trains
+ExecuTorch training programs. A new runtime is one module or package in this folder that registers an
+subclass with ``@RUNTIMES.register`` (docs/architecture.md); nothing else changes. Registration
+imports nothing heavy: a runtime imports torch or its own library when it is used.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable, Protocol
+
+from repnet.errors import RepnetError
+from repnet.registry import Registry
+
+RUNTIMES: Registry = Registry("runtime")
+
+
+class Trainer(Protocol):
+    """What a runtime's trainer gives :func:`repnet.training.loop.fit`: the whole training step."""
+
+    def step(self, x, y):  # -> (loss, logits)
+        ...
+
+    def results(self) -> dict:  # the runtime's own figures for results.json
+        ...
+
+
+class Runtime:
+    """The default behaviour (PyTorch); a runtime overrides what differs. ``cfg`` is a
+    :class:`~repnet.config.schema.TrainConfig`."""
+
+    name: str = ""
+    #: a YAML file of recipe keys training on this runtime changes in every dataset's recipe (or None)
+    recipe: str | None = None
+    #: columns this runtime adds to ``repnet profile``'s table: (record key, header)
+    profile_columns: tuple[tuple[str, str], ...] = ()
+
+    def check(self, cfg, resume: bool = False) -> None:
+        """Raise :class:`RepnetError` (one line) for a setting this runtime cannot honour."""
+
+    def model_kwargs(self, cfg) -> dict:
+        """The :func:`repnet.get_model` keyword arguments (besides backbone, method, classes, size, weights,
+        int8) of the model ``cfg`` trains on this runtime."""
+        kwargs = {"memory": cfg.memory, **cfg.options}
+        if cfg.frozen_bits != "none":
+            kwargs["frozen_bits"] = cfg.frozen_bits
+        return kwargs
+
+    def trainer(self, model, cfg, schedule: Callable[[int], float], say: Callable[[str], None]) -> Trainer | None:
+        """The object whose ``step`` trains ``model`` (None: the eager loop's PyTorch step and optimizer);
+        ``schedule(step)`` is the recipe's learning-rate factor at each step."""
+        return None
+
+    def profile(self, model, cfg, record: dict) -> dict:
+        """This runtime's own memory figures for ``repnet profile`` (keys of ``profile_columns``) of ``model``,
+        built for this runtime from ``cfg``; ``record`` holds the eager figures (``repnet.memory.profile``)."""
+        return {}
+
+
+def refuse(runtime: str, what: str, why: str) -> RepnetError:
+    """The one-line refusal of a setting a runtime cannot honour."""
+    return RepnetError(f"{what} is not supported with --runtime {runtime}: {why}")
+
+
+def get_runtime(name: str) -> Runtime:
+    """The registered runtime ``name`` (an unknown name is one line listing the choices)."""
+    return RUNTIMES.get(name)()
+
+
+def runtime_names() -> tuple[str, ...]:
+    return tuple(RUNTIMES.names())
+
+
+# import every runtime module / package so that it registers itself
+for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_m}")
+
+__all__ = ["RUNTIMES", "Runtime", "Trainer", "get_runtime", "refuse", "runtime_names"]
