@@ -1,0 +1,174 @@
+#include "util.hpp"
+
+#include <openssl/evp.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace rd {
+
+void fail(Code code, const std::string& msg) { throw Error(code, msg); }
+
+Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) {
+  if (ctx_ == nullptr || EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(ctx_), EVP_sha256(), nullptr) != 1)
+    fail(Code::Runtime, "OpenSSL could not start a SHA-256");
+}
+Sha256::~Sha256() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_)); }
+void Sha256::update(const void* data, size_t n) {
+  if (n && EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), data, n) != 1) fail(Code::Runtime, "SHA-256 failed");
+}
+std::vector<uint8_t> Sha256::digest() {
+  std::vector<uint8_t> out(EVP_MAX_MD_SIZE);
+  unsigned int n = 0;
+  if (EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx_), out.data(), &n) != 1) fail(Code::Runtime, "SHA-256 failed");
+  out.resize(n);
+  return out;
+}
+std::string Sha256::hexdigest() {
+  auto d = digest();
+  return hex(d.data(), d.size());
+}
+
+std::string hex(const uint8_t* data, size_t n) {
+  static const char* digits = "0123456789abcdef";
+  std::string s(2 * n, '0');
+  for (size_t i = 0; i < n; ++i) {
+    s[2 * i] = digits[data[i] >> 4];
+    s[2 * i + 1] = digits[data[i] & 15];
+  }
+  return s;
+}
+
+static std::string os_error() { return std::strerror(errno); }
+
+std::string sha256_file(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(errno == ENOENT ? Code::NotFound : Code::Io, "cannot read " + path + ": " + os_error());
+  Sha256 h;
+  std::vector<uint8_t> buf(1 << 20);
+  for (;;) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      std::string e = os_error();
+      ::close(fd);
+      fail(Code::Io, "cannot read " + path + ": " + e);
+    }
+    if (n == 0) break;
+    h.update(buf.data(), static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return h.hexdigest();
+}
+
+std::string dirname_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+static std::string basename_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+void atomic_write(const std::string& path, const std::string& data) {
+  std::string dir = dirname_of(path);
+  std::string tmpl = dir + "/.tmp-XXXXXX-" + basename_of(path);
+  std::vector<char> name(tmpl.begin(), tmpl.end());
+  name.push_back('\0');
+  int suffix = static_cast<int>(basename_of(path).size() + 1);
+  int fd = ::mkostemps(name.data(), suffix, O_CLOEXEC);
+  if (fd < 0) fail(Code::Io, "cannot write " + path + ": " + os_error());
+  std::string tmp(name.data());
+  auto bail = [&](const std::string& why) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    fail(Code::Io, "cannot write " + path + ": " + why);
+  };
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      bail(os_error());
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) bail(os_error());
+  if (::close(fd) != 0) {
+    std::string e = os_error();
+    ::unlink(tmp.c_str());
+    fail(Code::Io, "cannot write " + path + ": " + e);
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::string e = os_error();
+    ::unlink(tmp.c_str());
+    fail(Code::Io, "cannot write " + path + ": " + e);
+  }
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+std::string read_file(const std::string& path, const std::string& what) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    fail(errno == ENOENT ? Code::NotFound : Code::Io,
+         what + " " + path + (errno == ENOENT ? " not found" : ": " + os_error()));
+  std::string out;
+  char buf[1 << 16];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      std::string e = os_error();
+      ::close(fd);
+      fail(Code::Io, "cannot read " + what + " " + path + ": " + e);
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return out;
+}
+
+bool file_exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+void make_dirs(const std::string& path) {
+  if (path.empty()) return;
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) {
+    if (!S_ISDIR(st.st_mode)) fail(Code::Io, path + " is a file, not a folder");
+    return;
+  }
+  std::string parent = dirname_of(path);
+  if (parent != path && parent != "." && parent != "/") make_dirs(parent);
+  if (::mkdir(path.c_str(), 0777) != 0 && errno != EEXIST) fail(Code::Io, "cannot create " + path + ": " + os_error());
+}
+
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+double peak_rss_bytes() {
+  struct rusage ru;
+  if (::getrusage(RUSAGE_SELF, &ru) != 0) return 0.0;
+  return static_cast<double>(ru.ru_maxrss) * 1024.0;  // Linux: kilobytes
+}
+
+}  // namespace rd

@@ -1,0 +1,1 @@
+"""Where training steps run besides eager PyTorch (one sub-package per runtime)."""
