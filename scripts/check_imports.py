@@ -27,7 +27,7 @@ LAYERS = [
     ("repnet.config", 5), ("repnet.loop", 5), ("repnet.executorch_training", 5), ("repnet.executorch_passes", 5),
     ("repnet.plots", 5), ("repnet.profiling", 5),
     ("repnet.training", 6), ("repnet.export", 6), ("repnet.hyblearn", 6), ("repnet.fedcore", 6),
-    ("repnet.planner", 6),
+    ("repnet.planner", 6), ("repnet.runtime", 6),
     ("repnet.continual", 7), ("repnet.flower_app", 7), ("repnet.reproduce", 7),
     ("repnet.federated", 8), ("repnet.demo", 8),
     ("repnet.commands", 9), ("repnet.cli", 9),

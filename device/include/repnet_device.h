@@ -86,7 +86,8 @@ typedef struct rd_stats {
   int64_t eval_arena_bytes;  /* the evaluation method's */
   int64_t weights_bytes;     /* the model's weights (from the metadata) */
   int64_t input_bytes;       /* one input batch */
-  int64_t steps;
+  int64_t steps;             /* steps done (resumed sessions included) */
+  int64_t epoch;             /* epochs done */
 } rd_stats;
 
 /* Open program `pte` with its metadata `meta_json` (NULL: the .pte path with .json). */
@@ -95,6 +96,8 @@ rd_status rd_open(rd_trainer **out, const char *pte, const char *meta_json, cons
 rd_status rd_bind_dataset(rd_trainer *t, rd_split split, const char *path);
 /* Restore the trained tensors, optimizer state, step and RNG of a checkpoint of this program. */
 rd_status rd_resume(rd_trainer *t, const char *checkpoint);
+/* Load only the trained tensors of a checkpoint of this program (no optimizer state, no progress). */
+rd_status rd_load_weights(rd_trainer *t, const char *checkpoint);
 /* One training step (forward + backward + optimizer); info may be NULL. */
 rd_status rd_step(rd_trainer *t, rd_step_info *info);
 /* Evaluate the current weights on a bound split (the program's method "evaluate"). */
@@ -103,8 +106,9 @@ rd_status rd_evaluate(rd_trainer *t, rd_split split, rd_eval_result *out);
 rd_status rd_save_checkpoint(rd_trainer *t, const char *path);
 /* Write an adapter folder (config.json + adapter.safetensors) that repnet.from_pretrained loads. */
 rd_status rd_write_adapter(rd_trainer *t, const char *folder);
-/* Run the first batch (sequential order) through forward + backward without updating anything,
-   and write the loss, logits and every gradient as a safetensors file (checks against Python). */
+/* Run the first batch of the training split (sequential order) through forward + backward without
+   updating anything, and write its loss, logits, every gradient ("grad.<name>") and the evaluation
+   method's logits of the same images ("eval_logits") as a safetensors file (checks against Python). */
 rd_status rd_dump_gradients(rd_trainer *t, const char *path);
 rd_status rd_get_stats(rd_trainer *t, rd_stats *out);
 void rd_close(rd_trainer *t);

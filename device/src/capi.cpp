@@ -63,6 +63,17 @@ rd_status rd_resume(rd_trainer* t, const char* checkpoint) {
   return s;
 }
 
+rd_status rd_load_weights(rd_trainer* t, const char* checkpoint) {
+  if (!t || !checkpoint) return no_handle();
+  bool found = true;
+  rd_status s = guarded([&] { found = rd::resume(*t->impl, checkpoint, true); });
+  if (s == RD_OK && !found) {
+    g_error = std::string("checkpoint ") + checkpoint + " not found";
+    return RD_ERR_NOT_FOUND;
+  }
+  return s;
+}
+
 rd_status rd_step(rd_trainer* t, rd_step_info* info) {
   if (!t) return no_handle();
   return guarded([&] {

@@ -26,9 +26,10 @@ static const char* kUsage =
     "usage: repnet-device train --program P.pte [--meta P.json] --train TRAIN.rpd [--test TEST.rpd] --out DIR\n"
     "                          [--resume] [--epochs N] [--max-steps N] [--steps-per-epoch N] [--seed S]\n"
     "                          [--threads 0|1] [--sequential] [--checkpoint-every N] [--no-checkpoint]\n"
-    "                          [--no-adapter] [--eval-every-epoch] [--quiet-steps]\n"
+    "                          [--no-adapter] [--eval-every-epoch] [--quiet-steps] [--stop-after N]\n"
     "       repnet-device evaluate --program P.pte [--meta P.json] --data DATA.rpd [--checkpoint FILE]\n"
     "       repnet-device gradients --program P.pte [--meta P.json] --data DATA.rpd --out FILE.safetensors\n"
+    "                              [--checkpoint FILE]\n"
     "       repnet-device version\n";
 
 [[noreturn]] static void die(const std::string& msg) {
@@ -113,7 +114,7 @@ static bool is_dir(const std::string& p) {
 static int cmd_train(int argc, char** argv) {
   Args a = parse(argc, argv, 2,
                  {"program", "meta", "train", "test", "out", "epochs", "max-steps", "steps-per-epoch", "seed", "threads",
-                  "checkpoint-every"},
+                  "checkpoint-every", "stop-after"},
                  {"resume", "sequential", "no-checkpoint", "no-adapter", "eval-every-epoch", "quiet-steps"});
   rd_options opt{};
   opt.seed = static_cast<uint64_t>(a.num("seed", 0));
@@ -123,6 +124,7 @@ static int cmd_train(int argc, char** argv) {
   opt.max_steps = a.num("max-steps", 0);
   opt.steps_per_epoch = a.num("steps-per-epoch", 0);
   const long long every = a.num("checkpoint-every", 0);
+  const long long stop_after = a.num("stop-after", 0);  // steps of this session, then checkpoint and exit 0
   const bool save = !a.has("no-checkpoint");
   const std::string out = a.need("out");
   if (!is_dir(out) && ::mkdir(out.c_str(), 0777) != 0) die("cannot create --out " + out + ": " + std::strerror(errno));
@@ -158,6 +160,7 @@ static int cmd_train(int argc, char** argv) {
     start["eval_arena_mb"] = s["eval_arena_mb"];
     start["weights_mb"] = s["weights_mb"];
     start["step"] = st0.steps;
+    start["epoch"] = st0.epoch;
     emit(start);
   }
   if (!resumed && save) {
@@ -201,6 +204,12 @@ static int cmd_train(int argc, char** argv) {
       emit({{"event", "checkpoint"}, {"step", info.step}, {"path", ckpt}});
     }
     if (info.done) break;
+    if (stop_after > 0 && info.step - st0.steps >= stop_after) {
+      if (save && !(info.epoch_end || (every > 0 && info.step % every == 0))) save_ckpt("pause");
+      emit({{"event", "paused"}, {"step", info.step}, {"path", save ? ckpt : ""}});
+      rd_close(t);
+      return 0;
+    }
   }
   if (has_test) {
     rd_eval_result r{};
@@ -225,13 +234,8 @@ static int cmd_evaluate(int argc, char** argv) {
   opt.threads = static_cast<int32_t>(a.num("threads", 0));
   rd_trainer* t = open_from(a, &opt);
   const std::string data = a.need("data");
-  check(rd_bind_dataset(t, RD_TRAIN, data.c_str()));  // (resuming checks the plan against a training split)
   check(rd_bind_dataset(t, RD_TEST, data.c_str()));
-  if (a.has("checkpoint")) {
-    rd_status s = rd_resume(t, a.str("checkpoint").c_str());
-    if (s == RD_ERR_NOT_FOUND) die("checkpoint " + a.str("checkpoint") + " not found");
-    check(s);
-  }
+  if (a.has("checkpoint")) check(rd_load_weights(t, a.str("checkpoint").c_str()));
   rd_eval_result r{};
   check(rd_evaluate(t, RD_TEST, &r));
   emit({{"event", "eval"}, {"split", "test"}, {"loss", r.loss}, {"accuracy", r.accuracy}, {"images", r.images}});
@@ -240,11 +244,12 @@ static int cmd_evaluate(int argc, char** argv) {
 }
 
 static int cmd_gradients(int argc, char** argv) {
-  Args a = parse(argc, argv, 2, {"program", "meta", "data", "out", "threads"}, {});
+  Args a = parse(argc, argv, 2, {"program", "meta", "data", "out", "threads", "checkpoint"}, {});
   rd_options opt{};
   opt.threads = static_cast<int32_t>(a.num("threads", 0));
   rd_trainer* t = open_from(a, &opt);
   check(rd_bind_dataset(t, RD_TRAIN, a.need("data").c_str()));
+  if (a.has("checkpoint")) check(rd_load_weights(t, a.str("checkpoint").c_str()));
   check(rd_dump_gradients(t, a.need("out").c_str()));
   emit({{"event", "gradients"}, {"path", a.str("out")}});
   rd_close(t);

@@ -114,13 +114,29 @@ static std::unique_ptr<LoadedMethod> load_method(et::Program& program, const std
   return lm;
 }
 
-static std::vector<et::EValue> run_small(et::Program& program, const std::string& name, const std::string& pte) {
+struct SmallOutputs {
+  std::vector<int64_t> ints;
+  std::vector<std::string> strings;
+  size_t others = 0;
+};
+
+// Run a method without inputs (the hidden training methods) and copy its outputs out before its memory goes.
+static SmallOutputs run_small(et::Program& program, const std::string& name, const std::string& pte) {
   auto lm = load_method(program, name, pte);
   auto err = lm->method->execute();
   if (err != et::Error::Ok) fail(Code::Runtime, "method '" + name + "' of " + pte + " failed (" + et_error(err) + ")");
-  std::vector<et::EValue> out;
-  for (size_t i = 0; i < lm->method->outputs_size(); ++i) out.push_back(lm->method->get_output(i));
-  // (ints are copied by value; strings point into the program, which outlives this)
+  SmallOutputs out;
+  for (size_t i = 0; i < lm->method->outputs_size(); ++i) {
+    const et::EValue& v = lm->method->get_output(i);
+    if (v.isInt()) {
+      out.ints.push_back(v.toInt());
+    } else if (v.isString()) {
+      auto s = v.toString();
+      out.strings.emplace_back(s.data(), s.size());
+    } else {
+      out.others += 1;
+    }
+  }
   return out;
 }
 
@@ -221,16 +237,11 @@ Trainer* open_trainer(const std::string& pte, const std::string& meta_arg, const
   auto gi = run_small(*t->program, "__et_training_gradients_index_" + train_name, pte);
   auto pi = run_small(*t->program, "__et_training_parameters_index_" + train_name, pte);
   auto fq = run_small(*t->program, "__et_training_fqn_" + train_name, pte);
-  if (gi.empty() || !gi[0].isInt() || pi.empty() || !pi[0].isInt())
-    fail(Code::Invalid, pte + ": its training index methods return no integers");
-  t->grad_start = static_cast<size_t>(gi[0].toInt());
-  t->param_start = static_cast<size_t>(pi[0].toInt());
-  std::vector<std::string> fqns;
-  for (auto& v : fq) {
-    if (!v.isString()) fail(Code::Invalid, pte + ": its FQN method returns a non-string");
-    auto s = v.toString();
-    fqns.emplace_back(s.data(), s.size());
-  }
+  if (gi.ints.size() != 1 || pi.ints.size() != 1 || fq.others || gi.others || pi.others)
+    fail(Code::Invalid, pte + ": its training index methods do not return one integer each");
+  t->grad_start = static_cast<size_t>(gi.ints[0]);
+  t->param_start = static_cast<size_t>(pi.ints[0]);
+  std::vector<std::string> fqns = fq.strings;
   t->train = load_method(*t->program, train_name, pte);
   et::Method& m = *t->train->method;
   const size_t n_train = fqns.size();
@@ -615,7 +626,7 @@ void save_checkpoint(Trainer& t, const std::string& path) {
   atomic_write(path, w.out);
 }
 
-bool resume(Trainer& t, const std::string& path) {
+bool resume(Trainer& t, const std::string& path, bool weights_only) {
   if (!file_exists(path)) return false;
   std::string raw = read_file(path, "checkpoint");
   if (raw.size() < 8 + 32 || std::memcmp(raw.data(), kCkptMagic, 8) != 0)
@@ -636,13 +647,13 @@ bool resume(Trainer& t, const std::string& path) {
   const int64_t step_count = r.get<int64_t>(), epoch = r.get<int64_t>(), position = r.get<int64_t>();
   const int64_t total = r.get<int64_t>();
   const uint64_t rng = r.get<uint64_t>();
-  if (seed != t.opt.seed)
+  if (seed != t.opt.seed && !weights_only)
     fail(Code::Invalid, "checkpoint " + path + " was made with seed " + std::to_string(seed) + ", not " + std::to_string(t.opt.seed));
   if (rng != epoch_state(seed, static_cast<uint64_t>(epoch))) fail(Code::Invalid, "checkpoint " + path + " is damaged (RNG state)");
-  if (total != t.total_steps)
+  if (total != t.total_steps && !weights_only)
     fail(Code::Invalid, "cannot resume from " + path + ": the data or limits changed (" + std::to_string(total) +
                             " total steps recorded, " + std::to_string(t.total_steps) + " now)");
-  if (position % t.batch != 0 || position / t.batch > t.steps_per_epoch) fail(Code::Invalid, "checkpoint " + path + " is damaged");
+  if (position % t.batch != 0 || (!weights_only && position / t.batch > t.steps_per_epoch)) fail(Code::Invalid, "checkpoint " + path + " is damaged");
   const double loss_sum = r.get<double>();
   const int64_t correct = r.get<int64_t>(), seen = r.get<int64_t>();
   const double secs = r.get<double>();
@@ -670,9 +681,10 @@ bool resume(Trainer& t, const std::string& path) {
     }
   }
   if (r.pos != raw.size() - 32) fail(Code::Invalid, "checkpoint " + path + " is damaged (trailing bytes)");
+  for (uint32_t i = 0; i < n; ++i) std::memcpy(t.trained[i].data, params[i].data(), params[i].size() * sizeof(float));
+  if (weights_only) return true;
   auto& st = t.optimizer->state();
   for (uint32_t i = 0; i < n; ++i) {
-    std::memcpy(t.trained[i].data, params[i].data(), params[i].size() * sizeof(float));
     st[i].started = started[i] != 0;
     if (k >= 1) st[i].a = std::move(a[i]);
     if (k >= 2) st[i].b = std::move(b[i]);
@@ -718,6 +730,25 @@ void dump_gradients(Trainer& t, const std::string& path) {
     views.push_back({"grad." + t.trained[i].name, "F32", t.trained[i].shape, g.const_data_ptr<float>(),
                      t.trained[i].numel * sizeof(float)});
   }
+  // the evaluation method on the same images (refilled: the step may have reused the input slot);
+  // the training outputs are copied out first
+  std::vector<float> train_logits(logits.const_data_ptr<float>(), logits.const_data_ptr<float>() + t.batch * t.num_classes);
+  views[1].data = train_logits.data();
+  std::vector<float> loss_v(1, loss.const_data_ptr<float>()[0]);
+  views[0].data = loss_v.data();
+  std::vector<std::vector<float>> grad_copies;
+  for (size_t i = 2; i < views.size(); ++i) {
+    const float* g = static_cast<const float*>(views[i].data);
+    grad_copies.emplace_back(g, g + views[i].nbytes / sizeof(float));
+  }
+  for (size_t i = 2; i < views.size(); ++i) views[i].data = grad_copies[i - 2].data();
+  fill_batch(t, d, idx.data(), flips, t.batch);
+  bind_eval_inputs(t);
+  auto err = t.eval->method->execute();
+  if (err != et::Error::Ok) fail(Code::Runtime, "evaluation failed in the runtime (" + et_error(err) + ")");
+  Tensor el = t.eval->method->get_output(0).toTensor();
+  views.push_back({"eval_logits", "F32", {t.batch, t.num_classes}, el.const_data_ptr<float>(),
+                   static_cast<size_t>(t.batch * t.num_classes) * sizeof(float)});
   atomic_write(path, safetensors_bytes(views));
 }
 
@@ -733,6 +764,7 @@ rd_stats stats(const Trainer& t) {
   s.weights_bytes = mem.value("weights_bytes", static_cast<int64_t>(0));
   s.input_bytes = t.batch * t.channels * t.height * t.width * 4 + t.batch * 8;
   s.steps = t.step_count;
+  s.epoch = t.epoch;
   return s;
 }
 

@@ -14,7 +14,7 @@ namespace rd {
 class Trainer;
 Trainer* open_trainer(const std::string& pte, const std::string& meta, const rd_options& options);  // owned: close_trainer
 void bind_dataset(Trainer& t, rd_split split, const std::string& path);
-bool resume(Trainer& t, const std::string& path);  // false: no file there
+bool resume(Trainer& t, const std::string& path, bool weights_only = false);  // false: no file there
 rd_step_info step(Trainer& t);
 rd_eval_result evaluate(Trainer& t, rd_split split);
 void save_checkpoint(Trainer& t, const std::string& path);

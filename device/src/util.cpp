@@ -166,9 +166,27 @@ double now_seconds() {
 }
 
 double peak_rss_bytes() {
+  // The high-water mark of this process image's resident set: /proc/self/status VmHWM (Linux). Not
+  // getrusage's ru_maxrss alone: Linux carries the pre-exec image's peak into it, so a trainer started
+  // from a 1 GB Python process would report 1 GB. Elsewhere: ru_maxrss.
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    double kb = -1;
+    while (std::fgets(line, sizeof line, f))
+      if (std::strncmp(line, "VmHWM:", 6) == 0) {
+        kb = std::strtod(line + 6, nullptr);
+        break;
+      }
+    std::fclose(f);
+    if (kb >= 0) return kb * 1024.0;
+  }
   struct rusage ru;
   if (::getrusage(RUSAGE_SELF, &ru) != 0) return 0.0;
-  return static_cast<double>(ru.ru_maxrss) * 1024.0;  // Linux: kilobytes
+#ifdef __APPLE__
+  return static_cast<double>(ru.ru_maxrss);  // bytes on macOS / iOS
+#else
+  return static_cast<double>(ru.ru_maxrss) * 1024.0;  // kilobytes on Linux / Android
+#endif
 }
 
 }  // namespace rd

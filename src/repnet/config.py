@@ -79,8 +79,10 @@ class TrainConfig:
     seed: int = _f(0, "seed: model init, data order, augmentation, dropout")
     runtime: str = _f("eager", "where training steps run: eager (PyTorch, the memory engine) or executorch (an "
                       "ExecuTorch training program on its runtime: eval-mode forward, its SGD with momentum 0.9 "
-                      "(recipes/runtime-executorch.yaml's lr / lr_side), one batch size)",
-                      choices=("eager", "executorch"))
+                      "(recipes/runtime-executorch.yaml's lr / lr_side), one batch size), or device (the C++ trainer "
+                      "repnet-device over the same kind of program: the recipe's Adam and schedule, no Python in the "
+                      "training process; repnet.runtime.device)",
+                      choices=("eager", "executorch", "device"))
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", runtime=True)
     workers: int = _f(min(4, os.cpu_count() or 1), "data-loader worker processes", runtime=True)
     checkpoint_every: int = _f(0, "also checkpoint every N steps (0: at epoch ends only)", runtime=True)
@@ -279,7 +281,7 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained=None, backbone=No
     kwargs = {"memory": cfg.memory, **cfg.options}
     if cfg.frozen_bits != "none":
         kwargs["frozen_bits"] = cfg.frozen_bits
-    if cfg.runtime == "executorch":
+    if cfg.runtime in ("executorch", "device"):  # (device: repnet.runtime.device, the C++ trainer)
         from .executorch_training import program_build
 
         kwargs = program_build(cfg.method, cfg.options)  # the model its training program is exported from

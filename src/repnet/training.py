@@ -73,6 +73,11 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     cfg.validate()
     METHODS.get(cfg.method)  # unknown names fail before any data is read
     BACKBONES.get(cfg.backbone)
+    if cfg.runtime == "device":  # the C++ trainer (repnet.runtime.device): its own run folder and process
+        from .runtime.device import train_on_device
+
+        return train_on_device(cfg, resume=resume, on_step=on_step, overwrite=overwrite,
+                               default_dir=_default_run_dir(cfg))
     t_start = time.time()
     say = print if cfg.progress else (lambda *a, **k: None)
 
