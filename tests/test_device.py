@@ -132,7 +132,7 @@ def test_first_step_loss_and_gradients_equal_the_python_runtime_bit_for_bit(prog
         assert ref.abs().max() > 0, name
         assert torch.equal(got[f"grad.{name}"], ref), name
     # the evaluation method: the same logits from the forward alone
-    torch.testing.assert_close(got["eval_logits"], logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["eval_logits"], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_twenty_sgd_steps_track_the_python_runtime(prog, tmp_path):

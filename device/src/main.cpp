@@ -32,7 +32,9 @@ static const char* kUsage =
     "                              [--checkpoint FILE]\n"
     "       repnet-device version\n";
 
-[[noreturn]] static void die(const std::string& msg) {
+[[noreturn]] static void die(std::string msg) {
+  for (auto& c : msg)  // one printable line, whatever a file name or a foreign file holds
+    if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) == 0x7f) c = '?';
   std::fprintf(stderr, "error: %s\n", msg.c_str());
   std::fflush(stderr);
   std::exit(2);

@@ -42,6 +42,8 @@ static void emit_log(et_timestamp_t, et_pal_log_level_t level, const char* filen
                      const char* message, size_t length) {
   std::string msg(message, length);
   while (!msg.empty() && (msg.back() == '\n' || msg.back() == '\r')) msg.pop_back();
+  for (auto& c : msg)  // one printable line (a foreign file's bytes can land in a message)
+    if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) c = '?';
   if (g_verbose) std::fprintf(stderr, "[executorch %c %s:%zu] %s\n", static_cast<char>(level), filename, line, msg.c_str());
   if (level == kError || level == kFatal) {
     std::lock_guard<std::mutex> lock(g_log_mutex);
