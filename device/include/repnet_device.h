@@ -78,7 +78,9 @@ typedef struct rd_eval_result {
 } rd_eval_result;
 
 typedef struct rd_stats {
-  double peak_rss_bytes;     /* getrusage(RUSAGE_SELF).ru_maxrss */
+  double peak_rss_bytes;     /* the process's peak resident set (Linux: /proc/self/status VmHWM; else
+                                getrusage ru_maxrss, which Linux carries over an exec from the parent) */
+  double train_peak_rss_bytes; /* the same, before the evaluation method was first loaded (training only) */
   double train_seconds;      /* time in rd_step, summed over this and resumed sessions */
   double images_per_second;  /* training images / train_seconds */
   double step_seconds;       /* train_seconds / steps of this session */

@@ -166,6 +166,8 @@ class Trainer {
   Schedule schedule;
   double clip_norm = 0;  // 0: no clipping
   bool eval_bound = false;
+  std::string eval_name;
+  double train_peak_rss = 0;  // the process peak before the evaluation method was first loaded
   executorch::extension::TensorPtr eval_images;  // the evaluation method's images: the training input slot
   std::unique_ptr<Dataset> data[2];
   std::unique_ptr<executorch::extension::threadpool::NoThreadPoolGuard> no_pool;
@@ -320,16 +322,19 @@ Trainer* open_trainer(const std::string& pte, const std::string& meta_arg, const
   if (options.threads == 1) t->no_pool = std::make_unique<executorch::extension::threadpool::NoThreadPoolGuard>();
   else if (options.threads != 0) fail(Code::Invalid, "threads must be 0 (the runtime's pool) or 1 (none)");
 
-  // the evaluation method: images in the training method's input slot, the trained tensors where they are
-  t->eval = load_method(*t->program, eval_name, pte);
-  et::Method& e = *t->eval->method;
-  if (e.inputs_size() != 1 + n_train || e.outputs_size() != 1)
-    fail(Code::Invalid, pte + ": '" + eval_name + "' does not take (images, trained tensors) -> logits");
+  // the evaluation method is loaded when first used (its arena is not held while only training); it
+  // takes its images in the training method's input slot and the trained tensors where they are
+  auto em = t->program->method_meta(eval_name.c_str());
+  if (!em.ok() || em->num_inputs() != 1 + n_train || em->num_outputs() != 1)
+    fail(Code::Invalid, pte + ": no method '" + eval_name + "' taking (images, trained tensors) -> logits");
+  t->eval_name = eval_name;
   return t.release();
 }
 
 static void bind_eval_inputs(Trainer& t) {
   if (t.eval_bound) return;
+  if (t.train_peak_rss <= 0) t.train_peak_rss = peak_rss_bytes();  // training's own peak, before this arena
+  t.eval = load_method(*t.program, t.eval_name, t.pte_path);
   et::Method& m = *t.train->method;
   et::Method& e = *t.eval->method;
   Tensor& x = input_tensor(m, 0);
@@ -757,11 +762,16 @@ void dump_gradients(Trainer& t, const std::string& path) {
 rd_stats stats(const Trainer& t) {
   rd_stats s{};
   s.peak_rss_bytes = peak_rss_bytes();
+  s.train_peak_rss_bytes = t.train_peak_rss > 0 ? t.train_peak_rss : s.peak_rss_bytes;
   s.train_seconds = t.train_seconds;
   s.images_per_second = t.train_seconds > 0 ? static_cast<double>(t.images) / t.train_seconds : 0;
   s.step_seconds = t.session_steps > 0 ? t.session_seconds / static_cast<double>(t.session_steps) : 0;
   s.arena_bytes = t.train->planned_bytes;
-  s.eval_arena_bytes = t.eval ? t.eval->planned_bytes : 0;
+  if (t.eval) {
+    s.eval_arena_bytes = t.eval->planned_bytes;
+  } else if (auto em = t.program->method_meta(t.eval_name.c_str()); em.ok()) {
+    for (size_t i = 0; i < em->num_memory_planned_buffers(); ++i) s.eval_arena_bytes += em->memory_planned_buffer_size(i).get();
+  }
   const json mem = t.meta.value("memory", json::object());
   s.weights_bytes = mem.value("weights_bytes", static_cast<int64_t>(0));
   s.input_bytes = t.batch * t.channels * t.height * t.width * 4 + t.batch * 8;

@@ -1,6 +1,9 @@
 #include "util.hpp"
 
-#include <openssl/evp.h>
+// OpenSSL's one-shot SHA-256 context (not EVP: EVP starts OpenSSL 3's provider machinery, which
+// touches ~3 MB of the library at start-up; the SHA256_* functions are deprecated in 3.0 but kept)
+#define OPENSSL_SUPPRESS_DEPRECATED
+#include <openssl/sha.h>
 
 #include <cerrno>
 #include <chrono>
@@ -16,19 +19,16 @@ namespace rd {
 
 void fail(Code code, const std::string& msg) { throw Error(code, msg); }
 
-Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) {
-  if (ctx_ == nullptr || EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(ctx_), EVP_sha256(), nullptr) != 1)
-    fail(Code::Runtime, "OpenSSL could not start a SHA-256");
+Sha256::Sha256() : ctx_(new SHA256_CTX) {
+  if (SHA256_Init(static_cast<SHA256_CTX*>(ctx_)) != 1) fail(Code::Runtime, "OpenSSL could not start a SHA-256");
 }
-Sha256::~Sha256() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_)); }
+Sha256::~Sha256() { delete static_cast<SHA256_CTX*>(ctx_); }
 void Sha256::update(const void* data, size_t n) {
-  if (n && EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), data, n) != 1) fail(Code::Runtime, "SHA-256 failed");
+  if (n && SHA256_Update(static_cast<SHA256_CTX*>(ctx_), data, n) != 1) fail(Code::Runtime, "SHA-256 failed");
 }
 std::vector<uint8_t> Sha256::digest() {
-  std::vector<uint8_t> out(EVP_MAX_MD_SIZE);
-  unsigned int n = 0;
-  if (EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx_), out.data(), &n) != 1) fail(Code::Runtime, "SHA-256 failed");
-  out.resize(n);
+  std::vector<uint8_t> out(SHA256_DIGEST_LENGTH);
+  if (SHA256_Final(out.data(), static_cast<SHA256_CTX*>(ctx_)) != 1) fail(Code::Runtime, "SHA-256 failed");
   return out;
 }
 std::string Sha256::hexdigest() {

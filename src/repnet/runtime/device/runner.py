@@ -98,8 +98,9 @@ def _check_supported(cfg) -> None:
             raise RepnetError(f"{why} is not supported with --runtime device")
 
 
-def prepare_run(cfg, run_dir: Path, say=print) -> dict:
-    """Export the program + metadata and pack the splits into ``run_dir``; returns facts for results.json."""
+def prepare_run(cfg, run_dir: Path, say=print, name: str = "program", data_names=("train.rpd", "test.rpd")) -> dict:
+    """Export the program + metadata (``<name>.pte`` / ``.json``) and pack the splits (``data_names``)
+    into ``run_dir``; returns facts for results.json."""
     from ...config import build_data, build_model
     from ...executorch_training import export_training_program
     from ...loop import plan_steps, seed_everything
@@ -117,14 +118,15 @@ def prepare_run(cfg, run_dir: Path, say=print) -> dict:
                             mean=model.backbone.mean, std=model.backbone.std)
     meta["train"] = {"epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch, "max_steps": cfg.max_steps,
                      "seed": cfg.seed}
-    write_program(run_dir, prog, meta)
+    write_program(run_dir, prog, meta, name=name)
     flips = flips_of(cfg)
-    write_dataset(train_ds, run_dir / "train.rpd", num_classes, hflip=flips)
-    write_dataset(test_ds, run_dir / "test.rpd", num_classes)
+    write_dataset(train_ds, run_dir / data_names[0], num_classes, hflip=flips)
+    write_dataset(test_ds, run_dir / data_names[1], num_classes)
     trainable, total = model.param_counts()
     return {"num_classes": num_classes, "train_images": len(train_ds), "test_images": len(test_ds),
             "trainable_params": trainable, "total_params": total, "program_rewrites": prog.rewrites,
-            "program_planned_mb": prog.planned_bytes / 1e6, "hflip": flips}
+            "program_planned_mb": prog.planned_bytes / 1e6, "program_arena_mb": prog.arena_bytes / 1e6,
+            "program_bytes": len(prog.buffer), "total_steps": total_steps, "hflip": flips}
 
 
 def _truncate(log_path: Path, epochs_done: int) -> None:
