@@ -90,6 +90,7 @@ typedef struct rd_stats {
   int64_t input_bytes;       /* one input batch */
   int64_t steps;             /* steps done (resumed sessions included) */
   int64_t epoch;             /* epochs done */
+  int64_t scratch_peak_bytes;/* the kernels' largest temporary memory during a training step */
 } rd_stats;
 
 /* Open program `pte` with its metadata `meta_json` (NULL: the .pte path with .json). */

@@ -63,7 +63,7 @@ std::string content_digest(std::vector<TensorView> tensors) {
   return h.hexdigest();
 }
 
-std::string safetensors_bytes(std::vector<TensorView> tensors, std::map<std::string, std::string> metadata) {
+static std::string safetensors_header(std::vector<TensorView>& tensors, std::map<std::string, std::string>& metadata) {
   sort_by_name(tensors);
   metadata["__sha256__"] = content_digest(tensors);
   nlohmann::json header = nlohmann::json::object();
@@ -79,12 +79,23 @@ std::string safetensors_bytes(std::vector<TensorView> tensors, std::map<std::str
   std::string text = header.dump();
   while (text.size() % 8) text += ' ';
   std::string out;
-  out.reserve(8 + text.size() + offset);
   uint64_t n = text.size();
   for (int i = 0; i < 8; ++i) out += static_cast<char>((n >> (8 * i)) & 0xff);
-  out += text;
+  return out + text;
+}
+
+std::string safetensors_bytes(std::vector<TensorView> tensors, std::map<std::string, std::string> metadata) {
+  std::string out = safetensors_header(tensors, metadata);
   for (const auto& t : tensors) out.append(static_cast<const char*>(t.data), t.nbytes);
   return out;
+}
+
+void write_safetensors(const std::string& path, std::vector<TensorView> tensors, std::map<std::string, std::string> metadata) {
+  std::string head = safetensors_header(tensors, metadata);
+  AtomicFile f(path);
+  f.write(head.data(), head.size());
+  for (const auto& t : tensors) f.write(t.data, t.nbytes);
+  f.commit();
 }
 
 std::map<std::string, OwnedTensor> read_safetensors(const std::string& path, std::map<std::string, std::string>* metadata) {

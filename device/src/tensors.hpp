@@ -30,6 +30,8 @@ std::string content_digest(std::vector<TensorView> tensors);
 std::string python_repr(const std::string& s);
 // The bytes of a safetensors file of `tensors` (sorted by name), with metadata + "__sha256__" = digest.
 std::string safetensors_bytes(std::vector<TensorView> tensors, std::map<std::string, std::string> metadata = {});
+// The same file written atomically to `path`, streamed (the tensors are not copied).
+void write_safetensors(const std::string& path, std::vector<TensorView> tensors, std::map<std::string, std::string> metadata = {});
 // Read a safetensors file; `metadata` receives its "__metadata__" strings.
 std::map<std::string, OwnedTensor> read_safetensors(const std::string& path, std::map<std::string, std::string>* metadata);
 size_t dtype_size(const std::string& dtype);

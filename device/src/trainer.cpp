@@ -14,6 +14,9 @@
 
 #include <cmath>
 #include <cstdlib>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <cstring>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -51,6 +54,18 @@ static void emit_log(et_timestamp_t, et_pal_log_level_t level, const char* filen
   }
 }
 
+// REPNET_DEVICE_VERBOSE=1: where the memory is at a milestone (stderr)
+static void memory_note(const char* where) {
+  if (!g_verbose) return;
+#if defined(__GLIBC__)
+  struct mallinfo2 mi = mallinfo2();
+  std::fprintf(stderr, "[repnet-device] %s: peak RSS %.2f MB, heap in use %.2f MB (mmapped %.2f MB)\n", where,
+               peak_rss_bytes() / 1e6, mi.uordblks / 1e6, mi.hblkhd / 1e6);
+#else
+  std::fprintf(stderr, "[repnet-device] %s: peak RSS %.2f MB\n", where, peak_rss_bytes() / 1e6);
+#endif
+}
+
 std::string take_runtime_log() {
   std::lock_guard<std::mutex> lock(g_log_mutex);
   std::string out;
@@ -75,11 +90,40 @@ static std::string et_error(et::Error e) {
 }
 
 // ----------------------------------------------------------------------------- a loaded method
+// The kernels' scratch memory (temp allocations during one instruction): malloc'd, all freed at reset()
+// (after every execute), its peak counted (rd_stats.scratch_peak_bytes).
+class ScratchAllocator : public et::MemoryAllocator {
+ public:
+  ScratchAllocator() : et::MemoryAllocator(0, nullptr) {}
+  ~ScratchAllocator() override { reset(); }
+  void* allocate(size_t size, size_t alignment = kDefaultAlignment) override {
+    if (alignment == 0 || (alignment & (alignment - 1)) != 0) return nullptr;
+    void* p = std::malloc(size + alignment);
+    if (p == nullptr) return nullptr;
+    blocks_.push_back(p);
+    current_ += size + alignment;
+    if (current_ > peak_) peak_ = current_;
+    auto addr = reinterpret_cast<uintptr_t>(p);
+    return reinterpret_cast<void*>((addr + alignment - 1) & ~(static_cast<uintptr_t>(alignment) - 1));
+  }
+  void reset() override {
+    for (void* p : blocks_) std::free(p);
+    blocks_.clear();
+    current_ = 0;
+  }
+  size_t peak() const { return peak_; }
+
+ private:
+  std::vector<void*> blocks_;
+  size_t current_ = 0, peak_ = 0;
+};
+
 struct LoadedMethod {
   std::vector<uint8_t*> buffers;
   std::vector<et::Span<uint8_t>> spans;
   std::unique_ptr<et::HierarchicalAllocator> planned;
-  std::unique_ptr<executorch::extension::MallocMemoryAllocator> method_allocator, temp_allocator;
+  std::unique_ptr<executorch::extension::MallocMemoryAllocator> method_allocator;
+  std::unique_ptr<ScratchAllocator> temp_allocator;
   std::unique_ptr<et::MemoryManager> memory;
   std::unique_ptr<et::Method> method;
   int64_t planned_bytes = 0;
@@ -108,7 +152,7 @@ static std::unique_ptr<LoadedMethod> load_method(et::Program& program, const std
   }
   lm->planned = std::make_unique<et::HierarchicalAllocator>(et::Span<et::Span<uint8_t>>(lm->spans.data(), lm->spans.size()));
   lm->method_allocator = std::make_unique<executorch::extension::MallocMemoryAllocator>();
-  lm->temp_allocator = std::make_unique<executorch::extension::MallocMemoryAllocator>();
+  lm->temp_allocator = std::make_unique<ScratchAllocator>();
   lm->memory = std::make_unique<et::MemoryManager>(lm->method_allocator.get(), lm->planned.get(), lm->temp_allocator.get());
   auto m = program.load_method(name.c_str(), lm->memory.get());
   if (!m.ok()) fail(Code::Runtime, "cannot load method '" + name + "' of " + pte + " (" + et_error(m.error()) + ")");
@@ -227,13 +271,20 @@ Trainer* open_trainer(const std::string& pte, const std::string& meta_arg, const
   if (t->program_sha != get<std::string>(prog, "sha256", where))
     fail(Code::Invalid, "program " + pte + " does not match its metadata " + where +
                             " (SHA-256 differs): a damaged, truncated or different .pte");
-  auto loaded = executorch::extension::MmapDataLoader::from(
-      pte.c_str(), executorch::extension::MmapDataLoader::MlockConfig::NoMlock);
+  using executorch::extension::MmapDataLoader;
+  {  // the full structural check, on a mapping of its own that goes away after (its pages leave the RSS)
+    auto check = MmapDataLoader::from(pte.c_str(), MmapDataLoader::MlockConfig::NoMlock);
+    if (!check.ok()) fail(Code::Io, "cannot map program " + pte + " (" + et_error(check.error()) + ")");
+    auto verified = et::Program::load(&check.get(), et::Program::Verification::InternalConsistency);
+    if (!verified.ok()) fail(Code::Invalid, pte + " is not a valid ExecuTorch program (" + et_error(verified.error()) + ")");
+  }
+  auto loaded = MmapDataLoader::from(pte.c_str(), MmapDataLoader::MlockConfig::NoMlock);
   if (!loaded.ok()) fail(Code::Io, "cannot map program " + pte + " (" + et_error(loaded.error()) + ")");
-  t->loader = std::make_unique<executorch::extension::MmapDataLoader>(std::move(loaded.get()));
-  auto p = et::Program::load(t->loader.get(), et::Program::Verification::InternalConsistency);
+  t->loader = std::make_unique<MmapDataLoader>(std::move(loaded.get()));
+  auto p = et::Program::load(t->loader.get(), et::Program::Verification::Minimal);
   if (!p.ok()) fail(Code::Invalid, pte + " is not a valid ExecuTorch program (" + et_error(p.error()) + ")");
   t->program = std::make_unique<et::Program>(std::move(p.get()));
+  memory_note("program loaded");
   const std::string train_name = get<std::string>(prog, "train_method", where);
   const std::string eval_name = get<std::string>(prog, "eval_method", where);
 
@@ -246,7 +297,9 @@ Trainer* open_trainer(const std::string& pte, const std::string& meta_arg, const
   t->grad_start = static_cast<size_t>(gi.ints[0]);
   t->param_start = static_cast<size_t>(pi.ints[0]);
   std::vector<std::string> fqns = fq.strings;
+  memory_note("hidden methods run");
   t->train = load_method(*t->program, train_name, pte);
+  memory_note("training method loaded");
   et::Method& m = *t->train->method;
   const size_t n_train = fqns.size();
   if (t->param_start - t->grad_start != n_train || m.outputs_size() != t->param_start + n_train || t->grad_start < 2)
@@ -432,6 +485,7 @@ static int32_t count_correct(const float* logits, const int64_t* labels, int64_t
 
 static void run_train_method(Trainer& t) {
   auto err = t.train->method->execute();
+  t.train->temp_allocator->reset();  // kernels' scratch memory: nothing of it lives past the step
   if (err != et::Error::Ok) fail(Code::Runtime, "the training step failed in the runtime (" + et_error(err) + ")");
 }
 
@@ -460,6 +514,7 @@ rd_step_info step(Trainer& t) {
   std::vector<int64_t> labels(input_tensor(m, 1).const_data_ptr<int64_t>(),
                               input_tensor(m, 1).const_data_ptr<int64_t>() + t.batch);
   run_train_method(t);
+  if (t.session_steps == 0 || t.session_steps == 9) memory_note(t.session_steps ? "tenth step run" : "first step run");
   const float loss = m.get_output(0).toTensor().const_data_ptr<float>()[0];
   const std::string at = " at step " + std::to_string(t.step_count + 1) + " (epoch " + std::to_string(t.epoch + 1) + ")";
   if (!std::isfinite(loss))
@@ -535,6 +590,7 @@ rd_eval_result evaluate(Trainer& t, rd_split split) {
     }
     fill_batch(t, d, idx.data(), flips, k);
     auto err = e.execute();
+    t.eval->temp_allocator->reset();
     if (err != et::Error::Ok) fail(Code::Runtime, "evaluation failed in the runtime (" + et_error(err) + ")");
     const float* logits = e.get_output(0).toTensor().const_data_ptr<float>();
     correct += count_correct(logits, labels.data(), k, t.num_classes);
@@ -558,16 +614,27 @@ rd_eval_result evaluate(Trainer& t, rd_split split) {
 static constexpr char kCkptMagic[8] = {'R', 'P', 'N', 'C', 'K', 'P', 'T', '\0'};
 static constexpr uint32_t kCkptVersion = 1;
 
+// Checkpoint bytes straight into the temp file, hashed on the way (nothing of the tensors is copied).
 struct Writer {
-  std::string out;
+  AtomicFile file;
+  Sha256 sha;
+  explicit Writer(const std::string& path) : file(path) {}
   template <class T>
   void put(T v) {
-    out.append(reinterpret_cast<const char*>(&v), sizeof v);
+    bytes(&v, sizeof v);
   }
-  void bytes(const void* p, size_t n) { out.append(static_cast<const char*>(p), n); }
+  void bytes(const void* p, size_t n) {
+    sha.update(p, n);
+    file.write(p, n);
+  }
   void str(const std::string& s) {
     put<uint32_t>(static_cast<uint32_t>(s.size()));
-    out += s;
+    bytes(s.data(), s.size());
+  }
+  void commit() {
+    auto d = sha.digest();
+    file.write(d.data(), d.size());
+    file.commit();
   }
 };
 
@@ -596,7 +663,7 @@ struct Reader {
 };
 
 void save_checkpoint(Trainer& t, const std::string& path) {
-  Writer w;
+  Writer w(path);
   w.bytes(kCkptMagic, 8);
   w.put<uint32_t>(kCkptVersion);
   w.put<uint32_t>(0);
@@ -626,11 +693,7 @@ void save_checkpoint(Trainer& t, const std::string& path) {
     if (names.size() >= 1) w.bytes(st[i].a.data(), tt.numel * sizeof(float));
     if (names.size() >= 2) w.bytes(st[i].b.data(), tt.numel * sizeof(float));
   }
-  Sha256 h;
-  h.update(w.out.data(), w.out.size());
-  auto d = h.digest();
-  w.bytes(d.data(), d.size());
-  atomic_write(path, w.out);
+  w.commit();
 }
 
 bool resume(Trainer& t, const std::string& path, bool weights_only) {
@@ -714,7 +777,7 @@ void write_adapter(Trainer& t, const std::string& folder) {
   make_dirs(folder);
   std::vector<TensorView> views;
   for (const auto& tt : t.trained) views.push_back({tt.name, "F32", tt.shape, tt.data, tt.numel * sizeof(float)});
-  atomic_write(folder + "/adapter.safetensors", safetensors_bytes(views));
+  write_safetensors(folder + "/adapter.safetensors", views);
   atomic_write(folder + "/config.json", config.dump(2));
 }
 
@@ -756,7 +819,7 @@ void dump_gradients(Trainer& t, const std::string& path) {
   Tensor el = t.eval->method->get_output(0).toTensor();
   views.push_back({"eval_logits", "F32", {t.batch, t.num_classes}, el.const_data_ptr<float>(),
                    static_cast<size_t>(t.batch * t.num_classes) * sizeof(float)});
-  atomic_write(path, safetensors_bytes(views));
+  write_safetensors(path, views);
 }
 
 rd_stats stats(const Trainer& t) {
@@ -776,6 +839,7 @@ rd_stats stats(const Trainer& t) {
   s.weights_bytes = mem.value("weights_bytes", static_cast<int64_t>(0));
   s.input_bytes = t.batch * t.channels * t.height * t.width * 4 + t.batch * 8;
   s.steps = t.step_count;
+  s.scratch_peak_bytes = static_cast<int64_t>(t.train->temp_allocator->peak());
   s.epoch = t.epoch;
   return s;
 }

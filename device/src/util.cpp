@@ -80,45 +80,64 @@ static std::string basename_of(const std::string& path) {
   return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
-void atomic_write(const std::string& path, const std::string& data) {
-  std::string dir = dirname_of(path);
-  std::string tmpl = dir + "/.tmp-XXXXXX-" + basename_of(path);
+AtomicFile::AtomicFile(const std::string& path) : path_(path) {
+  std::string tmpl = dirname_of(path) + "/.tmp-XXXXXX-" + basename_of(path);
   std::vector<char> name(tmpl.begin(), tmpl.end());
   name.push_back('\0');
-  int suffix = static_cast<int>(basename_of(path).size() + 1);
-  int fd = ::mkostemps(name.data(), suffix, O_CLOEXEC);
-  if (fd < 0) fail(Code::Io, "cannot write " + path + ": " + os_error());
-  std::string tmp(name.data());
-  auto bail = [&](const std::string& why) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    fail(Code::Io, "cannot write " + path + ": " + why);
-  };
+  fd_ = ::mkostemps(name.data(), static_cast<int>(basename_of(path).size() + 1), O_CLOEXEC);
+  if (fd_ < 0) fail(Code::Io, "cannot write " + path + ": " + os_error());
+  tmp_ = name.data();
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+}
+
+void AtomicFile::bail(const std::string& why) {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  ::unlink(tmp_.c_str());
+  tmp_.clear();
+  fail(Code::Io, "cannot write " + path_ + ": " + why);
+}
+
+void AtomicFile::write(const void* data, size_t n) {
+  if (fd_ < 0) fail(Code::Io, "cannot write " + path_ + ": already closed");
+  const char* p = static_cast<const char*>(data);
   size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0) {
+  while (done < n) {
+    ssize_t w = ::write(fd_, p + done, n - done);
+    if (w < 0) {
       if (errno == EINTR) continue;
       bail(os_error());
     }
-    done += static_cast<size_t>(n);
+    done += static_cast<size_t>(w);
   }
-  if (::fsync(fd) != 0) bail(os_error());
+}
+
+void AtomicFile::commit() {
+  if (::fsync(fd_) != 0) bail(os_error());
+  int fd = fd_;
+  fd_ = -1;
   if (::close(fd) != 0) {
-    std::string e = os_error();
-    ::unlink(tmp.c_str());
-    fail(Code::Io, "cannot write " + path + ": " + e);
+    fd_ = -1;
+    bail(os_error());
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::string e = os_error();
-    ::unlink(tmp.c_str());
-    fail(Code::Io, "cannot write " + path + ": " + e);
-  }
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) bail(os_error());
+  tmp_.clear();
+  std::string dir = dirname_of(path_);
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+void atomic_write(const std::string& path, const std::string& data) {
+  AtomicFile f(path);
+  f.write(data.data(), data.size());
+  f.commit();
 }
 
 std::string read_file(const std::string& path, const std::string& what) {

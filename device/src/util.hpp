@@ -42,6 +42,23 @@ std::string sha256_file(const std::string& path);  // streamed, bounded memory
 // fsynced, renamed onto `path`, then the folder fsynced. On any failure the temp file is removed, the
 // previous `path` is left as it was, and an Error (Io) names the problem.
 void atomic_write(const std::string& path, const std::string& data);
+
+// The same, streamed: write() pieces (nothing is held in memory but what is handed over), then commit().
+// Destroyed without commit(): the temp file is removed and `path` is untouched.
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::string& path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  void write(const void* data, size_t n);
+  void commit();
+
+ private:
+  [[noreturn]] void bail(const std::string& why);
+  std::string path_, tmp_;
+  int fd_ = -1;
+};
 std::string read_file(const std::string& path, const std::string& what);
 bool file_exists(const std::string& path);
 void make_dirs(const std::string& path);
