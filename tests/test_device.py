@@ -373,3 +373,27 @@ def test_repnet_train_runtime_device_refuses_what_it_cannot_do(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "device trainer is not built" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()  # nothing written before the binary is found
+
+
+def test_export_training_with_a_dataset_writes_what_the_device_trains(tmp_path, capsys):
+    """`repnet export --training --dataset`: program + metadata (the dataset's recipe) + packed splits."""
+    pte = tmp_path / "digits.pte"
+    assert main(["export", "--training", "--backbone", "mobilenet_v2", "--method", "last", "--dataset", "digits",
+                 "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--out", str(pte)]) == 0, \
+        capsys.readouterr().err
+    assert "digits-train.rpd" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "digits.json").read_text())
+    assert meta["optimizer"]["name"] == "adam" and meta["label_smoothing"] == 0.1 and meta["num_classes"] == 10
+    assert meta["class_names"][:2] == ["0", "1"] and meta["train"]["epochs"] == 1
+    assert [t["name"] for t in meta["trainable"]] == ["head.1.weight", "head.1.bias"]
+    assert {t["lr"] for t in meta["trainable"]} == {3e-4} and meta["memory"]["eval_arena_bytes"] > 0
+    head = files.read_dataset_header(tmp_path / "digits-train.rpd")
+    assert (head["height"], head["num_classes"], head["hflip"]) == (32, 10, False)  # digits: no flips
+    p = _run("train", "--program", pte, "--train", tmp_path / "digits-train.rpd", "--test",
+             tmp_path / "digits-test.rpd", "--out", tmp_path / "run", "--max-steps", 3, "--quiet-steps")
+    ev = {e["event"]: e for e in _events(p)}
+    assert ev["plan"]["total_steps"] == 3 and ev["eval"]["images"] == files.read_dataset_header(
+        tmp_path / "digits-test.rpd")["count"]
+    assert ev["end"]["train_peak_rss_mb"] <= ev["end"]["peak_rss_mb"] < 100
+    model = repnet.from_pretrained(str(tmp_path / "run" / "adapter"), memory="vanilla")
+    assert model.method == "last" and model.num_classes == 10
