@@ -397,3 +397,12 @@ def test_export_training_with_a_dataset_writes_what_the_device_trains(tmp_path, 
     assert ev["end"]["train_peak_rss_mb"] <= ev["end"]["peak_rss_mb"] < 100
     model = repnet.from_pretrained(str(tmp_path / "run" / "adapter"), memory="vanilla")
     assert model.method == "last" and model.num_classes == 10
+
+
+def test_the_documented_data_order_is_the_one_the_device_uses():
+    """docs/device.md's RNG, implemented in Python from its description, gives the C++ order and flips."""
+    for seed, epoch, n in ((0, 0, 1), (5, 2, 37), (2**40 + 3, 7, 1000)):
+        ev = _events(_run("order", "--seed", seed, "--epoch", epoch, "--count", n))[0]
+        order, flips = files.device_epoch_order(seed, epoch, n)
+        assert ev["order"] == order and [bool(f) for f in ev["flips"]] == flips
+    assert sorted(order) == list(range(1000)) and 400 < sum(flips) < 600

@@ -18,7 +18,10 @@
 #include <string>
 #include <sys/stat.h>
 
+#include <vector>
+
 #include "../include/repnet_device.h"
+#include "dataset.hpp"
 
 using json = nlohmann::json;
 
@@ -30,6 +33,7 @@ static const char* kUsage =
     "       repnet-device evaluate --program P.pte [--meta P.json] --data DATA.rpd [--checkpoint FILE]\n"
     "       repnet-device gradients --program P.pte [--meta P.json] --data DATA.rpd --out FILE.safetensors\n"
     "                              [--checkpoint FILE]\n"
+    "       repnet-device order --seed S --epoch E --count N     (the data order and flips: docs/device.md)\n"
     "       repnet-device version\n";
 
 [[noreturn]] static void die(std::string msg) {
@@ -258,6 +262,20 @@ static int cmd_gradients(int argc, char** argv) {
   return 0;
 }
 
+// The device's data order and flips for (seed, epoch) over `count` images (docs/device.md; tests compare a
+// Python implementation of the documented RNG with this).
+static int cmd_order(int argc, char** argv) {
+  Args a = parse(argc, argv, 2, {"seed", "epoch", "count"}, {});
+  const uint64_t seed = static_cast<uint64_t>(a.num("seed", 0)), epoch = static_cast<uint64_t>(a.num("epoch", 0));
+  const long long count = a.num("count", 0);
+  if (count < 1 || count > (1LL << 24)) die("--count must be 1 .. 16777216");
+  auto order = rd::epoch_order(seed, epoch, static_cast<uint64_t>(count));
+  std::vector<int> flips;
+  for (long long k = 0; k < count; ++k) flips.push_back(rd::epoch_flip(seed, epoch, static_cast<uint64_t>(k)));
+  emit({{"event", "order"}, {"order", order}, {"flips", flips}});
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit: write() fails with EFBIG instead of killing us
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
@@ -267,6 +285,7 @@ int main(int argc, char** argv) {
   std::string cmd = argv[1];
   if (cmd == "train") return cmd_train(argc, argv);
   if (cmd == "evaluate") return cmd_evaluate(argc, argv);
+  if (cmd == "order") return cmd_order(argc, argv);
   if (cmd == "gradients") return cmd_gradients(argc, argv);
   if (cmd == "version") {
     emit({{"event", "version"}, {"api", RD_API_VERSION}, {"checkpoint_format", 1}, {"dataset_format", 1}, {"program_format", 1}});

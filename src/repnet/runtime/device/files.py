@@ -28,7 +28,7 @@ from ...storage import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = ["PROGRAM_FORMAT", "PROGRAM_VERSION", "DATASET_MAGIC", "DATASET_VERSION", "DATASET_HEADER_BYTES",
            "write_program", "program_metadata", "write_dataset", "read_dataset", "read_dataset_header",
-           "optimizer_spec", "flips_of"]
+           "optimizer_spec", "flips_of", "device_epoch_order", "cosine_factor"]
 
 PROGRAM_FORMAT = "repnet-device-program"
 PROGRAM_VERSION = 1
@@ -198,6 +198,31 @@ def read_dataset(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.from_numpy(np.frombuffer(payload[:4 * n], dtype="<i4").astype(np.int64))
     images = torch.from_numpy(np.frombuffer(payload[4 * n:], dtype="<f4").copy()).reshape(n, c, h, w)
     return images, labels
+
+
+# ----------------------------------------------------------------------------- the device's data order
+_MASK = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def device_epoch_order(seed: int, epoch: int, n: int) -> tuple[list[int], list[bool]]:
+    """The order and flips ``repnet-device`` uses in ``epoch`` (docs/device.md), in plain Python:
+    SplitMix64 from ``mix((mix(seed + G) ^ epoch) + G)``, Fisher-Yates with ``j = (next * (i + 1)) >> 64``;
+    the image at position ``k`` is mirrored iff the top bit of ``mix(s_e ^ mix(k + G))`` is set."""
+    s_e = _mix(((_mix((seed + _GAMMA) & _MASK) ^ epoch) + _GAMMA) & _MASK)
+    state, order = s_e, list(range(n))
+    for i in range(n - 1, 0, -1):
+        state = (state + _GAMMA) & _MASK
+        j = (_mix(state) * (i + 1)) >> 64
+        order[i], order[j] = order[j], order[i]
+    flips = [bool(_mix(s_e ^ _mix((k + _GAMMA) & _MASK)) >> 63) for k in range(n)]
+    return order, flips
 
 
 def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
