@@ -12,6 +12,7 @@
 #include <executorch/runtime/platform/platform.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #if defined(__GLIBC__)
@@ -118,11 +119,45 @@ class ScratchAllocator : public et::MemoryAllocator {
   size_t current_ = 0, peak_ = 0;
 };
 
+// The method's own allocations (values, tensor metadata, instruction arguments: thousands of small
+// objects that live as long as the method): carved from 64 KB chunks, without malloc's per-object header
+// and alignment padding.
+class ChunkAllocator : public et::MemoryAllocator {
+ public:
+  ChunkAllocator() : et::MemoryAllocator(0, nullptr) {}
+  ~ChunkAllocator() override { reset(); }
+  void* allocate(size_t size, size_t alignment = kDefaultAlignment) override {
+    if (alignment == 0 || (alignment & (alignment - 1)) != 0) return nullptr;
+    uintptr_t p = (next_ + alignment - 1) & ~(static_cast<uintptr_t>(alignment) - 1);
+    if (chunks_.empty() || p + size > end_) {
+      const size_t want = std::max<size_t>(kChunk, size + alignment);
+      void* c = std::malloc(want);
+      if (c == nullptr) return nullptr;
+      chunks_.push_back(c);
+      next_ = reinterpret_cast<uintptr_t>(c);
+      end_ = next_ + want;
+      p = (next_ + alignment - 1) & ~(static_cast<uintptr_t>(alignment) - 1);
+    }
+    next_ = p + size;
+    return reinterpret_cast<void*>(p);
+  }
+  void reset() override {
+    for (void* c : chunks_) std::free(c);
+    chunks_.clear();
+    next_ = end_ = 0;
+  }
+
+ private:
+  static constexpr size_t kChunk = 64 * 1024;
+  std::vector<void*> chunks_;
+  uintptr_t next_ = 0, end_ = 0;
+};
+
 struct LoadedMethod {
   std::vector<uint8_t*> buffers;
   std::vector<et::Span<uint8_t>> spans;
   std::unique_ptr<et::HierarchicalAllocator> planned;
-  std::unique_ptr<executorch::extension::MallocMemoryAllocator> method_allocator;
+  std::unique_ptr<ChunkAllocator> method_allocator;
   std::unique_ptr<ScratchAllocator> temp_allocator;
   std::unique_ptr<et::MemoryManager> memory;
   std::unique_ptr<et::Method> method;
@@ -151,7 +186,7 @@ static std::unique_ptr<LoadedMethod> load_method(et::Program& program, const std
     lm->planned_bytes += size;
   }
   lm->planned = std::make_unique<et::HierarchicalAllocator>(et::Span<et::Span<uint8_t>>(lm->spans.data(), lm->spans.size()));
-  lm->method_allocator = std::make_unique<executorch::extension::MallocMemoryAllocator>();
+  lm->method_allocator = std::make_unique<ChunkAllocator>();
   lm->temp_allocator = std::make_unique<ScratchAllocator>();
   lm->memory = std::make_unique<et::MemoryManager>(lm->method_allocator.get(), lm->planned.get(), lm->temp_allocator.get());
   auto m = program.load_method(name.c_str(), lm->memory.get());
