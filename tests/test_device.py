@@ -28,7 +28,6 @@ from executorch.extension.training import _load_for_executorch_for_training_from
 
 from repnet.executorch_training import RuntimeTrainer, export_training_program, program_build  # noqa: E402
 from repnet.runtime.device import files, find_binary  # noqa: E402
-from repnet.runtime.device.runner import REPO_ROOT  # noqa: E402
 
 BATCH, SIZE, CLASSES, IMAGES = 2, 32, 4, 16
 
@@ -97,10 +96,10 @@ def _with_meta(prog, tmp_path, **changes) -> Path:
 
 def test_ctest_unit_tests_pass():
     """The C++ unit tests (optimizers, dataset reader, checksums), as CTest runs them."""
-    build = REPO_ROOT / "build" / "device"
+    build = Path(_bin()).parent
     ctest = shutil.which("ctest", path=str(Path(sys.executable).parent)) or shutil.which("ctest")
-    p = subprocess.run([ctest, "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run([ctest, "--test-dir", str(build), "--output-on-failure", "-LE", "e2e"], capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0 and "100% tests passed" in p.stdout, p.stdout + p.stderr
 
 
@@ -165,7 +164,7 @@ def _replay(tmp_path, spec: dict, params: dict, grads: list[dict]) -> dict:
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "in.safetensors"))
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    p = subprocess.run([str(REPO_ROOT / "build" / "device" / "optim_replay"), str(tmp_path / "spec.json"),
+    p = subprocess.run([str(Path(_bin()).parent / "optim_replay"), str(tmp_path / "spec.json"),
                         str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -239,6 +238,20 @@ def test_kill_9_then_resume_ends_bit_identical(prog, tmp_path):
     assert a == b
     assert (tmp_path / "whole" / "checkpoint.rdc").read_bytes()[:-32] != b""  # (a real checkpoint)
     _bad("train", *common, "--out", killed, match="already holds a run")  # without --resume: refused
+    # SIGINT (Ctrl-C): the step finishes, a checkpoint is written, exit status 3; resumed: the same adapter
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([_bin(), "train", *map(str, common), "--out", str(stopped)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "step":
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = [json.loads(line) for line in proc.stdout]
+    proc.wait()
+    assert proc.returncode == 3 and rest[-1]["event"] == "interrupted", (proc.returncode, rest[-1:])
+    assert "--resume" in proc.stderr.read()
+    _run("train", *common, "--out", stopped, "--resume", "--quiet-steps")
+    assert (stopped / "adapter" / "adapter.safetensors").read_bytes() == a
 
 
 def _checkpoint_with_program_sha(raw: bytes, sha: str) -> bytes:

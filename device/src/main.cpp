@@ -109,7 +109,7 @@ static json stats_json(rd_trainer* t) {
   check(rd_get_stats(t, &s));
   return {{"peak_rss_mb", s.peak_rss_bytes / 1e6}, {"train_peak_rss_mb", s.train_peak_rss_bytes / 1e6}, {"arena_mb", s.arena_bytes / 1e6}, {"eval_arena_mb", s.eval_arena_bytes / 1e6},
           {"weights_mb", s.weights_bytes / 1e6}, {"scratch_peak_mb", s.scratch_peak_bytes / 1e6}, {"input_batch_mb", s.input_bytes / 1e6}, {"train_time_s", s.train_seconds},
-          {"images_per_s", s.images_per_second}, {"step_time_s", s.step_seconds}, {"steps", s.steps}};
+          {"images_per_s", s.images_per_second}, {"step_time_s", s.step_seconds}, {"steps", s.steps}, {"epoch", s.epoch}};
 }
 
 static bool is_dir(const std::string& p) {

@@ -56,12 +56,19 @@ def find_binary() -> Path:
 
 
 def run_device(args: list[str], on_event: Callable[[dict], None] | None = None, binary: Path | None = None,
-               timeout: float | None = None) -> list[dict]:
+               timeout: float | None = None, interrupt_hint: str = "") -> list[dict]:
     """Run ``repnet-device args``; every progress line (a JSON object) goes to ``on_event``; returns them
-    all. A failure is one :class:`RepnetError` with the trainer's own line."""
+    all. A failure is one :class:`RepnetError` with the trainer's own line. Ctrl-C is passed on as SIGINT
+    (the trainer finishes its step and checkpoints) and raised as :class:`~repnet.errors.Interrupted`."""
+    import signal
+    import tempfile
+
+    from ...errors import Interrupted
+
     cmd = [str(binary or find_binary()), *map(str, args)]
     events: list[dict] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    with tempfile.TemporaryFile(mode="w+") as err_file, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True) as proc:
         try:
             for line in proc.stdout:
                 line = line.strip()
@@ -74,11 +81,19 @@ def run_device(args: list[str], on_event: Callable[[dict], None] | None = None, 
                 events.append(ev)
                 if on_event is not None:
                     on_event(ev)
-            err = proc.stderr.read()
             proc.wait(timeout=timeout)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise Interrupted(f"interrupted; the device trainer checkpointed{interrupt_hint}") from None
         except BaseException:
             proc.kill()
             raise
+        err_file.seek(0)
+        err = err_file.read()
     if proc.returncode != 0:
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else f"exit status {proc.returncode}"
@@ -209,7 +224,7 @@ def train_on_device(cfg, resume: str | None = None, on_step: Callable[[dict], No
             end[kind] = ev
 
     try:
-        run_device(args, on_event, binary=binary)
+        run_device(args, on_event, binary=binary, interrupt_hint=f"; continue with: repnet train --resume {run_dir}")
     finally:
         if bar is not None:
             bar.close()
@@ -230,10 +245,11 @@ def train_on_device(cfg, resume: str | None = None, on_step: Callable[[dict], No
         "eager_test_accuracy": eager["accuracy"],  # the reloaded adapter in eager PyTorch (train-mode-free forward)
         "method": cfg.method, "backbone": cfg.backbone, "dataset": cfg.dataset, "num_classes": num_classes,
         "train_images": facts.get("train_images"), "val_images": 0, "test_images": len(test_ds),
-        "steps": stats.get("steps"), "epochs_run": cfg.epochs,
+        "steps": stats.get("steps"), "epochs_run": stats.get("epoch"),
         "trainable_params": facts.get("trainable_params"), "total_params": facts.get("total_params"),
         "train_images_per_s": stats.get("images_per_s"), "train_time_s": stats.get("train_time_s"),
         "step_time_s": stats.get("step_time_s"), "peak_rss_mb": stats.get("peak_rss_mb"),
+        "train_peak_rss_mb": stats.get("train_peak_rss_mb"),
         "program_arena_mb": stats.get("arena_mb"), "program_eval_arena_mb": stats.get("eval_arena_mb"),
         "program_weights_mb": stats.get("weights_mb"), "input_batch_mb": stats.get("input_batch_mb"),
         "program_planned_mb": meta["memory"]["planned_bytes"] / 1e6, "program_rewrites": meta.get("rewrites"),
