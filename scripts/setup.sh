@@ -46,6 +46,10 @@ fi
 "${PIP[@]}" "cmake>=3.28,<5"
 ET_CMAKE=$(.venv/bin/python -c "import executorch, os; print(os.path.join(list(executorch.__path__)[0], 'lib', 'cmake', 'executorch'))")
 mkdir -p build
+# a build folder configured for another checkout or venv (moved, copied) is started afresh
+if [ -f build/device/CMakeCache.txt ] && ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$PWD/device" build/device/CMakeCache.txt; then
+  rm -rf build/device
+fi
 if ! { .venv/bin/cmake -S device -B build/device -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$ET_CMAKE" \
        && .venv/bin/cmake --build build/device -j"${REPNET_BUILD_JOBS:-2}"; } >build/device-build.log 2>&1; then
   tail -n 30 build/device-build.log
