@@ -12,6 +12,13 @@ if [ ! -f "$FMNIST" ] && command -v apt-get >/dev/null; then
   $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null
 fi
 
+# repnet-device (device/, the C++ trainer): a compiler, OpenSSL's libcrypto (SHA-256) and nlohmann-json
+if ! dpkg -s g++ make libssl-dev nlohmann-json3-dev >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null
+  $SUDO apt-get install -y -q g++ make libssl-dev nlohmann-json3-dev >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
@@ -33,4 +40,20 @@ fi
 # training runtime do import is listed after it. It runs on the torch above (2.14.1).
 "${PIP[@]}" flatbuffers ruamel.yaml tabulate
 "${PIP[@]}" --no-deps executorch==1.5.1 torchao==0.18.0
-echo "repnet is set up in .venv (try: .venv/bin/repnet list)"
+# repnet-device: CMake >= 3.28 (the ExecuTorch package's imported targets; Debian 12 has 3.25) from PyPI,
+# then device/ configured and built into build/device against the installed executorch wheel (incremental:
+# a second run rebuilds nothing). REPNET_BUILD_JOBS: parallel compile jobs (default 2).
+"${PIP[@]}" "cmake>=3.28,<5"
+ET_CMAKE=$(.venv/bin/python -c "import executorch, os; print(os.path.join(list(executorch.__path__)[0], 'lib', 'cmake', 'executorch'))")
+mkdir -p build
+# a build folder configured for another checkout or venv (moved, copied) is started afresh
+if [ -f build/device/CMakeCache.txt ] && ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$PWD/device" build/device/CMakeCache.txt; then
+  rm -rf build/device
+fi
+if ! { .venv/bin/cmake -S device -B build/device -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$ET_CMAKE" \
+       && .venv/bin/cmake --build build/device -j"${REPNET_BUILD_JOBS:-2}"; } >build/device-build.log 2>&1; then
+  tail -n 30 build/device-build.log
+  echo "setup: building repnet-device failed (log: build/device-build.log)" >&2
+  exit 1
+fi
+echo "repnet is set up in .venv (try: .venv/bin/repnet list); repnet-device in build/device"

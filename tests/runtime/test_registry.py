@@ -70,7 +70,7 @@ def test_a_runtime_added_through_the_registry_alone_trains_through_the_loop(tmp_
 
 
 def test_unknown_runtime_is_one_line():
-    with pytest.raises(RepnetError, match="runtime='nope' is not valid; choose from: eager, executorch"):
+    with pytest.raises(RepnetError, match="runtime=.nope. is not valid; choose from: device, eager, executorch"):
         make_config({"runtime": "nope"})
     with pytest.raises(RepnetError, match="unknown runtime 'nope'"):
         get_runtime("nope")

@@ -27,6 +27,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     t.add_argument("--num-classes", type=int, default=10, help="... and classes (default 10)")
     t.add_argument("--batch-size", type=int, default=8, help="the program's batch size (default 8)")
     t.add_argument("--no-rewrite", action="store_true", help="the stock export (for comparison)")
+    t.add_argument("--dataset", help="for repnet-device (docs/device.md): a fresh --backbone model for this dataset, "
+                   "its recipe in the metadata, and its train / test splits packed beside the program "
+                   "(<stem>-train.rpd, <stem>-test.rpd)")
+    t.add_argument("--epochs", type=int, help="with --dataset: the epochs the metadata plans (default: the recipe's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
 def _training(args: argparse.Namespace) -> int:
     from repnet.api import from_pretrained, get_model
     from repnet.runtime.executorch.program import export_training_program, program_build
-    from repnet.storage import atomic_write_bytes
 
     if not args.out.endswith(".pte"):
         raise RepnetError(f"--out {args.out}: an ExecuTorch program is a .pte file")
+    if args.dataset:  # the device bundle (repnet.runtime.device): program + metadata + packed splits
+        return _device_bundle(args)
     if args.adapter or args.run:
         model = from_pretrained(args.adapter or os.path.join(args.run, "adapter"), pretrained=args.weights or True,
                                 memory="vanilla")
@@ -64,10 +69,48 @@ def _training(args: argparse.Namespace) -> int:
     else:
         raise RepnetError("give --run / --adapter (a trained model) or --backbone (a fresh one)")
     size = args.image_size or int(getattr(model, "image_size", 224))
-    prog = export_training_program(model.eval(), args.batch_size, size, rewrite=not args.no_rewrite)
-    atomic_write_bytes(args.out, prog.buffer)
+    prog = export_training_program(model.eval(), args.batch_size, size, rewrite=not args.no_rewrite, evaluate=True)
+    # beside the .pte: what repnet-device needs (the default recipe's optimizer and rates; docs/device.md)
+    from repnet.config.recipes import load_recipe
+    from repnet.runtime.device.files import program_metadata, write_program
+
+    recipe = load_recipe("default")
+    meta = program_metadata(model, prog, lr=recipe["lr"], lr_side=recipe["lr_side"],
+                            optimizer={"name": "adam", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+                            total_steps=0, label_smoothing=recipe["label_smoothing"])
+    out = os.path.abspath(args.out)
+    write_program(os.path.dirname(out), prog, meta, name=os.path.basename(out).removesuffix(".pte"))
     done = ", ".join(f"{k} {v}" for k, v in prog.rewrites.items()) or "none (stock export)"
-    print(f"wrote {args.out} ({len(prog.buffer) / 1e6:.2f} MB): planned memory {prog.planned_bytes / 1e6:.2f} MB "
-          f"(weights {prog.weights_bytes / 1e6:.2f} MB apart), batch {args.batch_size}, {size} px, "
-          f"{len(prog.trainable)} trained tensors; rewrites: {done}")
+    print(f"wrote {args.out} ({len(prog.buffer) / 1e6:.2f} MB) and its metadata (.json): planned memory "
+          f"{prog.planned_bytes / 1e6:.2f} MB (weights {prog.weights_bytes / 1e6:.2f} MB apart), batch {args.batch_size}, "
+          f"{size} px, {len(prog.trainable)} trained tensors; rewrites: {done}")
+    return 0
+
+
+def _device_bundle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from repnet.config.recipes import make_config
+    from repnet.runtime.device.runner import prepare_run
+    from repnet.training.run import run_context
+
+    if args.adapter or args.run:
+        raise RepnetError("--dataset exports a fresh model's program for repnet-device: give --backbone, not "
+                          "--adapter / --run")
+    overrides = {"dataset": args.dataset, "runtime": "device", "backbone": args.backbone or "mobilenet_v2",
+                 "method": args.method, "batch_size": args.batch_size, "image_size": args.image_size or 224}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.weights:
+        overrides["weights"] = args.weights
+    cfg = make_config(overrides)
+    out = Path(args.out).absolute()
+    stem = out.name.removesuffix(".pte")
+    facts = prepare_run(cfg, out.parent, run_context(cfg, say=lambda *a: None), name=stem,
+                        data_names=(f"{stem}-train.rpd", f"{stem}-test.rpd"))
+    print(f"wrote {out} ({facts['program_bytes'] / 1e6:.2f} MB) + {stem}.json (the {args.dataset} recipe: "
+          f"{cfg.optimizer}, lr {cfg.lr:g} / lr_side {cfg.lr_side:g}, {facts['total_steps']} steps), "
+          f"{stem}-train.rpd ({facts['train_images']} images) and {stem}-test.rpd ({facts['test_images']}); "
+          f"arena {facts['program_arena_mb']:.2f} MB. Train it: build/device/repnet-device train --program {out} "
+          f"--train {out.parent / (stem + '-train.rpd')} --test {out.parent / (stem + '-test.rpd')} --out RUN")
     return 0

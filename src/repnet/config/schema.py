@@ -58,7 +58,8 @@ class TrainConfig:
     accum_steps: int = _f(1, "gradient accumulation: one optimizer step per this many batches (loss scaled by "
                           "1/accum_steps), so batch_size x accum_steps images make one step in less memory; steps, "
                           "steps_per_epoch, max_steps and the schedule count optimizer steps")
-    optimizer: str = _f("adam", "optimizer (the paper: Adam, no weight decay)", ("adam", "sgd"))
+    optimizer: str = _f("adam", "optimizer (the paper: Adam, no weight decay; adamw: decoupled weight decay; sgd: "
+                        "momentum 0.9)", ("adam", "adamw", "sgd"))
     lr: float | None = _f(None, "learning rate of the head and trained backbone tensors (recipe: lr)")
     lr_side: float | None = _f(None, "learning rate of the method's side modules (recipe: lr_p)")
     weight_decay: float = _f(0.0, "weight decay (the paper: none)")
@@ -125,7 +126,7 @@ class TrainConfig:
             raise RepnetError(f"tune_fraction must be in (0, 1], got {self.tune_fraction}")
         if self.tune and not self.val_fraction > 0:
             raise RepnetError("--tune chooses on the validation split: it needs val_fraction > 0")
-        if self.tune and self.optimizer != "adam":
+        if self.tune and self.optimizer not in ("adam", "adamw"):
             raise RepnetError(f"--tune searches Adam's learning rates; it does not apply to --optimizer {self.optimizer}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise RepnetError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")

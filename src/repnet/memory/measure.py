@@ -244,18 +244,27 @@ class _quiet_stderr:
 
 #: bytes per trainable parameter beyond its weight that a step of each optimizer holds: the
 #: gradient (4 B) and the state (Adam: two moments; SGD with momentum: one buffer)
-OPTIMIZER_STATE_BYTES = {"adam": 12, "sgd": 8}
+#: Bytes per trainable parameter an optimizer holds beside the weight: its gradient and its state.
+OPTIMIZER_STATE_BYTES = {"adam": 12, "adamw": 12, "sgd": 8}
+
+
+def build_optimizer(optimizer: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The one place an optimizer is made (training and measured steps alike): Adam, AdamW (decoupled
+    weight decay), or SGD with momentum 0.9; ``params`` may be parameter groups."""
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 def make_step_optimizer(params: list, optimizer: str = "adam", lr: float = 1e-3):
-    """The optimizer a measured step uses (as the training loop builds it: Adam, or SGD + momentum 0.9)."""
+    """The optimizer a measured step uses (:func:`build_optimizer`, no weight decay); None without parameters."""
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
-    if not params:
-        return None
-    if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return build_optimizer(optimizer, params, lr) if params else None
 
 
 def measure_tensor_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,

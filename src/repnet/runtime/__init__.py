@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from repnet.errors import RepnetError
@@ -27,6 +28,22 @@ class Trainer(Protocol):
 
     def results(self) -> dict:  # the runtime's own figures for results.json
         ...
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the training layer hands a runtime that runs a whole training itself (:meth:`Runtime.run`):
+    the one way a config builds its data and model, the loop's step plan and evaluation, and the
+    messages. (A runtime sits below the training layer, so it is given these rather than importing them.)"""
+
+    build_data: Callable  # (cfg) -> (train, val or None, test, num_classes, class_names)
+    build_model: Callable  # (cfg, num_classes, pretrained=None) -> TransferModel
+    plan_steps: Callable  # (n_train, cfg) -> (steps per epoch, total steps)
+    seed_everything: Callable  # (seed) -> None
+    evaluate: Callable  # (model, dataset, cfg) -> {"loss", "accuracy", "images"}
+    say: Callable[[str], None]
+    on_step: Callable | None = None
+    default_dir: str | None = None  # the run folder when cfg.out_dir is unset
 
 
 class Runtime:
@@ -55,6 +72,11 @@ class Runtime:
         ``schedule(step)`` is the recipe's learning-rate factor at each step."""
         return None
 
+    def run(self, cfg, ctx: RunContext, resume: str | None = None, overwrite: bool = False) -> dict | None:
+        """Run the whole training of ``cfg`` (its own process, folder and checkpoints) and return the
+        results; None (the default): the training layer runs it, stepping through :meth:`trainer`."""
+        return None
+
     def profile(self, model, cfg, record: dict) -> dict:
         """This runtime's own memory figures for ``repnet profile`` (keys of ``profile_columns``) of ``model``,
         built for this runtime from ``cfg``; ``record`` holds the eager figures (``repnet.memory.profile``)."""
@@ -72,11 +94,11 @@ def get_runtime(name: str) -> Runtime:
 
 
 def runtime_names() -> tuple[str, ...]:
-    return tuple(RUNTIMES.names())
+    return tuple(sorted(RUNTIMES.names()))
 
 
 # import every runtime module / package so that it registers itself
 for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_m}")
 
-__all__ = ["RUNTIMES", "Runtime", "Trainer", "get_runtime", "refuse", "runtime_names"]
+__all__ = ["RUNTIMES", "Runtime", "RunContext", "Trainer", "get_runtime", "refuse", "runtime_names"]

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from repnet.config.schema import TrainConfig
 from repnet.errors import Interrupted, NonFinite, RepnetError
+from repnet.memory.measure import build_optimizer
 
 # ----------------------------------------------------------------------------- data order
 def mix_seed(*xs: int) -> int:
@@ -112,10 +113,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     from repnet.memory.int8 import attach_int8_master
 
     groups = model.param_groups(cfg.lr, cfg.lr_side)
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     attach_int8_master(model, optimizer)
     return optimizer
 

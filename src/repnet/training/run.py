@@ -45,7 +45,7 @@ from repnet.training.loop import (CosineSchedule, all_finite, evaluate, make_loa
 from repnet.training.loop import rng_state, seed_everything, set_rng_state
 from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, load_checkpoint,
                             read_safetensors, save_checkpoint, save_tensors, set_run_state)
-from repnet.runtime import get_runtime
+from repnet.runtime import RunContext, get_runtime
 
 __all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
 
@@ -82,6 +82,9 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     runtime.check(cfg, resume=bool(resume))  # what the runtime cannot do fails before the folder is touched
     t_start = time.time()
     say = print if cfg.progress else (lambda *a, **k: None)
+    own = runtime.run(cfg, run_context(cfg, say, on_step), resume=resume, overwrite=overwrite)
+    if own is not None:  # a runtime that runs the whole training itself (e.g. the C++ device trainer)
+        return own
 
     # ---- the run folder: ours only
     run_dir = Path(resume if resume else cfg.out_dir or _default_run_dir(cfg))
@@ -231,6 +234,18 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         + (f", best val {st['best_val']:.4f} at epoch {st['best_val_epoch']}" if st["best_val"] is not None else "")
         + f"); wrote {run_dir / 'results.json'} and {run_dir / 'adapter'}")
     return results
+
+
+def run_context(cfg: TrainConfig, say: Callable[[str], None] = print, on_step=None) -> RunContext:
+    """What a runtime that runs whole trainings is given (:class:`repnet.runtime.RunContext`)."""
+
+    def evaluate_on(model, ds, c):
+        device = resolve_device(c.device)
+        return evaluate(model.to(device), make_loader(ds, c, device), device)
+
+    return RunContext(build_data=build_data, build_model=build_model, plan_steps=plan_steps,
+                      seed_everything=seed_everything, evaluate=evaluate_on, say=say, on_step=on_step,
+                      default_dir=_default_run_dir(cfg))
 
 
 def resume_config(run_dir: str | Path, overrides: dict | None = None) -> TrainConfig:

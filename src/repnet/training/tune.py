@@ -68,7 +68,7 @@ def tune(cfg, train_ds, val_ds, num_classes: int, device: torch.device, run_dir:
 
     if val_ds is None or len(val_ds) == 0:
         raise RepnetError("--tune chooses on the validation split: give val_fraction > 0")
-    if cfg.optimizer != "adam":
+    if cfg.optimizer not in ("adam", "adamw"):
         raise RepnetError(f"--tune searches Adam's learning rates; it does not apply to --optimizer {cfg.optimizer}")
     t0 = time.time()
     _, total_steps = loop.plan_steps(len(train_ds), cfg)

@@ -131,9 +131,10 @@ def offsets_by_size(alignment, specs, graph_module, graph_signature, extra_paddi
     return result
 
 
-def InPlacePlanning():  # noqa: N802 - a pass object, named like the class it builds
+def InPlacePlanning(**options):  # noqa: N802 - a pass object, named like the class it builds
     """ExecuTorch's memory planning pass with :func:`share_inplace` first and
-    :func:`offsets_by_size` beside its greedy planner."""
+    :func:`offsets_by_size` beside its greedy planner (``options``: ``MemoryPlanningPass``'s, e.g.
+    ``alloc_graph_input=False``)."""
     from executorch.exir.memory_planning import MemoryPlanningAlgorithmSuite, greedy
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -144,4 +145,4 @@ def InPlacePlanning():  # noqa: N802 - a pass object, named like the class it bu
             self.shared = share_inplace(graph_module)
             return super().run(graph_module, graph_signature)
 
-    return _InPlacePlanning(memory_planning_algo=MemoryPlanningAlgorithmSuite([greedy, offsets_by_size]))
+    return _InPlacePlanning(memory_planning_algo=MemoryPlanningAlgorithmSuite([greedy, offsets_by_size]), **options)

@@ -12,7 +12,7 @@ from repnet.runtime.executorch.passes import PASSES, run_passes
 from repnet.runtime.executorch.planning import InPlacePlanning
 
 
-__all__ = ["TrainStep", "TrainingProgram", "export_training_program", "require_executorch",
+__all__ = ["TrainStep", "EvalStep", "TrainingProgram", "export_training_program", "require_executorch",
            "program_build", "program_memory", "analytic_planned_mb", "PROGRAM_FROZEN_BITS"]
 
 
@@ -104,12 +104,44 @@ class TrainingProgram:
     batch_size: int
     image_size: int
     arena_bytes: int = 0  # the whole arena (the trained weights, alive throughout, included)
+    eval_arena_bytes: int = 0  # the arena of the method ``evaluate`` (0: the program has none)
+
+
+class EvalStep(nn.Module):
+    """``model``'s forward with its trained tensors as inputs: ``(x, *trained) -> logits`` (the
+    program's method ``evaluate``; a caller hands it the training method's parameter tensors, so it
+    scores the weights as they are now, with no copy of them)."""
+
+    def __init__(self, model: nn.Module, trainable: list[str]):
+        super().__init__()
+        self.model, self.trainable = model, list(trainable)
+
+    def forward(self, x, *trained):
+        from torch.func import functional_call
+
+        return functional_call(self.model, dict(zip(self.trainable, trained)), (x,), strict=False)
+
+
+def _export_evaluation(model: nn.Module, trainable: list[str], x: torch.Tensor):
+    from torch.export import export
+
+    step = EvalStep(model, trainable).eval()
+    trained = tuple(model.get_parameter(n).detach() for n in trainable)
+    try:
+        return export(step, (x, *trained), strict=False)
+    except Exception as e:  # noqa: BLE001 - as for the training graph
+        raise RepnetError(f"ExecuTorch export of the evaluation method failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}") from None
 
 
 def export_training_program(model: nn.Module, batch_size: int, image_size: int, label_smoothing: float = 0.0,
-                            rewrite: bool = True, passes=PASSES) -> TrainingProgram:
+                            rewrite: bool = True, passes=PASSES, evaluate: bool = False) -> TrainingProgram:
     """A training program for ``model`` (a TransferModel built with ``memory="vanilla"``), rewritten
-    by ``passes`` (:data:`repnet.runtime.executorch.passes.PASSES`); ``rewrite=False``: the stock export."""
+    by ``passes`` (:data:`repnet.runtime.executorch.passes.PASSES`); ``rewrite=False``: the stock export.
+
+    ``evaluate``: the program also has a method ``evaluate`` (forward only, eval mode):
+    ``(x, *trained tensors in the order of TrainingProgram.trainable) -> logits``, at the same batch
+    size; its inputs are not placed in its arena (the caller's tensors are used where they are)."""
     require_executorch()
     from executorch.exir import ExecutorchBackendConfig, to_edge
     from torch.export import export
@@ -130,21 +162,32 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     rewrites = run_passes(ep, passes)
     _check_supported(graph)
     planning = InPlacePlanning() if "inplace" in passes else None
-    et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
-    if planning:
-        rewrites["inplace"] = planning.shared
-    arena = int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
     trainable = [s.target.removeprefix("model.") for s in ep.graph_signature.output_specs
                  if s.kind.name == "GRADIENT_TO_PARAMETER"]
+    if evaluate:
+        from executorch.exir.passes import MemoryPlanningPass
+
+        eval_planning = InPlacePlanning(alloc_graph_input=False) if planning else \
+            MemoryPlanningPass(alloc_graph_input=False)
+        config = ExecutorchBackendConfig(memory_planning_pass={"forward": planning or MemoryPlanningPass(),
+                                                               "evaluate": eval_planning})
+        et = to_edge({"forward": ep, "evaluate": _export_evaluation(model, trainable, x)}).to_executorch(config)
+    else:
+        et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
+    if planning:
+        rewrites["inplace"] = planning.shared
+    plans = {p.name: p for p in et.executorch_program.execution_plan}
+    arena = int(sum(plans["forward"].non_const_buffer_sizes))
+    eval_arena = int(sum(plans["evaluate"].non_const_buffer_sizes)) if evaluate else 0
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return TrainingProgram(et.buffer, arena - _weights_in_arena(et), int(weights), rewrites, trainable,
-                           batch_size, image_size, arena)
+                           batch_size, image_size, arena, eval_arena)
 
 
 def _weights_in_arena(et) -> int:
     """Bytes of the parameters the memory plan placed in the arena (the trained ones: the runtime
     updates them in place), alive for the whole program."""
-    ep = et.exported_program()
+    ep = et.exported_program("forward")
     params = set(ep.graph_signature.inputs_to_parameters)
     total = 0
     for node in ep.graph_module.graph.nodes:
