@@ -29,7 +29,7 @@ LAYERS = [
     ("repnet.training", 6), ("repnet.export", 6), ("repnet.hyblearn", 6), ("repnet.fedcore", 6),
     ("repnet.planner", 6),
     ("repnet.continual", 7), ("repnet.flower_app", 7), ("repnet.reproduce", 7),
-    ("repnet.federated", 8), ("repnet.demo", 8),
+    ("repnet.federated", 8), ("repnet.demo", 8), ("repnet.proviot", 8),
     ("repnet.commands", 9), ("repnet.cli", 9),
     ("repnet", 10),  # the package's __init__: re-exports
 ]

@@ -122,7 +122,7 @@ class Path:
 
     labels: tuple[str, ...]
     types: tuple[str, ...]
-    log_regularity: float
+    log_regularity: float = field(default=math.nan, compare=False)
 
     @property
     def regularity(self) -> float:
