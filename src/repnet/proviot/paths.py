@@ -18,8 +18,8 @@ where an unseen label or edge gets the floor ``eps = 1 / (W + 1)`` (``W`` benign
 place of its (zero) factor. Low R = rare. :func:`regularity` computes it, in logs.
 
 **K rarest paths** (:func:`rarest_paths`): among the window's *causal* paths - edges in time
-order (each edge no earlier than the one before it), from a node without incoming edges (a
-source), of at most ``max_len`` edges - the K with the lowest R, distinct as label
+order (each edge no earlier than the one before it), starting at a node that has had no incoming
+edge yet (a source at that time), of at most ``max_len`` edges - the K with the lowest R, distinct as label
 sequences. (A path may end anywhere: files that are both read and written make cycles in which no
 node is a sink; as every factor is <= 1, a path's extensions are never more regular than it, so the
 rarest paths run as far as ``max_len`` or the causal order allows.) Found exactly by dynamic programming over the edges in time order: every node keeps
@@ -152,10 +152,7 @@ def rarest_paths(g: ProvGraph, db: FrequencyDB, k: int = 10, max_len: int = 6) -
     if k < 1 or max_len < 1:
         raise RepnetError(f"k and max_len must be >= 1, got k={k}, max_len={max_len}")
     n = len(g.labels)
-    has_in, has_out = [False] * n, [False] * n
-    for _, u, _, v in g.edges:
-        has_out[u] = True
-        has_in[v] = True
+    has_in = [False] * n  # whether an edge into the node came already (in causal order)
     # best[v][L]: up to k (weight, node ids, types) of the rarest paths of L edges ending at v
     best: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]
     weight_cache: dict[tuple, float] = {}
@@ -165,7 +162,7 @@ def rarest_paths(g: ProvGraph, db: FrequencyDB, k: int = 10, max_len: int = 6) -
         if w is None:
             w = weight_cache[key] = db.edge_weight(*key)
         cands = []
-        if not has_in[u]:
+        if not has_in[u]:  # u is a source so far: a path may start here
             cands.append((w, (u, v), (e,)))
         for length, items in best[u].items():
             if length >= max_len:
@@ -174,6 +171,7 @@ def rarest_paths(g: ProvGraph, db: FrequencyDB, k: int = 10, max_len: int = 6) -
                 cands.append((pw + w, nodes + (v,), types + (e,)))
         for c in cands:
             _insert(best[v][len(c[2])], c, k, g.labels)
+        has_in[v] = True
     finals: dict[tuple, tuple] = {}
     for v in range(n):
         for items in best[v].values():
