@@ -72,6 +72,8 @@ _EPHEMERAL = 32768  # Linux's default ip_local_port_range starts here
 
 def normalise_path(path: str, aliases: list[tuple[str, str]] = ()) -> str:
     """The label of a file path (module doc): aliases first (longest prefix), then per component."""
+    if path.endswith(" (deleted)"):
+        path = path[: -len(" (deleted)")]
     for prefix, repl in sorted(aliases, key=lambda a: -len(a[0])):
         if prefix.startswith("/") and (path == prefix or path.startswith(prefix.rstrip("/") + "/")):
             path = repl + path[len(prefix.rstrip("/")):]
@@ -324,7 +326,10 @@ def _fd_annotation(arg: str) -> tuple[int, str] | None:
 def _split_args(s: str) -> list[str]:
     """Top-level comma-separated arguments of ``name(...)`` text (quotes, brackets, <...> respected)."""
     out, depth, cur, quote, esc = [], 0, [], False, False
+    prev = ""
     for ch in s:
+        arrow = ch == ">" and prev == "-"  # 'a:1->b:2' inside a socket's <...>
+        prev = ch
         if quote:
             cur.append(ch)
             if esc:
@@ -338,7 +343,7 @@ def _split_args(s: str) -> list[str]:
             quote = True
         elif ch in "([{<":
             depth += 1
-        elif ch in ")]}>":
+        elif ch in ")]}>" and not arrow:
             depth -= 1
         elif ch == "," and depth == 0:
             out.append("".join(cur).strip())
@@ -369,7 +374,7 @@ class StraceParser:
 
     def __init__(self, builder: TraceBuilder, root: int | None = None):
         self.b = builder
-        self.pending: dict[int, str] = {}  # pid -> the start of an unfinished call
+        self.pending: dict[int, tuple[str, float]] = {}  # pid -> the start of an unfinished call, its time
         self.tgid: dict[int, int] = {}
         self.held: dict[int, list[tuple[float, str]]] = {}
         self.root = root
@@ -384,13 +389,14 @@ class StraceParser:
         if rest.startswith(("---", "+++")):
             return
         if rest.endswith("<unfinished ...>"):
-            self.pending[pid] = rest[: -len("<unfinished ...>")].rstrip()
+            self.pending[pid] = (rest[: -len("<unfinished ...>")].rstrip(), t)
             return
         if rest.startswith("<..."):
             head = self.pending.pop(pid, None)
             if head is None:
                 return
-            rest = head + rest.split("resumed>", 1)[1] if "resumed>" in rest else head
+            rest = head[0] + rest.split("resumed>", 1)[1] if "resumed>" in rest else head[0]
+            t = head[1]  # a call happens when it starts (a clone before the child's first call)
         if self.root is None:
             self.root = pid
             self.tgid[pid] = pid
@@ -664,7 +670,7 @@ class AuditdCollector(Collector):
             conf = os.path.join(tmp, "auditd.conf")
             Path(conf).write_text(f"log_file = {log}\nlog_format = RAW\nflush = INCREMENTAL_ASYNC\nfreq = 50\n"
                                   "write_logs = yes\nmax_log_file = 1024\nmax_log_file_action = IGNORE\n"
-                                  "space_left = 1\nadmin_space_left = 1\ndisk_full_action = IGNORE\n"
+                                  "space_left = 2\nadmin_space_left = 1\ndisk_full_action = IGNORE\n"
                                   "disk_error_action = IGNORE\nnum_logs = 1\n")
             os.chmod(conf, 0o640)
             status = subprocess.run(["auditctl", "-s"], capture_output=True, text=True).stdout
