@@ -12,6 +12,22 @@ if [ ! -f "$FMNIST" ] && command -v apt-get >/dev/null; then
   $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null
 fi
 
+# ProvIoT (repnet proviot): the collectors (strace, auditd) and the tools its benign IoT workloads and attack
+# emulations run (Mosquitto MQTT broker and clients, sqlite3, curl, ss from iproute2)
+PROVIOT_TOOLS=(strace:strace auditctl:auditd mosquitto:mosquitto mosquitto_pub:mosquitto-clients sqlite3:sqlite3
+               curl:curl ss:iproute2)
+MISSING=()
+for pair in "${PROVIOT_TOOLS[@]}"; do
+  tool=${pair%%:*}; pkg=${pair#*:}
+  command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || MISSING+=("$pkg")
+done
+if [ ${#MISSING[@]} -gt 0 ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null
+  # (installing auditd does not start it in a container without systemd; the collector starts its own)
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${MISSING[@]}" >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)

@@ -225,6 +225,13 @@ class Services:
         return False
 
 
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def prepare_root(root: Path, device: str) -> None:
     """The session's temporary root: data folders, a device config, the planted decoys, the payload."""
     for d in ("data", "log", "run", "cache", "www", "backup", "etc", "tmp", "home/.aws", "home/.ssh", "srv/c2"):
@@ -255,9 +262,12 @@ def session_script(jobs: list[Job], manifest: Path, pause: float = 0.0) -> str:
 
 
 def run_session(jobs: list[Job], device: str, *, collector_name: str = "strace", seed: int = 0,
-                root: str | None = None, pause: float = 0.0, traced: bool = True) -> Trace | dict:
+                root: str | None = None, pause: float = 0.0, traced: bool = True, raw_out: str | None = None,
+                on_start=None) -> Trace | dict:
     """Run ``jobs`` as one device session under the collector (``traced=False``: without one, for
-    the collector-overhead baseline; returns ``{"wall_s"}`` then). The trace's windows are the jobs."""
+    the collector-overhead baseline; returns ``{"wall_s", "cpu_s"}`` then). The trace's windows are
+    the jobs. ``raw_out``: where the collector writes its raw output (a monitor can follow it);
+    ``on_start(aliases)`` is called once the services run, just before the jobs start."""
     own = root is None
     base = Path(tempfile.mkdtemp(prefix=f"proviot-{device}-")) if own else Path(root)
     try:
@@ -272,14 +282,18 @@ def run_session(jobs: list[Job], device: str, *, collector_name: str = "strace",
                    **{k: str(v) for k, v in svc.ports.items()}}
             aliases = [(str(base), "$ROOT")] + [(f"127.0.0.1:{svc.ports[k]}", f"127.0.0.1:{p}")
                                                 for k, p in SERVICE_PORTS.items()]
+            if on_start is not None:
+                on_start(aliases)
             if not traced:
-                t0 = time.time()
+                t0, c0 = time.time(), _children_cpu()
                 subprocess.run(["sh", str(script)], env=env, cwd=str(base), stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
-                return {"wall_s": time.time() - t0}
+                return {"wall_s": time.time() - t0, "cpu_s": _children_cpu() - c0}
+            c0 = _children_cpu()
             trace = collector(collector_name).run(["sh", str(script)], aliases=aliases, windows_from=manifest,
                                                   env=env, cwd=str(base), timeout=1800,
-                                                  output=subprocess.DEVNULL)
+                                                  output=subprocess.DEVNULL, raw_out=raw_out)
+            trace.meta["cpu_s"] = _children_cpu() - c0  # the jobs' and the collector's CPU time
         trace.meta.update(device=device, jobs=len(jobs), seed=seed)
         return trace
     finally:
