@@ -113,7 +113,8 @@ def steady_state(model_dir: Path, jobs: int, pause: float, interval: float, seed
     out, _ = proc["p"].communicate(timeout=est + 120)
     line = next(ln for ln in out.splitlines() if ln.startswith("PROVIOT_MONITOR "))
     res = json.loads(line[len("PROVIOT_MONITOR "):])
-    res.update(session_s=session_s, session_jobs=jobs, pause_s=pause, interval_s=interval,
+    res.update(session_s=session_s, cpu_percent_over_session=100.0 * res["cpu_s"] / session_s,
+               session_jobs=jobs, pause_s=pause, interval_s=interval,
                raw_mb=raw.stat().st_size / 1e6, session_events=len(tr.events))
     raw.unlink()
     return res

@@ -73,3 +73,35 @@ def test_missing_device_folder_is_one_line(tmp_path):
 
     with pytest.raises(RepnetError, match="device-0: no trace files"):
         F.simulate(F.FleetSettings(fleet=str(tmp_path), clients=3))
+
+
+def test_deployment_superlink_and_supernodes(fleet, tmp_path):
+    """The same apps deployed for real: a SuperLink and 3 SuperNodes on 127.0.0.1 (the fleet of
+    tests/test_flower_deploy.py), `flwr run` of the app folder; the ServerApp writes the results."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_flower_deploy import Fleet, _tagged, _wait
+
+    from repnet.proviot import federated as F
+    from repnet.proviot.detector import DetectorSettings
+
+    fs = F.FleetSettings(fleet=str(fleet), clients=3, rounds=1, local_epochs=1, settings=DetectorSettings(epochs=1),
+                         out=str(tmp_path / "run"))
+    app = F.write_fleet_app(tmp_path / "app", fs).parent
+    f = Fleet(tmp_path, 3)
+    try:
+        proc = f.run(app, stdout=open(tmp_path / "flwr-run.log", "w"), stderr=subprocess.STDOUT)
+        _wait(proc, 600)
+        log = (tmp_path / "flwr-run.log").read_text()
+        assert proc.returncode == 0, log[-3000:]
+        res = json.loads((tmp_path / "run" / "federated.json").read_text())
+        assert res["framework"] == "flower" and res["history"][0]["devices"] == [0, 1, 2]
+        assert set(res["history"][0]["tensor_bytes_received"].values()) == {res["model_bytes"]}
+        assert (tmp_path / "run" / "global_autoencoder.safetensors").is_file()
+    finally:
+        f.close()
+    assert _tagged(f.tag) == [], "processes left behind"

@@ -379,6 +379,7 @@ class StraceParser:
         self.held: dict[int, list[tuple[float, str]]] = {}
         self.root = root
         self.lines = 0
+        self.exited: set[int] = set()  # processes (thread-group leaders) that exited
 
     def feed(self, line: str) -> None:
         m = _LINE.match(line.rstrip("\n"))
@@ -386,7 +387,11 @@ class StraceParser:
             return
         self.lines += 1
         pid, t, rest = int(m.group(1)), float(m.group(2)), m.group(3)
-        if rest.startswith(("---", "+++")):
+        if rest.startswith("+++"):
+            if ("exited with" in rest or "killed by" in rest) and self.tgid.get(pid, pid) == pid:
+                self.exited.add(pid)
+            return
+        if rest.startswith("---"):
             return
         if rest.endswith("<unfinished ...>"):
             self.pending[pid] = (rest[: -len("<unfinished ...>")].rstrip(), t)

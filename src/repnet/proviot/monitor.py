@@ -3,10 +3,10 @@
 The monitor is what runs on the device all the time, so it is kept small: it imports numpy, the
 trace parser, the path selection, the hash embedding and the autoencoder's forward pass in numpy
 (:func:`.detector.load_numpy_detector`) - never torch. Every ``interval`` seconds it parses the
-new lines of the ``strace -f -ttt -yy`` output file, groups the new events into windows (one per
-job: the sub-tree of each child of the traced root process, as in training), selects each
-window's K rarest paths, embeds and scores them, and prints an alert line for every flagged
-window. At the end it reports its own CPU time / wall time and peak resident memory (VmHWM).
+new lines of the ``strace -f -ttt -yy`` output file and adds the new events to their job's window
+(one per job: the sub-tree of each child of the traced root process, as in training); once a
+job's root process has exited, it selects the window's K rarest paths, embeds and scores them,
+prints an alert line if the window is flagged, and forgets the window. At the end it reports its own CPU time / wall time and peak resident memory (VmHWM).
 
     python -m repnet.proviot.monitor MODEL_DIR STRACE_OUTPUT --duration 60 [--interval 2]
 """
@@ -43,7 +43,8 @@ class Monitor:
             raise RepnetError("the steady-state monitor runs the hash embedding (no gensim, no torch in the process)")
         self.builder = TraceBuilder("strace", [], list(aliases))
         self.parser = StraceParser(self.builder)
-        self.done = 0  # events already scored
+        self.open: dict[int, ProvGraph] = {}  # job root -> its window so far
+        self.local: dict[int, dict[int, int]] = {}
         self.windows = 0
         self.alerts: list[dict] = []
 
@@ -62,33 +63,33 @@ class Monitor:
             p = parent
         return None
 
-    def step(self) -> list[dict]:
-        """Score the events that came in since the last step; returns the alerts."""
+    def step(self, final: bool = False) -> list[dict]:
+        """Move the new events into their jobs' windows and score every job that ended (its root
+        process exited; ``final``: every job); returns the alerts."""
         tr = self.builder.trace
-        new = tr.events[self.done:]
-        self.done = len(tr.events)
-        graphs: dict[int, ProvGraph] = {}
-        local: dict[int, dict[int, int]] = {}
-        for t, s, e, d in new:
+        for t, s, e, d in tr.events:
             actor = s if tr.nodes[s][1] == "p" and e != "PROC_CREATE" else d
             job = self._job_of(tr.node_proc[actor]) if tr.node_proc[actor] >= 0 else None
             if job is None:
                 continue
-            g = graphs.setdefault(job, ProvGraph(name=str(job)))
-            loc = local.setdefault(job, {})
+            g = self.open.setdefault(job, ProvGraph(name=str(job)))
+            loc = self.local.setdefault(job, {})
             for n in (s, d):
                 if n not in loc:
                     loc[n] = g.add_node(tr.nodes[n][1], tr.nodes[n][2])
             g.add_edge(t, loc[s], e, loc[d])
+        tr.events.clear()  # the monitor keeps only the open jobs' windows
         out = []
-        for job, g in graphs.items():
+        for job in [j for j in self.open if final or j in self.parser.exited]:
+            g = self.open.pop(job)
+            self.local.pop(job, None)
             r = self.det.score(g)
             self.windows += 1
             if r["flagged"]:
                 a = {"job": job, "score": r["score"], "path": r["alert"]}
                 out.append(a)
                 self.alerts.append(a)
-        self.builder.last.clear()  # an edge seen again in a later window counts there again
+        self.builder.last.clear()  # an edge seen again later counts again (in its job's window)
         return out
 
 
@@ -111,7 +112,7 @@ def follow(model_dir, strace_file, duration: float, interval: float = 2.0, alias
         lines = buf.split("\n")
         buf = lines.pop()
         mon.feed(lines)
-        for a in mon.step():
+        for a in mon.step(final=now >= deadline):
             if not quiet:
                 print(f"ALERT job {a['job']} score {a['score']:.4f}: {a['path']}", flush=True)
         if now >= deadline:

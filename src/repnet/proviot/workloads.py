@@ -230,6 +230,23 @@ class Services:
         return False
 
 
+def _ticker(fifo: Path, pause: float, stop: threading.Event) -> None:
+    """Every ``pause`` seconds, one line to the session's FIFO (once the script waits on it)."""
+    while not stop.is_set():
+        time.sleep(pause)
+        while not stop.is_set():
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader yet: the script is still running a job
+                time.sleep(0.02)
+                continue
+            try:
+                os.write(fd, b"\n")
+            finally:
+                os.close(fd)
+            break
+
+
 def _children_cpu() -> float:
     import resource
 
@@ -252,17 +269,19 @@ def prepare_root(root: Path, device: str) -> None:
     payload.chmod(0o755)
 
 
-def session_script(jobs: list[Job], manifest: Path, pause: float = 0.0) -> str:
+def session_script(jobs: list[Job], manifest: Path, pause_fifo: Path | None = None) -> str:
     """The traced shell script: each job in its own ``sh -c`` process tree, its pid and label in
-    the manifest (one JSON line, written before the job's work matters: the job waits for it)."""
+    the manifest (one JSON line, written before the job's work matters: the job waits for it).
+    With ``pause_fifo``, the script waits between jobs for a line on that FIFO (the shell's
+    builtin ``read``: no process, so the pause adds no window of its own)."""
     lines = ["#!/bin/sh", "set -u"]
     for j in jobs:
         rec = json.dumps({"label": j.label, "name": j.name})[1:-1]  # '"label": "...", "name": "..."'
         lines.append(f"sh -c {shlex.quote(j.command)} & pid=$!")
         lines.append(f"echo '{{\"root\": '$pid', {rec}}}' >> {shlex.quote(str(manifest))}")
         lines.append("wait $pid")
-        if pause:
-            lines.append(f"sleep {pause}")
+        if pause_fifo is not None:
+            lines.append(f"read _tick < {shlex.quote(str(pause_fifo))}")
     return "\n".join(lines) + "\n"
 
 
@@ -280,7 +299,12 @@ def run_session(jobs: list[Job], device: str, *, collector_name: str = "strace",
         manifest = base / "srv" / "manifest.jsonl"
         manifest.unlink(missing_ok=True)
         script = base / "srv" / "session.sh"
-        script.write_text(session_script(jobs, manifest, pause))
+        fifo = None
+        if pause:
+            fifo = base / "srv" / "tick.fifo"
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo)
+        script.write_text(session_script(jobs, manifest, fifo))
         with Services(base) as svc:
             env = {"PATH": DEVICE_PATH, "HOME": str(base / "home"), "LANG": "C",
                    "ROOT": str(base), "DEV": device, "VALUE": str(random.Random(seed).randint(10, 99)),
@@ -289,16 +313,21 @@ def run_session(jobs: list[Job], device: str, *, collector_name: str = "strace",
                                                 for k, p in SERVICE_PORTS.items()]
             if on_start is not None:
                 on_start(aliases)
+            stop = threading.Event()
+            if fifo is not None:
+                threading.Thread(target=_ticker, args=(fifo, pause, stop), daemon=True).start()
             if not traced:
                 t0, c0 = time.time(), _children_cpu()
                 subprocess.run(["sh", str(script)], env=env, cwd=str(base), stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+                stop.set()
                 return {"wall_s": time.time() - t0, "cpu_s": _children_cpu() - c0}
             c0 = _children_cpu()
             trace = collector(collector_name).run(["sh", str(script)], aliases=aliases, windows_from=manifest,
                                                   env=env, cwd=str(base), timeout=1800,
                                                   output=subprocess.DEVNULL, raw_out=raw_out)
             trace.meta["cpu_s"] = _children_cpu() - c0  # the jobs' and the collector's CPU time
+            stop.set()
         trace.meta.update(device=device, jobs=len(jobs), seed=seed)
         return trace
     finally:
