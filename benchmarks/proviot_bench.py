@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-attack", type=int, default=3, help="runs of each attack per device's test session")
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--local-epochs", type=int, default=10)
+    ap.add_argument("--personal-epochs", type=int, default=10, help="local adaptation after the rounds")
     ap.add_argument("--epochs", type=int, default=60, help="central autoencoder epochs")
     ap.add_argument("--embeddings", default="hash,doc2vec")
     ap.add_argument("--steady-jobs", type=int, default=120)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/proviot_cpu.json")
     args = ap.parse_args(argv)
     if args.small:
-        args.train_jobs, args.test_jobs, args.per_attack = 40, 20, 1
+        args.train_jobs, args.test_jobs, args.per_attack = 60, 20, 1
         args.rounds, args.local_epochs, args.epochs = 12, 10, 40
         args.steady_jobs, args.overhead_jobs, args.overhead_repeats = 20, 12, 1
     torch.set_num_threads(1)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- federated (hash embedding: nothing to ship besides the autoencoder)
     s = DetectorSettings(embedding="hash", epochs=args.local_epochs, seed=args.seed)
     fs = F.FleetSettings(fleet=str(folder), clients=len(DEVICES), rounds=args.rounds, local_epochs=args.local_epochs,
-                         settings=s)
+                         personal_epochs=args.personal_epochs, settings=s)
     t0 = time.time()
     res = F.simulate(fs, cpus=2)
     ev = F.evaluate_fleet(fs, res["global_state"], tests)
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "per_device": ev["per_device"]}
     b = res["bytes_per_device_per_round"]
     doc["federated"] = {"framework": "flower", "strategy": res["strategy"], "devices": fs.clients,
-                        "rounds": fs.rounds, "local_epochs": fs.local_epochs, "wall_s": time.time() - t0,
+                        "rounds": fs.rounds, "local_epochs": fs.local_epochs, "personal_epochs": fs.personal_epochs,
+                        "wall_s": time.time() - t0,
                         "model_bytes": res["model_bytes"], "bytes_per_device_per_round": b,
                         "sync_bytes_per_device_per_round": b["sent"] + b["received"],
                         "embedding_bytes": 0, "history": [{k: v for k, v in h.items() if k != "reply_records"}

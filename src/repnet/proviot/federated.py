@@ -14,8 +14,9 @@ The server (:class:`FleetServer`, the ServerApp's work) screens each reply with
 :func:`repnet.fedcore.screen_reply` (keys, shapes, dtypes, finite values), aggregates with the
 strategy (``FedAvg`` by default, weighted by the number of paths), and counts the bytes of every
 message it sends and receives (the serialised arrays of the ArrayRecords). After the last round
-each device calibrates its thresholds on its own held-out benign windows with the global model
-(:func:`device_detector`).
+each device adapts the global model to itself (``personal_epochs`` of local training: the global
+model is the start, the device's own benign behaviour the finish - FedAvg with local adaptation)
+and calibrates its thresholds on its own held-out benign windows (:func:`device_detector`).
 
 ``simulate`` runs the apps in Flower's simulation runtime; ``write_fleet_app`` writes a Flower app
 folder for ``flwr run`` against a SuperLink and SuperNodes (``--node-config "partition-id=K
@@ -76,10 +77,17 @@ class DeviceData:
         self.x = self.embedder.transform([p.words() for p in paths])
 
 
-def device_detector(data: DeviceData, state: dict) -> Detector:
-    """The device's detector with the global autoencoder, thresholds from its own held-out benign windows."""
+def device_detector(data: DeviceData, state: dict, personal_epochs: int = 0, seed: int = 0) -> Detector:
+    """The device's detector: the global autoencoder, adapted to the device by ``personal_epochs``
+    of local training on its own benign paths (``loop.fit``; nothing leaves the device), thresholds
+    from its own held-out benign windows."""
+    import torch
+
     ae = autoencoder(data.s.dim)
     ae.load_state_dict(state)
+    if personal_epochs:
+        torch.manual_seed(seed)
+        fit_autoencoder(ae, data.x, data.s, seed=seed, name="personalise", epochs=personal_epochs)
     ae.eval()
     det = Detector(data.db, data.embedder, ae, data.s)
     calibrate(det, data.val_g)
@@ -92,20 +100,21 @@ class FleetSettings:
     clients: int = 3
     rounds: int = 5
     local_epochs: int = 10
+    personal_epochs: int = 10  # after the rounds: local adaptation of the global model on each device
     strategy: str = "fedavg"
     settings: DetectorSettings = dataclasses.field(default_factory=DetectorSettings)
     out: str = ""
     timeout: float = 600.0
 
     def __post_init__(self):
-        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1:
-            raise RepnetError("clients, rounds and local_epochs must be >= 1")
+        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1 or self.personal_epochs < 0:
+            raise RepnetError("clients, rounds and local_epochs must be >= 1 (personal_epochs >= 0)")
         if self.strategy not in STRATEGIES:
             raise RepnetError(f"unknown strategy '{self.strategy}'; choose from: {', '.join(STRATEGIES)}")
 
     def run_config(self) -> dict:
         return {"proviot-fleet": str(self.fleet), "clients": self.clients, "num-server-rounds": self.rounds,
-                "local-epochs": self.local_epochs, "strategy": self.strategy,
+                "local-epochs": self.local_epochs, "personal-epochs": self.personal_epochs, "strategy": self.strategy,
                 "detector": json.dumps(dataclasses.asdict(self.settings)), "out": self.out,
                 "round-timeout": float(self.timeout)}
 
@@ -115,6 +124,7 @@ class FleetSettings:
             s = DetectorSettings(**json.loads(str(rc.get("detector", "{}"))))
             return cls(fleet=str(rc["proviot-fleet"]), clients=int(rc.get("clients", 3)),
                        rounds=int(rc.get("num-server-rounds", 5)), local_epochs=int(rc.get("local-epochs", 10)),
+                       personal_epochs=int(rc.get("personal-epochs", 10)),
                        strategy=str(rc.get("strategy", "fedavg")), settings=s, out=str(rc.get("out", "") or ""),
                        timeout=float(rc.get("round-timeout", 600)))
         except (KeyError, TypeError, ValueError) as e:
@@ -322,7 +332,7 @@ def evaluate_fleet(fs: FleetSettings, state: dict, tests: dict[int, list[ProvGra
 
     per_device, totals = {}, {}
     for k, graphs in tests.items():
-        det = device_detector(_device(fs, k), state)
+        det = device_detector(_device(fs, k), state, fs.personal_epochs, seed=fs.settings.seed * 1000 + k)
         ev = evaluate(det, graphs)
         per_device[str(k)] = {kk: v for kk, v in ev.items() if kk != "alerts"}
         for cls, m in [("overall", ev["overall"])] + list(ev["per_attack"].items()):
