@@ -54,6 +54,7 @@ def test_strace_parse():
 
 def test_labels():
     assert normalise_path("/proc/4242/status") == "/proc/N/status"
+    assert normalise_path("/tmp/#2147143") == "/tmp/#N" and normalise_path("/lib/libssl.so.3") == "/lib/libssl.so.3"
     assert normalise_path("/tmp/x/tmpq8z_k2ab/f", [("/tmp/x", "$ROOT")]) == "$ROOT/tmp*/f"
     assert normalise_path("/tmp/xy/f", [("/tmp/x", "$ROOT")]) == "/tmp/xy/f"  # a prefix is a whole component
     assert socket_label("tcp", "127.0.0.1:41000", "127.0.0.1:8080") == "tcp:127.0.0.1:8080"

@@ -75,7 +75,7 @@ def test_missing_device_folder_is_one_line(tmp_path):
         F.simulate(F.FleetSettings(fleet=str(tmp_path), clients=3))
 
 
-def test_deployment_superlink_and_supernodes(fleet, tmp_path):
+def test_deployment_superlink_and_supernodes(fleet, tmp_path, monkeypatch):
     """The same apps deployed for real: a SuperLink and 3 SuperNodes on 127.0.0.1 (the fleet of
     tests/test_flower_deploy.py), `flwr run` of the app folder; the ServerApp writes the results."""
     import json
@@ -89,6 +89,10 @@ def test_deployment_superlink_and_supernodes(fleet, tmp_path):
     from repnet.proviot import federated as F
     from repnet.proviot.detector import DetectorSettings
 
+    import os
+
+    # the fleet's processes import this repnet, wherever the test session found it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(str(Path(p).resolve()) for p in sys.path if p))
     fs = F.FleetSettings(fleet=str(fleet), clients=3, rounds=1, local_epochs=1, settings=DetectorSettings(epochs=1),
                          out=str(tmp_path / "run"))
     app = F.write_fleet_app(tmp_path / "app", fs).parent
@@ -104,4 +108,9 @@ def test_deployment_superlink_and_supernodes(fleet, tmp_path):
         assert (tmp_path / "run" / "global_autoencoder.safetensors").is_file()
     finally:
         f.close()
+    import time
+
+    deadline = time.time() + 10  # (a process killed a moment ago may still be on its way out)
+    while _tagged(f.tag) and time.time() < deadline:
+        time.sleep(0.3)
     assert _tagged(f.tag) == [], "processes left behind"

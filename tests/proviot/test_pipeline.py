@@ -22,9 +22,13 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("proviot-runs")
     root = base / "root"
     prepare_root(root, "tiny")
-    env = {"ROOT": str(root), "PATH": DEVICE_PATH}
+    env = {"ROOT": str(root), "PATH": DEVICE_PATH, "PYTHONPATH": None, "PYTHONDONTWRITEBYTECODE": "1"}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for k, v in env.items():  # the traced jobs run as on a device: system tools, no venv
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     files = {"train": [], "held": []}
     try:
         for rep in range(4):
@@ -59,7 +63,7 @@ def test_fileless_trace_has_the_memfd_exec(runs):
 def test_collect_train_detect_flags_fileless_only(runs, tmp_path, capsys):
     model = tmp_path / "model"
     assert main(["proviot", "train", *sum((["--trace", f] for f in runs["train"]), []), "--out", str(model),
-                 "--epochs", "80"]) == 0
+                 "--epochs", "100", "--batch-size", "8"]) == 0
     out = tmp_path / "res.json"
     assert main(["proviot", "detect", "--model", str(model), *sum((["--trace", f] for f in runs["held"]), []),
                  "--trace", runs["fileless"], "--json", str(out)]) == 0

@@ -18,6 +18,7 @@ def _detector_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10, help="rarest paths per window (default: 10)")
     p.add_argument("--max-len", type=int, default=6, help="edges per path at most (default: 6)")
     p.add_argument("--epochs", type=int, default=60, help="autoencoder epochs (default: 60)")
+    p.add_argument("--batch-size", type=int, default=32, help="autoencoder batch size (default: 32)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--path-quantile", type=float, default=0.85,
                    help="path threshold: this quantile of held-out benign path errors (ProvIoT: 0.85)")
@@ -83,6 +84,7 @@ def _settings(args):
     from ..proviot.detector import DetectorSettings
 
     s = DetectorSettings(k=args.k, max_len=args.max_len, embedding=args.embedding, epochs=args.epochs, lr=args.lr,
+                         batch_size=args.batch_size,
                          path_quantile=args.path_quantile, window_quantile=args.window_quantile, margin=args.margin,
                          seed=args.seed)
     s.check()

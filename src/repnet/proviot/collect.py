@@ -32,7 +32,8 @@ come from the open flags).
 
 Labels are normalised so that the same behaviour gets the same label in every run: ``aliases``
 (path prefixes such as a workload's temporary root -> ``$ROOT``, socket addresses -> a service
-port), all-digit path components -> ``N``, ``mkstemp``-style names -> ``tmp*``; pipes, ttys and
+port), all-digit path components and numbers of 3+ digits inside names -> ``N``, ``mkstemp``-style
+names -> ``tmp*``; pipes, ttys and
 ``/dev`` character devices are not nodes.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ STRACE_SYSCALLS = ("execve,execveat,clone,clone3,fork,vfork,open,openat,creat,re
 
 # ----------------------------------------------------------------------------- labels
 _DIGITS = re.compile(r"^\d+$")
+_NUMBER = re.compile(r"\d{3,}")  # a number inside a name (temp files like '#2147143', pids)
 _MKSTEMP = re.compile(r"^(tmp|\.tmp-?)[A-Za-z0-9_]{6,}")
 _EPHEMERAL = 32768  # Linux's default ip_local_port_range starts here
 
@@ -84,6 +86,8 @@ def normalise_path(path: str, aliases: list[tuple[str, str]] = ()) -> str:
             c = "N"
         elif _MKSTEMP.match(c):
             c = "tmp*"
+        else:
+            c = _NUMBER.sub("N", c)
         parts.append(c)
     return "/".join(parts)
 

@@ -270,7 +270,9 @@ def make_apps(bound: dict | None = None, sink: dict | None = None):
     return sapp, capp
 
 
-server_app, client_app = make_apps()
+_APPS = make_apps()
+server_app = _APPS[0]  # (one name per line: Flower's app check reads module-level assignments)
+client_app = _APPS[1]
 
 
 def save_fleet_result(res: dict, out) -> None:
