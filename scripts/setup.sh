@@ -5,18 +5,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ ! -f "$FMNIST" ] && command -v apt-get >/dev/null; then
+# System packages, one apt step for all: Fashion-MNIST (the demo's data); a compiler, OpenSSL's libcrypto
+# (SHA-256) and nlohmann-json for repnet-device (device/, the C++ trainer); ProvIoT's collectors (strace,
+# auditd) and the tools its benign IoT workloads and attack emulations run (Mosquitto broker and clients,
+# sqlite3, curl, ss from iproute2). Each is installed only if missing.
+APT_NEEDS=(file:/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist
+           cmd:g++:g++ cmd:make:make pkg:libssl-dev:libssl-dev pkg:nlohmann-json3-dev:nlohmann-json3-dev
+           cmd:strace:strace cmd:auditctl:auditd cmd:mosquitto:mosquitto cmd:mosquitto_pub:mosquitto-clients
+           cmd:sqlite3:sqlite3 cmd:curl:curl cmd:ss:iproute2)
+MISSING=()
+for need in "${APT_NEEDS[@]}"; do
+  kind=${need%%:*}; rest=${need#*:}; what=${rest%:*}; pkg=${rest##*:}
+  case $kind in
+    file) [ -f "$what" ] || MISSING+=("$pkg") ;;
+    cmd) command -v "$what" >/dev/null || [ -x "/usr/sbin/$what" ] || MISSING+=("$pkg") ;;
+    pkg) dpkg -s "$what" >/dev/null 2>&1 || MISSING+=("$pkg") ;;
+  esac
+done
+if [ ${#MISSING[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -q >/dev/null
-  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null
-fi
-
-# repnet-device (device/, the C++ trainer): a compiler, OpenSSL's libcrypto (SHA-256) and nlohmann-json
-if ! dpkg -s g++ make libssl-dev nlohmann-json3-dev >/dev/null 2>&1 && command -v apt-get >/dev/null; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q >/dev/null
-  $SUDO apt-get install -y -q g++ make libssl-dev nlohmann-json3-dev >/dev/null
+  # (installing auditd does not start it in a container without systemd; the collector starts its own)
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${MISSING[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}

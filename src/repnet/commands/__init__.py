@@ -6,4 +6,4 @@ so ``repnet --help`` and ``repnet list`` start fast.
 """
 
 #: The commands, in the order ``repnet --help`` lists them.
-COMMANDS = ("list", "profile", "plan", "train", "demo", "reproduce", "continual", "federated", "export")
+COMMANDS = ("list", "profile", "plan", "train", "demo", "reproduce", "continual", "federated", "export", "proviot")
