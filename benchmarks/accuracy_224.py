@@ -54,11 +54,12 @@ def run_one(args, spec: str, seed: int, size: int) -> dict:
 
     method, options = parse_method(spec)
     tag = label(spec, args).replace("@", "_").replace(",", "_").replace("=", "-").replace("[", "_").replace("]", "")
+    tag += "-tuned" if args.tune else ""
     run_dir = Path(args.runs_dir) / args.dataset / args.backbone / f"{size}px" / f"{tag}-s{seed}"
     ov = dict(dataset=args.dataset, backbone=args.backbone, method=method, options=options, image_size=size,
               batch_size=8, epochs=args.epochs, train_subset=args.train_subset, test_subset=args.test_subset,
               seed=seed, workers=args.workers, progress=not args.quiet, profile_memory=False,
-              out_dir=str(run_dir), device=args.device)
+              out_dir=str(run_dir), device=args.device, tune=args.tune)
     for kv in args.set or []:
         k, _, v = kv.partition("=")
         ov[k] = v
@@ -80,7 +81,8 @@ def run_one(args, spec: str, seed: int, size: int) -> dict:
 
 #: The config keys that decide a run's result (a cached run with other values is not reused).
 RECIPE_KEYS = ("dataset", "backbone", "method", "options", "image_size", "batch_size", "epochs", "lr", "lr_side",
-               "label_smoothing", "augment", "weight_decay", "train_subset", "test_subset", "seed", "int8")
+               "label_smoothing", "augment", "weight_decay", "train_subset", "test_subset", "seed", "int8", "tune",
+               "tune_fraction", "val_fraction")
 
 
 def main(argv=None) -> dict:
@@ -94,6 +96,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train-subset", type=int, default=1000)
     p.add_argument("--test-subset", type=int, default=1000)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra training config key (every run)")
+    p.add_argument("--tune", action="store_true", help="every run chooses its rate on the validation split first "
+                   "(repnet train --tune); default OUT: accuracy_224_<dataset>_tuned.json")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -109,13 +113,14 @@ def main(argv=None) -> dict:
     if args.report:
         return report([Path(f) for f in args.report])
     torch.set_num_threads(args.threads)
-    out = Path(args.out or f"benchmarks/results/accuracy_224_{args.dataset}.json")
+    out = Path(args.out or f"benchmarks/results/accuracy_224_{args.dataset}{'_tuned' if args.tune else ''}.json")
     result = json.loads(out.read_text()) if out.is_file() else {
         "benchmark": "accuracy at the paper's resolution (batch 8, the dataset's recipe, final epoch, seeds)",
         "dataset": args.dataset, "rows": [], "runs": [], "commands": []}
     result["commands"].append({"command": command_line(argv), "provenance": provenance(),
                                "budget": {"train_subset": args.train_subset, "test_subset": args.test_subset,
-                                          "epochs": args.epochs, "threads": args.threads, "extra": args.set}})
+                                          "epochs": args.epochs, "threads": args.threads, "extra": args.set,
+                                          "tune": args.tune}})
     specs = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.image_sizes.split(",")]
@@ -130,7 +135,8 @@ def main(argv=None) -> dict:
                        "test_accuracy": res["test_accuracy"], "final_val_accuracy": res.get("final_val_accuracy"),
                        "train_images": res.get("train_images"), "test_images": res.get("test_images"),
                        "steps": res.get("steps"), "lr": res["config"]["lr"], "lr_side": res["config"]["lr_side"],
-                       "extra": args.set, "wall_time_s": res.get("wall_time_s"), "run_dir": res.get("run_dir")}
+                       "extra": args.set, "wall_time_s": res.get("wall_time_s"), "run_dir": res.get("run_dir"),
+                       "tune": res.get("tune")}
                 result["runs"] = [r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"], r["seed"])
                                   != (label(spec, args), args.backbone, size, seed)]
                 result["runs"].append(run)
@@ -155,7 +161,8 @@ def _update_row(result: dict, spec: str, args, size: int, kept: float) -> None:
            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "kept_mb": kept,
            "train_images": runs[-1]["train_images"], "test_images": runs[-1]["test_images"],
            "epochs": args.epochs, "steps": runs[-1]["steps"], "lr": runs[-1]["lr"], "lr_side": runs[-1]["lr_side"],
-           "extra": args.set}
+           "extra": args.set, "tuned": [{"seed": r["seed"], r["tune"]["key"]: r["tune"]["value"]} for r in runs
+                                        if r.get("tune")]}
     result["rows"] = [r for r in result["rows"] if _row_key(r) != _row_key(row)] + [row]
 
 
