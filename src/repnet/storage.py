@@ -191,6 +191,25 @@ def clean_temps(folder: str | os.PathLike) -> int:
     return n
 
 
+def truncate_log(path: str | os.PathLike, epochs_done: int) -> None:
+    """Drop the records of a run's ``log.jsonl`` (one JSON object per line, with its ``epoch``) for epochs
+    a resumed run will redo; a line torn by a kill mid-write is dropped too."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-write: dropped
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= epochs_done:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def content_digest(obj: Any) -> str:
     """SHA-256 of a checkpoint's content: tensors by dtype, shape and bytes; other values by repr."""

@@ -20,7 +20,7 @@ def test_torn_log_line_does_not_break_resume(tmp_path):
     run = tiny_train(tmp_path, "run")
     with open(run / "log.jsonl", "a") as f:
         f.write('{"epoch": 2, "tra')
-    from repnet.training.run import truncate_log
+    from repnet.storage import truncate_log
 
     truncate_log(run / "log.jsonl", 1)
     lines = (run / "log.jsonl").read_text().splitlines()

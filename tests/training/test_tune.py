@@ -45,8 +45,8 @@ def test_tune_chooses_on_validation_only_and_never_reads_the_test_split(tmp_path
     res = train(_cfg(tmp_path, "a"))
     tuned = res["tune"]
     assert tuned["key"] == "lr_side" and tuned["grid"] == list(tune_module.GRIDS["lr_side"])
-    assert [t["value"] for t in tuned["trials"]] == tuned["grid"] and tuned["steps_per_trial"] == 2
-    best = max(tuned["trials"], key=lambda t: (t["val_accuracy"], -t["val_loss"]))
+    assert [t["value"] for t in tuned["trials"]] == tuned["grid"] and tuned["steps_per_trial"] == 2  # 8 steps x 0.25
+    best = min(tuned["trials"], key=lambda t: t["val_loss"])
     assert tuned["value"] == best["value"] == res["config"]["lr_side"]
 
     def wrong_labels(cfg, *a, **k):

@@ -75,7 +75,8 @@ class TrainConfig:
     tune: bool = _f(False, "choose the method's learning rate on the validation split first (lr_side where it has side "
                     "modules, else lr): one short trial per value of the grid, then the run with the best "
                     "(repnet.training.tune)")
-    tune_fraction: float = _f(0.125, "length of one --tune trial, as a fraction of the run's optimizer steps")
+    tune_fraction: float = _f(0.25, "length of one --tune trial, as a fraction of the run's optimizer steps (4 trials: "
+                              "tuning costs about as much as the run)")
     # limits for quick runs
     steps_per_epoch: int | None = _f(None, "cap the number of steps per epoch")
     max_steps: int | None = _f(None, "cap the total number of steps (the cosine schedule spans the capped run)")

@@ -91,29 +91,35 @@ def simulate(settings: Settings, progress: bool = True, on_round=None, cpus: int
     One Ray actor per CPU (``cpus``, default all cores but at most ``settings.clients``), each
     training one client at a time with one thread.
     """
-    import logging
-
-    from flwr.simulation import run_simulation
-
     cpus = max(1, min(cpus or os.cpu_count() or 1, settings.clients))
     sink: dict = {}
     server = Server(settings, progress=progress, on_round=on_round)  # bad settings / run folder: before Ray starts
     sapp, capp = make_apps(settings.run_config(), sink, server)
+    return run_flower_simulation(sapp, capp, settings.clients, cpus, sink)
+
+
+def run_flower_simulation(sapp, capp, clients: int, cpus: int, sink: dict, object_store_mb: int = 256) -> dict:
+    """Flower's simulation runtime for ``clients`` SuperNodes on ``cpus`` Ray actors (one thread each),
+    its own logs and warnings kept out of the terminal; the results the ServerApp put in ``sink``. A
+    :class:`RepnetError` inside an app is raised as it is (one line)."""
+    import logging
+    import warnings
+
+    from flwr.simulation import run_simulation
+
     os.environ.setdefault("REPNET_CLIENT_THREADS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # (run_simulation's deprecation notice; failures are in the results)
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_simulation(server_app=sapp, client_app=capp, num_supernodes=settings.clients,
+            run_simulation(server_app=sapp, client_app=capp, num_supernodes=clients,
                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                            "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
                                                          "logging_level": logging.ERROR, "log_to_driver": False,
-                                                         "object_store_memory": 256 * 1024 * 1024}})
+                                                         "object_store_memory": object_store_mb * 1024 * 1024}})
     except RuntimeError as e:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, RepnetError):

@@ -268,6 +268,19 @@ def screen_reply(msg, expected: dict[str, torch.Tensor]) -> tuple[dict | None, s
             "loss": float(metrics.get("train-loss", float("nan"))), "wire_bytes": wire, "data_bytes": data}, ""
 
 
+def aggregate(strategy, server_round: int, accepted: list[dict]) -> dict[str, torch.Tensor]:
+    """The strategy's aggregate of screened replies (:func:`screen_reply` contents), in client order
+    (deterministic sums): only their tensors and example counts reach the strategy."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    accepted = sorted(accepted, key=lambda c: c["partition_id"])
+    clean = [Message(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in c["state"].items()}),
+                                 "metrics": MetricRecord({"num-examples": c["num_examples"]})}),
+                     dst_node_id=0, message_type="train") for c in accepted]
+    agg, _ = strategy.aggregate_train(server_round, clean)
+    return decode_arrays(agg)
+
+
 # ----------------------------------------------------------------------------- client
 class LocalClient:
     """One client's shard and model; ``train`` is one local round (see the module docstring)."""
@@ -413,7 +426,7 @@ class Server:
         return {k: p[k] for k in ("analytic_mb", "analytic_with_optimizer_mb", "measured_saved_mb")}
 
     def run(self, grid) -> dict:
-        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+        from flwr.app import ConfigRecord
 
         from tqdm.auto import tqdm
 
@@ -457,11 +470,7 @@ class Server:
                 raise RepnetError(f"round {r}: {len(accepted)} usable client replies, {s.needed} "
                                   f"needed ({why}); the global adapter of round {r - 1} is kept")
             accepted.sort(key=lambda c: c["partition_id"])
-            clean = [Message(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in c["state"].items()}),
-                                         "metrics": MetricRecord({"num-examples": c["num_examples"]})}),
-                             dst_node_id=0, message_type="train") for c in accepted]
-            agg, _ = strategy.aggregate_train(r, clean)
-            new = decode_arrays(agg)
+            new = aggregate(strategy, r, accepted)
             global_state = _project_on_grid(self.model, {k: new[k].to(self.expected[k].dtype) for k in self.expected})
             acc = self._evaluate(global_state)
             sizes = [c["num_examples"] for c in accepted]

@@ -7,7 +7,7 @@ Security"), after ProvDetector (Wang et al., NDSS 2020). One module per concern:
 * :mod:`.graph` - the provenance graph of a window;
 * :mod:`.paths` - frequency database, regularity scores, the K rarest causal paths, paragraphs;
 * :mod:`.embed` - path vectors (feature hashing, or doc2vec PV-DM via gensim);
-* :mod:`.detector` - the autoencoder trained through :func:`repnet.loop.fit`, thresholds, model folders;
+* :mod:`.detector` - the autoencoder trained through :func:`repnet.training.loop.fit`, thresholds, model folders;
 * :mod:`.federated` - the Flower ServerApp / ClientApp (only the autoencoder's tensors travel);
 * :mod:`.textpaths` - causal paths given as text (benign / anomaly files of other collectors);
 * :mod:`.workloads` - benign IoT-like workloads and harmless attack emulations;

@@ -1,4 +1,4 @@
-"""The detector: an autoencoder on benign path vectors, trained through :func:`repnet.loop.fit`.
+"""The detector: an autoencoder on benign path vectors, trained through :func:`repnet.training.loop.fit`.
 
 ProvIoT's model: ``50 -> 25 -> 12 -> 25 -> 50`` (ReLU between layers, linear output), mean
 squared reconstruction error, Adam. Trained on the vectors of the K rarest paths of benign
@@ -73,7 +73,7 @@ def autoencoder(dim: int = 50):
 
 
 class VectorSet:
-    """Path vectors as the (x, y) dataset :func:`repnet.loop.fit` takes (y: unused zeros)."""
+    """Path vectors as the (x, y) dataset :func:`repnet.training.loop.fit` takes (y: unused zeros)."""
 
     def __init__(self, x: np.ndarray):
         import torch
@@ -98,7 +98,7 @@ def train_config(s: DetectorSettings, n: int):
 
 def fit_autoencoder(model, x: np.ndarray, s: DetectorSettings, seed: int | None = None, name: str = "proviot",
                     epochs: int | None = None) -> dict:
-    """Train ``model`` on ``x`` through :func:`repnet.loop.fit` (MSE via ``objective``); returns
+    """Train ``model`` on ``x`` through :func:`repnet.training.loop.fit` (MSE via ``objective``); returns
     ``{"train_time_s", "losses"}``."""
     import torch
     from torch import nn

@@ -6,12 +6,12 @@ files (``*.json``, :mod:`.collect`). Device ``K`` (Flower's ``partition-id``) re
 folder: it learns its own frequency database from its own benign history, summarises its windows
 into its K rarest paths, embeds them with the hash embedding (:class:`.embed.HashEmbedder`: the
 same function on every device, nothing to ship), and trains the global autoencoder for
-``local_epochs`` through :func:`repnet.loop.fit` from the weights the server sent. Its reply is
-one ``ArrayRecord`` (the autoencoder's ``state_dict``, as in :mod:`repnet.fedcore`) and one
+``local_epochs`` through :func:`repnet.training.loop.fit` from the weights the server sent. Its reply is
+one ``ArrayRecord`` (the autoencoder's ``state_dict``, as in :mod:`repnet.federated.core`) and one
 ``MetricRecord`` (``num-examples``, ``train-loss``); traces, paths and vectors never leave it.
 
 The server (:class:`FleetServer`, the ServerApp's work) screens each reply with
-:func:`repnet.fedcore.screen_reply` (keys, shapes, dtypes, finite values), aggregates with the
+:func:`repnet.federated.core.screen_reply` (keys, shapes, dtypes, finite values), aggregates with the
 strategy (``FedAvg`` by default, weighted by the number of paths), and counts the bytes of every
 message it sends and receives (the serialised arrays of the ArrayRecords). After the last round
 each device adapts the global model to itself (``personal_epochs`` of local training: the global
@@ -20,7 +20,7 @@ and calibrates its thresholds on its own held-out benign windows (:func:`device_
 
 ``simulate`` runs the apps in Flower's simulation runtime; ``write_fleet_app`` writes a Flower app
 folder for ``flwr run`` against a SuperLink and SuperNodes (``--node-config "partition-id=K
-num-partitions=N"``), the deployment :mod:`repnet.flower_app` uses.
+num-partitions=N"``), the deployment :mod:`repnet.federated.app` uses.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pathlib import Path as FsPath
 import numpy as np
 
 from repnet.errors import RepnetError
-from repnet.federated.core import STRATEGIES, decode_arrays, screen_reply
+from repnet.federated.core import STRATEGIES, aggregate, decode_arrays, screen_reply
 from repnet.proviot.collect import load_trace
 from repnet.proviot.detector import Detector, DetectorSettings, autoencoder, calibrate, fit_autoencoder, split_benign
 from repnet.proviot.embed import HashEmbedder
@@ -183,7 +183,7 @@ class FleetServer:
 
     def run(self, grid) -> dict:
         import flwr.serverapp.strategy as fstrat
-        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+        from flwr.app import ArrayRecord, ConfigRecord
 
         fs = self.fs
         cls = getattr(fstrat, STRATEGIES[fs.strategy][0])
@@ -214,11 +214,7 @@ class FleetServer:
                 raise RepnetError(f"round {r}: {len(accepted)} usable device replies of {fs.clients} "
                                   f"({'; '.join(rejected[:3]) or 'no replies'})")
             accepted.sort(key=lambda c: c["partition_id"])
-            clean = [Message(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in c["state"].items()}),
-                                         "metrics": MetricRecord({"num-examples": c["num_examples"]})}),
-                             dst_node_id=0, message_type="train") for c in accepted]
-            agg, _ = strategy.aggregate_train(r, clean)
-            new = decode_arrays(agg)
+            new = aggregate(strategy, r, accepted)
             state = {k: new[k].to(v.dtype) for k, v in state.items()}
             history.append({"round": r, "devices": [c["partition_id"] for c in accepted],
                             "bytes_sent_per_device": sent,
@@ -288,11 +284,8 @@ def save_fleet_result(res: dict, out) -> None:
 def simulate(fs: FleetSettings, cpus: int | None = None) -> dict:
     """The federation in Flower's simulation runtime (Ray actors, one thread each); the results
     with ``global_state`` (the averaged autoencoder)."""
-    import logging
-    import warnings
-
     try:
-        from flwr.simulation import run_simulation
+        from repnet.federated.app import run_flower_simulation
     except ImportError:
         raise RepnetError("federated ProvIoT needs Flower: pip install 'repnet[federated]'") from None
     for k in range(fs.clients):  # a missing device folder is one line, before Ray starts
@@ -301,30 +294,8 @@ def simulate(fs: FleetSettings, cpus: int | None = None) -> dict:
             raise RepnetError(f"{folder}: no trace files (*.json) - the device's benign set is empty")
     sink: dict = {}
     sapp, capp = make_apps(fs.run_config(), sink)
-    os.environ.setdefault("REPNET_CLIENT_THREADS", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     cpus = max(1, min(cpus or os.cpu_count() or 1, fs.clients))
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run_simulation(server_app=sapp, client_app=capp, num_supernodes=fs.clients,
-                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                           "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                                                         "logging_level": logging.ERROR, "log_to_driver": False,
-                                                         "object_store_memory": 128 * 1024 * 1024}})
-    except RuntimeError as e:
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, RepnetError):
-            raise cause from None
-        raise
-    finally:
-        flwr_logger.setLevel(level)
-    if not sink:
-        raise RepnetError("the Flower simulation ended without results (see the log above)")
-    return sink
+    return run_flower_simulation(sapp, capp, fs.clients, cpus, sink, object_store_mb=128)
 
 
 def evaluate_fleet(fs: FleetSettings, state: dict, tests: dict[int, list[ProvGraph]]) -> dict:

@@ -12,7 +12,7 @@ file with no edge types, or a line that does not alternate, with one line naming
 :func:`write_paths` writes paths back (atomically) so that reading them gives the same paths.
 
 :func:`train_text_detector` learns a detector from a benign file (frequency database over the
-paths, embedding, autoencoder through :func:`repnet.loop.fit`, the path threshold at the
+paths, embedding, autoencoder through :func:`repnet.training.loop.fit`, the path threshold at the
 ``path_quantile`` of held-out benign paths); :func:`score_text_paths` scores another file, path by
 path.
 """

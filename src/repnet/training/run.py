@@ -44,7 +44,7 @@ from repnet.training.loop import (CosineSchedule, all_finite, evaluate, make_loa
                                   resolve_device)
 from repnet.training.loop import rng_state, seed_everything, set_rng_state
 from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, load_checkpoint,
-                            read_safetensors, save_checkpoint, save_tensors, set_run_state)
+                            read_safetensors, save_checkpoint, save_tensors, set_run_state, truncate_log)
 from repnet.runtime import RunContext, get_runtime
 
 __all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
@@ -292,18 +292,3 @@ def memory_profile(cfg: TrainConfig, num_classes: int, device: torch.device) -> 
 def _default_run_dir(cfg: TrainConfig) -> str:
     ds = cfg.dataset.replace(":", "_").replace("/", "_")
     return os.path.join("runs", f"{ds}-{cfg.backbone.replace(':', '_')}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def truncate_log(path: Path, epochs_done: int) -> None:
-    """Drop log records of epochs the resumed run will redo."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line torn by a kill mid-write: dropped
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= epochs_done:
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))

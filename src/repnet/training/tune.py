@@ -4,7 +4,7 @@ Before the run, one short seeded trial per value of the rate that matters for th
 modules' ``lr_side`` where the method has side modules (Rep-Net, TinyTL-L+B, ...), else the head's
 ``lr`` - each trial ``tune_fraction`` of the run's steps with its own cosine schedule, scored on the
 validation split only (never the test set). A trial whose loss or weights become non-finite is
-recorded and skipped. Trials are written to ``tune.json`` in the run folder as they finish, so an
+recorded and skipped; the lowest validation loss wins. Trials are written to ``tune.json`` in the run folder as they finish, so an
 interrupted tuning resumes where it stopped; the chosen value then trains the run. docs/recipes.md.
 """
 from __future__ import annotations
@@ -50,12 +50,13 @@ def _load_state(path: Path, key: str, steps: int) -> list[dict]:
 
 
 def choose(trials: list[dict], default: float) -> float:
-    """The value with the best validation accuracy; ties go to the lower validation loss, then to the
-    recipe's value, then to the smaller value. Every trial diverged: the recipe's value is kept."""
+    """The value with the lowest validation loss (cross-entropy: a smoother score than the accuracy of a
+    small split, where one image is a point); ties go to the better accuracy, then to the recipe's value.
+    Every trial diverged: the recipe's value is kept."""
     ok = [t for t in trials if not t["diverged"]]
     if not ok:
         return default
-    best = max(ok, key=lambda t: (t["val_accuracy"], -t["val_loss"], t["value"] == default, -t["value"]))
+    best = min(ok, key=lambda t: (t["val_loss"], -t["val_accuracy"], t["value"] != default, t["value"]))
     return best["value"]
 
 

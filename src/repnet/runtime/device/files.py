@@ -47,7 +47,7 @@ def optimizer_spec(cfg) -> dict:
     """The optimizer of ``cfg`` (a TrainConfig) as the device runs it: ``adam`` is torch.optim.Adam
     (weight decay added to the gradient; = AdamW when weight_decay is 0, as in the recipes), ``adamw``
     decoupled weight decay (torch.optim.AdamW), ``sgd`` torch.optim.SGD with momentum 0.9 (as
-    :func:`repnet.loop.make_optimizer` builds them)."""
+    :func:`repnet.training.loop.make_optimizer` builds them)."""
     if cfg.optimizer in ("adam", "adamw"):
         return {"name": cfg.optimizer, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": float(cfg.weight_decay)}
     if cfg.optimizer == "sgd":
@@ -69,7 +69,7 @@ def program_metadata(model, program, *, lr: float, lr_side: float, optimizer: di
                      warmup_steps: int = 0, schedule: str = "cosine", clip_grad_norm: float | None = None,
                      label_smoothing: float = 0.0, class_names=None, mean=None, std=None,
                      pte_name: str = "program.pte") -> dict:
-    """The metadata of ``program`` (a :class:`~repnet.executorch_training.TrainingProgram` of ``model``
+    """The metadata of ``program`` (a :class:`~repnet.runtime.executorch.program.TrainingProgram` of ``model``
     exported with ``evaluate=True``)."""
     extra = sorted(set(model.trainable_state_keys()) - set(program.trainable))
     if extra:
@@ -224,7 +224,7 @@ def device_epoch_order(seed: int, epoch: int, n: int) -> tuple[list[int], list[b
 
 
 def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
-    """The schedule factor the device applies at ``step`` (0-based) - :class:`repnet.loop.CosineSchedule`
+    """The schedule factor the device applies at ``step`` (0-based) - :class:`repnet.training.loop.CosineSchedule`
     when ``warmup_steps`` is 0; else linear warm-up ``(step + 1) / warmup_steps`` first."""
     total = max(1, int(total_steps))
     if warmup_steps > 0 and step < warmup_steps:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from repnet.errors import RepnetError
-from repnet.storage import RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, set_run_state
+from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, set_run_state,
+                            truncate_log)
 
 __all__ = ["DEVICE_RUN", "find_binary", "run_device", "train_on_device", "prepare_run", "REPO_ROOT"]
 
@@ -132,20 +133,6 @@ def prepare_run(cfg, run_dir: Path, ctx, name: str = "program", data_names=("tra
             "program_bytes": len(prog.buffer), "total_steps": total_steps, "hflip": flips}
 
 
-def _truncate(log_path: Path, epochs_done: int) -> None:
-    if not log_path.is_file():
-        return
-    keep = []
-    for line in log_path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= epochs_done:
-            keep.append(line)
-    atomic_write_text(log_path, "".join(line + "\n" for line in keep))
-
-
 def train_on_device(cfg, ctx, resume: str | None = None, overwrite: bool = False) -> dict:
     """``repnet train`` with ``cfg.runtime == "device"`` (see the module docstring; ``ctx``: a
     :class:`repnet.runtime.RunContext`); returns the results."""
@@ -185,7 +172,7 @@ def train_on_device(cfg, ctx, resume: str | None = None, overwrite: bool = False
         nonlocal bar
         kind = ev.get("event")
         if kind == "start" and resume:
-            _truncate(log_path, int(ev.get("epoch", 0)))
+            truncate_log(log_path, int(ev.get("epoch", 0)))
             say(f"resuming {run_dir} at step {ev.get('step', 0)}")
         elif kind == "plan":
             bar = tqdm(total=ev["total_steps"], desc="device", disable=not cfg.progress, dynamic_ncols=True,
