@@ -33,7 +33,12 @@ from repnet.storage import atomic_write_text
 
 
 def _row_key(r: dict) -> tuple:
-    return (r["method"], r["backbone"], r["image_size"])
+    return (r.get("dataset"), r["method"], r["backbone"], r["image_size"])
+
+
+def _run_key(r: dict, dataset: str) -> tuple:
+    """A run's identity; runs recorded before several datasets shared one file carry no dataset."""
+    return (r.get("dataset", dataset), r["method"], r["backbone"], r["image_size"])
 
 
 def label(spec: str, args) -> str:
@@ -131,14 +136,15 @@ def main(argv=None) -> dict:
                 t0 = time.time()
                 res = run_one(args, spec, seed, size)
                 method, options = parse_method(spec)
-                run = {"method": label(spec, args), "backbone": args.backbone, "image_size": size, "seed": seed,
+                run = {"dataset": args.dataset, "method": label(spec, args), "backbone": args.backbone,
+                       "image_size": size, "seed": seed,
                        "test_accuracy": res["test_accuracy"], "final_val_accuracy": res.get("final_val_accuracy"),
                        "train_images": res.get("train_images"), "test_images": res.get("test_images"),
                        "steps": res.get("steps"), "lr": res["config"]["lr"], "lr_side": res["config"]["lr_side"],
                        "extra": args.set, "wall_time_s": res.get("wall_time_s"), "run_dir": res.get("run_dir"),
                        "tune": res.get("tune")}
-                result["runs"] = [r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"], r["seed"])
-                                  != (label(spec, args), args.backbone, size, seed)]
+                result["runs"] = [r for r in result["runs"] if (*_run_key(r, result["dataset"]), r["seed"])
+                                  != (args.dataset, label(spec, args), args.backbone, size, seed)]
                 result["runs"].append(run)
                 key = (method, tuple(sorted(options.items())), size)
                 if key not in kept_cache:
@@ -153,8 +159,8 @@ def main(argv=None) -> dict:
 
 def _update_row(result: dict, spec: str, args, size: int, kept: float) -> None:
     name = label(spec, args)
-    runs = sorted((r for r in result["runs"] if (r["method"], r["backbone"], r["image_size"]) ==
-                   (name, args.backbone, size)), key=lambda r: r["seed"])
+    runs = sorted((r for r in result["runs"] if _run_key(r, result["dataset"]) ==
+                   (args.dataset, name, args.backbone, size)), key=lambda r: r["seed"])
     accs = [r["test_accuracy"] for r in runs]
     row = {"method": name, "backbone": args.backbone, "dataset": args.dataset, "image_size": size,
            "seeds": accs, "seed_ids": [r["seed"] for r in runs], "mean": statistics.fmean(accs),

@@ -129,3 +129,15 @@ def test_tune_needs_a_validation_split_and_adam():
         make_config({**TINY, "tune": True, "optimizer": "sgd"})
     with pytest.raises(RepnetError, match=r"tune_fraction must be in \(0, 1\]"):
         make_config({**TINY, "tune_fraction": 0})
+
+
+def test_unset_tune_is_on_for_a_dataset_without_a_recipe_where_the_run_can_tune():
+    from repnet.config.recipes import tunes
+
+    assert tunes(make_config({"dataset": "imagefolder:/anything"}))  # the user's own data: rates chosen for it
+    assert not tunes(make_config({"dataset": "fashion_mnist"}))  # a registry dataset trains with its recipe
+    assert tunes(make_config({"dataset": "fashion_mnist", "tune": True}))
+    assert not tunes(make_config({"dataset": "imagefolder:/anything", "tune": False}))
+    assert not tunes(make_config({"dataset": "imagefolder:/anything", "optimizer": "sgd"}))
+    assert not tunes(make_config({"dataset": "imagefolder:/anything", "val_fraction": 0}))
+    assert not tunes(make_config({"dataset": "imagefolder:/anything", "runtime": "executorch"}))

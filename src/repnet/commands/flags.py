@@ -25,6 +25,11 @@ def add_config_flags(p: argparse.ArgumentParser, keys=None) -> None:
             p.add_argument(flag(key), dest=key, action="store_true" if on else "store_false", default=None,
                            help=help_text if on else f"turn off: {help_text}")
             continue
+        if f.type == "bool | None":  # on / off / unset (the field's own default rule decides)
+            p.add_argument(flag(key), dest=key, action="store_true", default=None, help=help_text)
+            p.add_argument("--no-" + flag(key).removeprefix("--"), dest=key, action="store_false", default=None,
+                           help=f"turn off: {help_text}")
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "the recipe's" if key in ("lr", "lr_side", "label_smoothing") else default
         choices = choices_of(key)

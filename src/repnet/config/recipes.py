@@ -40,6 +40,23 @@ def load_runtime_recipe(runtime: str) -> dict:
     return recipe
 
 
+def has_recipe(dataset: str) -> bool:
+    """Whether ``dataset`` has a recipe of its own (``recipes/<dataset>.yaml``)."""
+    return (RECIPES_DIR / f"{dataset.split(':', 1)[0]}.yaml").is_file()
+
+
+def tunes(cfg: TrainConfig) -> bool:
+    """Whether the run of ``cfg`` chooses its learning rate first (``--tune``): as asked, or, unset, for a
+    dataset without a recipe of its own when the run can (Adam / AdamW, a validation split, a runtime that
+    trains in PyTorch)."""
+    if cfg.tune is not None:
+        return cfg.tune
+    from repnet.runtime import get_runtime
+
+    return (not has_recipe(cfg.dataset) and cfg.optimizer in ("adam", "adamw") and cfg.val_fraction > 0
+            and get_runtime(cfg.runtime).tunes)
+
+
 def read_yaml(path: Path) -> dict:
     """A YAML file holding a mapping (safe loader: no tags that build objects); one-line errors."""
     try:

@@ -63,6 +63,9 @@ class TrainConfig:
     lr: float | None = _f(None, "learning rate of the head and trained backbone tensors (recipe: lr)")
     lr_side: float | None = _f(None, "learning rate of the method's side modules (recipe: lr_p)")
     weight_decay: float = _f(0.0, "weight decay (the paper: none)")
+    weight_decay_side: float | None = _f(None, "weight decay of the method's side modules (default: weight_decay)")
+    warmup_fraction: float = _f(0.0, "linear learning-rate warm-up over this fraction of the run's steps, then the "
+                                "cosine decay (the paper: none)")
     label_smoothing: float | None = _f(None, "cross-entropy label smoothing (recipe: 0.7 fine-grained, 0.1 CIFAR)")
     augment: str = _f("preset", "training augmentation: preset (the dataset's), basic (crop + flip), "
                       "jitter (+ colour jitter), none", ("preset", "basic", "jitter", "none"))
@@ -72,9 +75,11 @@ class TrainConfig:
     select_best_on: str = _f("none", "none: report the final epoch (default); val: the best epoch on the "
                              "validation split; test: the best epoch on the TEST set (the released code's "
                              "optimistic protocol, for comparison only)", ("none", "val", "test"))
-    tune: bool = _f(False, "choose the method's learning rate on the validation split first (lr_side where it has side "
-                    "modules, else lr): one short trial per value of the grid, then the run with the best "
-                    "(repnet.training.tune)")
+    tune: bool | None = _f(None, "choose the method's learning rate on the validation split first (lr_side where it has "
+                           "side modules, else lr): one short trial per value of the grid, then the run with the best "
+                           "(repnet.training.tune). Unset: on for a dataset without a recipe of its own "
+                           "(imagefolder:<path>) where the run can tune (Adam / AdamW, a validation split, a runtime "
+                           "that trains in PyTorch)")
     tune_fraction: float = _f(0.25, "length of one --tune trial, as a fraction of the run's optimizer steps (4 trials: "
                               "tuning costs about as much as the run)")
     # limits for quick runs
@@ -115,6 +120,11 @@ class TrainConfig:
             raise RepnetError(f"workers must be >= 0, got {self.workers}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise RepnetError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay_side is not None and not (self.weight_decay_side >= 0
+                                                       and math.isfinite(self.weight_decay_side)):
+            raise RepnetError(f"weight_decay_side must be >= 0, got {self.weight_decay_side}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise RepnetError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.val_fraction < 1:
             raise RepnetError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not isinstance(self.options, dict):
@@ -125,9 +135,9 @@ class TrainConfig:
             raise RepnetError("select_best_on=val needs a validation split (val_fraction > 0)")
         if not 0 < self.tune_fraction <= 1:
             raise RepnetError(f"tune_fraction must be in (0, 1], got {self.tune_fraction}")
-        if self.tune and not self.val_fraction > 0:
+        if self.tune is True and not self.val_fraction > 0:
             raise RepnetError("--tune chooses on the validation split: it needs val_fraction > 0")
-        if self.tune and self.optimizer not in ("adam", "adamw"):
+        if self.tune is True and self.optimizer not in ("adam", "adamw"):
             raise RepnetError(f"--tune searches Adam's learning rates; it does not apply to --optimizer {self.optimizer}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise RepnetError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")

@@ -65,8 +65,8 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     """
     from repnet.config.build import build_data
     from repnet.config.recipes import make_config
-    from repnet.training.loop import (CosineSchedule, evaluate, make_loader, make_optimizer, plan_steps,
-                                      resolve_device, seed_everything)
+    from repnet.training.loop import (evaluate, make_loader, make_optimizer, plan_steps,
+                                      resolve_device, schedule_of, seed_everything)
 
     pairs = parse_tasks(tasks)
     overrides = {"val_fraction": 0.0, **overrides}
@@ -141,7 +141,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
         params = model.trainable_parameters(name)
         optimizer = make_optimizer(tm, cfg)
         steps_per_epoch, total_steps = plan_steps(len(train_ds), cfg, f"task '{name}': ")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(cfg, total_steps))
         say(f"task {i + 1}/{len(pairs)} '{name}' ({ds}, {num_classes} classes): {method}{' (naive)' if naive else ''} "
             f"on {backbone}, {len(train_ds)} train / {len(test_ds)} test images, {cfg.image_size}px, "
             f"{total_steps} steps on {device}; trainable {sum(p.numel() for p in params):,d} params")

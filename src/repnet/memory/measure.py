@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from repnet.optim import OPTIMIZER_STATE_BYTES, build_optimizer
+
 __all__ = ["measure_saved_bytes", "measure_saved", "SavedReport", "measure_peak_bytes", "default_loss",
            "measure_tensor_peak", "OPTIMIZER_STATE_BYTES", "make_step_optimizer"]
 
@@ -150,8 +152,8 @@ def _cuda_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: st
 
 _CHILD = r"""
 import json, sys
-from repnet.memory.measure import _child_main
-print("REPNET_PEAK " + json.dumps(_child_main(sys.stdin.buffer.read())))
+from repnet.memory.measure import child_main
+print("REPNET_PEAK " + json.dumps(child_main(sys.stdin.buffer.read())))
 """
 
 
@@ -163,7 +165,7 @@ def _proc_status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _child_main(data: bytes) -> dict:
+def child_main(data: bytes) -> dict:
     import gc
     import pickle
 
@@ -244,22 +246,6 @@ class _quiet_stderr:
 
 #: bytes per trainable parameter beyond its weight that a step of each optimizer holds: the
 #: gradient (4 B) and the state (Adam: two moments; SGD with momentum: one buffer)
-#: Bytes per trainable parameter an optimizer holds beside the weight: its gradient and its state.
-OPTIMIZER_STATE_BYTES = {"adam": 12, "adamw": 12, "sgd": 8}
-
-
-def build_optimizer(optimizer: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The one place an optimizer is made (training and measured steps alike): Adam, AdamW (decoupled
-    weight decay), or SGD with momentum 0.9; ``params`` may be parameter groups."""
-    if optimizer not in OPTIMIZER_STATE_BYTES:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
-    if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-
-
 def make_step_optimizer(params: list, optimizer: str = "adam", lr: float = 1e-3):
     """The optimizer a measured step uses (:func:`build_optimizer`, no weight decay); None without parameters."""
     if optimizer not in OPTIMIZER_STATE_BYTES:

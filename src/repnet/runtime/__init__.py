@@ -55,6 +55,8 @@ class Runtime:
     recipe: str | None = None
     #: columns this runtime adds to ``repnet profile``'s table: (record key, header)
     profile_columns: tuple[tuple[str, str], ...] = ()
+    #: whether ``--tune``'s trials (eager PyTorch steps) pick rates this runtime trains with
+    tunes: bool = True
 
     def check(self, cfg, resume: bool = False) -> None:
         """Raise :class:`RepnetError` (one line) for a setting this runtime cannot honour."""

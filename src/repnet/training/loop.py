@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from repnet.config.schema import TrainConfig
 from repnet.errors import Interrupted, NonFinite, RepnetError
-from repnet.memory.measure import build_optimizer
+from repnet.optim import CosineSchedule, build_optimizer  # noqa: F401 (CosineSchedule: re-exported)
 
 # ----------------------------------------------------------------------------- data order
 def mix_seed(*xs: int) -> int:
@@ -97,25 +97,24 @@ class SeededItems(Dataset):
 
 
 # ----------------------------------------------------------------------------- optimizer, schedule, RNG
-class CosineSchedule:
-    """lr factor at step s: 0.5 (1 + cos(pi s / total)); per iteration, no warm-up (picklable)."""
-
-    def __init__(self, total_steps: int):
-        self.total_steps = max(1, int(total_steps))
-
-    def __call__(self, step: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
-
-
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The config's optimizer over the method's two parameter groups (head + backbone tensors at
     ``lr``, side modules at ``lr_side``); in int8-master mode it re-projects after each step."""
     from repnet.memory.int8 import attach_int8_master
 
     groups = model.param_groups(cfg.lr, cfg.lr_side)
+    if cfg.weight_decay_side is not None:
+        for g in groups:
+            if g.get("name") == "side":
+                g["weight_decay"] = cfg.weight_decay_side
     optimizer = build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     attach_int8_master(model, optimizer)
     return optimizer
+
+
+def schedule_of(cfg: TrainConfig, total_steps: int) -> CosineSchedule:
+    """The learning-rate factor per step of a run of ``total_steps`` under ``cfg`` (warm-up, then cosine)."""
+    return CosineSchedule.for_run(total_steps, cfg.warmup_fraction)
 
 
 def plan_steps(n_train: int, cfg: TrainConfig, what: str = "") -> tuple[int, int]:

@@ -37,11 +37,11 @@ import yaml
 
 from repnet.training import loop
 from repnet.config.schema import SESSION_KEYS, TrainConfig, coerce
-from repnet.config.recipes import make_config, read_yaml
+from repnet.config.recipes import make_config, read_yaml, tunes
 from repnet.config.build import build_data, build_model
 from repnet.errors import NonFinite, RepnetError
-from repnet.training.loop import (CosineSchedule, all_finite, evaluate, make_loader, make_optimizer, plan_steps,
-                                  resolve_device)
+from repnet.training.loop import (all_finite, evaluate, make_loader, make_optimizer, plan_steps,
+                                  resolve_device, schedule_of)
 from repnet.training.loop import rng_state, seed_everything, set_rng_state
 from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, load_checkpoint,
                             read_safetensors, save_checkpoint, save_tensors, set_run_state, truncate_log)
@@ -107,7 +107,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     # ---- data and model (deterministic given the seed)
     train_ds, val_ds, test_ds, num_classes, class_names = build_data(cfg)
     tuned = None
-    if cfg.tune:  # the rate that matters, chosen on the validation split (resumable: tune.json)
+    if tunes(cfg):  # the rate that matters, chosen on the validation split (resumable: tune.json)
         from repnet.training.tune import tune
 
         tuned = tune(cfg, train_ds, val_ds, num_classes, device, run_dir, say)
@@ -118,8 +118,8 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     optimizer = make_optimizer(model, cfg)
     n_train = len(train_ds)
     steps_per_epoch, total_steps = plan_steps(n_train, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(total_steps))
-    trainer = runtime.trainer(model, cfg, CosineSchedule(total_steps), say)  # None: PyTorch's step (the eager runtime)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(cfg, total_steps))
+    trainer = runtime.trainer(model, cfg, schedule_of(cfg, total_steps), say)  # None: PyTorch's step (eager)
     if trainer is not None:
         scheduler = None
     st = loop.new_state()  # (``elapsed`` = wall time of earlier sessions; this session's is added when saving)

@@ -93,7 +93,7 @@ def tune(cfg, train_ds, val_ds, num_classes: int, device: torch.device, run_dir:
         loop.seed_everything(cfg.seed)  # every trial starts where the run will: same init, same data order
         model = build_model(tc, num_classes).to(device)
         optimizer = loop.make_optimizer(model, tc)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.CosineSchedule(steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loop.schedule_of(tc, steps))
         t1 = time.time()
         record = {"value": value, "diverged": False}
         try:

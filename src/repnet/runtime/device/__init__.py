@@ -17,6 +17,7 @@ class Device(Executorch):
 
     name = "device"
     recipe = None  # the dataset's recipe as it is: the device has Adam
+    tunes = False
 
     def check(self, cfg, resume: bool = False) -> None:
         for bad, what, why in (
@@ -26,7 +27,9 @@ class Device(Executorch):
                  "a program's frozen weights are linear int8"),
                 (cfg.select_best_on != "none", f"select_best_on={cfg.select_best_on}", "the device reports the final "
                  "epoch"),
-                (cfg.tune, "--tune", "the trials run in eager PyTorch; tune there, then train with the chosen rate")):
+                (cfg.weight_decay_side is not None, "--weight-decay-side", "the device decays every group alike"),
+                (cfg.tune is True, "--tune", "the trials run in eager PyTorch; tune there, then train with the chosen "
+                 "rate")):
             if bad:
                 raise refuse(self.name, what, why)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import struct
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from repnet.errors import RepnetError
 from repnet.storage import atomic_write, atomic_write_bytes, atomic_write_text
+from repnet.optim import CosineSchedule
 
 __all__ = ["PROGRAM_FORMAT", "PROGRAM_VERSION", "DATASET_MAGIC", "DATASET_VERSION", "DATASET_HEADER_BYTES",
            "write_program", "program_metadata", "write_dataset", "read_dataset", "read_dataset_header",
@@ -224,11 +224,5 @@ def device_epoch_order(seed: int, epoch: int, n: int) -> tuple[list[int], list[b
 
 
 def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
-    """The schedule factor the device applies at ``step`` (0-based) - :class:`repnet.training.loop.CosineSchedule`
-    when ``warmup_steps`` is 0; else linear warm-up ``(step + 1) / warmup_steps`` first."""
-    total = max(1, int(total_steps))
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total - warmup_steps)
-    s = min(step - warmup_steps, span)
-    return 0.5 * (1.0 + math.cos(math.pi * s / span))
+    """The schedule factor the device applies at ``step`` (0-based): :class:`repnet.optim.CosineSchedule`'s."""
+    return CosineSchedule(total_steps, warmup_steps)(step)

@@ -27,6 +27,7 @@ from typing import Callable
 from repnet.errors import RepnetError
 from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, set_run_state,
                             truncate_log)
+from repnet.optim import CosineSchedule
 
 __all__ = ["DEVICE_RUN", "find_binary", "run_device", "train_on_device", "prepare_run", "REPO_ROOT"]
 
@@ -118,6 +119,7 @@ def prepare_run(cfg, run_dir: Path, ctx, name: str = "program", data_names=("tra
     say(f"exporting the device training program ({cfg.image_size}px, batch {cfg.batch_size}) ...")
     prog = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing, evaluate=True)
     meta = program_metadata(model, prog, lr=cfg.lr, lr_side=cfg.lr_side, optimizer=optimizer_spec(cfg),
+                            warmup_steps=CosineSchedule.for_run(total_steps, cfg.warmup_fraction).warmup_steps,
                             total_steps=total_steps, label_smoothing=cfg.label_smoothing, class_names=class_names,
                             mean=model.backbone.mean, std=model.backbone.std)
     meta["train"] = {"epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch, "max_steps": cfg.max_steps,

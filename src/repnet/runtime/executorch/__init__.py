@@ -16,6 +16,7 @@ class Executorch(Runtime):
     name = "executorch"
     recipe = str(Path(__file__).with_name("recipe.yaml"))
     profile_columns = (("analytic_planned_mb", "analytic planned MB"), ("program_planned_mb", "ExecuTorch planned MB"))
+    tunes = False  # its SGD's rates come from its recipe
 
     def check(self, cfg, resume: bool = False) -> None:
         if resume:
