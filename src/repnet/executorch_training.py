@@ -113,12 +113,15 @@ class TrainingProgram:
     batch_size: int
     image_size: int
     arena_bytes: int = 0  # the whole arena (the trained weights, alive throughout, included)
+    kernels: bool = False  # calls repnet's own kernels (repnet.executorch_kernels: the runtime loads the library)
 
 
 def export_training_program(model: nn.Module, batch_size: int, image_size: int, label_smoothing: float = 0.0,
-                            rewrite: bool = True, passes=PASSES) -> TrainingProgram:
+                            rewrite: bool = True, passes=PASSES, kernels=True) -> TrainingProgram:
     """A training program for ``model`` (a TransferModel built with ``memory="vanilla"``), rewritten
-    by ``passes`` (:data:`repnet.executorch_passes.PASSES`); ``rewrite=False``: the stock export."""
+    by ``passes`` (:data:`repnet.executorch_passes.PASSES`); ``rewrite=False``: the stock export.
+    ``kernels``: run on repnet's own kernels (:data:`repnet.executorch_kernels.KERNEL_PASSES`, or a
+    tuple of those passes); ``False``: the portable program (ExecuTorch's kernels only)."""
     require_executorch()
     from executorch.exir import ExecutorchBackendConfig, to_edge
     from torch.export import export
@@ -137,6 +140,10 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     graph = ep.graph_module.graph
     passes = tuple(passes) if rewrite else ()
     rewrites = run_passes(ep, passes)
+    if kernels and rewrite:  # repnet's kernels (repnet.executorch_kernels), before memory planning
+        from .executorch_kernels import KERNEL_PASSES, run_kernel_passes
+
+        rewrites.update(run_kernel_passes(ep, KERNEL_PASSES if kernels is True else tuple(kernels)))
     _check_supported(graph)
     planning = InPlacePlanning() if "inplace" in passes else None
     et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
@@ -147,7 +154,11 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
                  if s.kind.name == "GRADIENT_TO_PARAMETER"]
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return TrainingProgram(et.buffer, arena - _weights_in_arena(et), int(weights), rewrites, trainable,
-                           batch_size, image_size, arena)
+                           batch_size, image_size, arena, kernels=_uses_kernels(et.executorch_program))
+
+
+def _uses_kernels(program) -> bool:
+    return any(op.name.startswith("repnet::") for plan in program.execution_plan for op in plan.operators)
 
 
 def _weights_in_arena(et) -> int:
@@ -193,6 +204,11 @@ class RuntimeTrainer:
         from executorch.extension.training import _load_for_executorch_for_training_from_buffer, get_sgd_optimizer
 
         self.model, self.program = model, program
+        if program.kernels:  # repnet's kernels: their library in this process, on torch's thread count
+            from .executorch_kernels import load_kernels, set_runtime_threads
+
+            load_kernels()
+            set_runtime_threads(torch.get_num_threads())
         self.module = _load_for_executorch_for_training_from_buffer(program.buffer)
         self._make_sgd = lambda params, lr_: get_sgd_optimizer(params, lr_, momentum, 0.0, weight_decay, False)
         groups = model.param_groups(lr, lr_side) if hasattr(model, "param_groups") else \

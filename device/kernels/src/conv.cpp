@@ -1,0 +1,518 @@
+// Convolutions of frozen-backbone training (NCHW, fp32 activations, fp32 accumulation):
+//
+//   repnet::conv2d             forward, weights fp32 or int8 codes + a scale per output channel,
+//                              with an optional fused eval-mode batch norm and clamp (ReLU / ReLU6)
+//   repnet::conv2d_input_grad  the input gradient (a transposed convolution of the output
+//                              gradient), with an optional per-output-channel factor folded into
+//                              the weights (a frozen batch norm's backward) and an optional 1-bit
+//                              mask applied to the result (a ReLU6's backward)
+//   repnet::conv2d_weight_grad the weight gradient of a trained convolution
+//
+// All three run one "direct convolution" engine: destination channel rows = effective weight
+// rows x columns of the (virtual) source. The input gradient is a stride-1 convolution of the
+// output gradient, zero-inserted by the stride and padded, with the weights flipped and
+// transposed; nothing of that is materialised beyond a tile. Two paths:
+//   * depthwise (one source channel per destination channel): per plane, a padded copy of the
+//     source plane (columns split by parity for stride 2), rows accumulated with vectorised
+//     multiply-adds;
+//   * everything else: tiles of destination positions, the weight block dequantised into
+//     per-thread scratch, im2col columns (none for a 1x1 stride-1 conv: the source rows
+//     themselves), an Eigen GEMM, and the epilogue on the tile while it is in cache.
+// Work is split into independent tiles run on ExecuTorch's thread pool.
+#include "common.h"
+
+#include <Eigen/Core>
+
+namespace repnet_kernels {
+namespace {
+
+using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MapC = Eigen::Map<const RowMat, 0, Eigen::OuterStride<>>;
+using MapM = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
+
+// A convolution weight [Co, Ci/groups, kh, kw]: fp32, or int8 codes with a scale per output
+// channel (w = code * scale); `extra` (optional, [Co]) multiplies output channel co's weights.
+struct Weight {
+  const float* f = nullptr;
+  const int8_t* q = nullptr;
+  const float* scale = nullptr;
+  const float* extra = nullptr;
+  int64_t co = 0, cig = 0, kh = 0, kw = 0;
+  int64_t k() const { return cig * kh * kw; }
+  inline float at(int64_t o, int64_t idx) const {
+    float v = f ? f[o * k() + idx] : static_cast<float>(q[o * k() + idx]) * scale[o];
+    return extra ? v * extra[o] : v;
+  }
+};
+
+// dest[n, cd, oh, ow] = sum over (cs in the group, i, j) of weff[cd][cs, i, j] * V[n, cs, vh, vw]
+// with vh = oh * sh + i * dh - ph (likewise w), V[v] = src[v / u] where v % u == 0 (zero
+// elsewhere and outside the source).
+struct Geom {
+  int64_t n = 0;
+  int64_t cs = 0, hs = 0, ws = 0;  // source
+  int64_t cd = 0, hd = 0, wd = 0;  // destination
+  int64_t groups = 1, kh = 1, kw = 1;
+  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, uh = 1, uw = 1;
+  bool transposed = false;  // weff is the forward weight flipped and transposed (input gradient)
+  int64_t csg() const { return cs / groups; }
+  int64_t cdg() const { return cd / groups; }
+  int64_t k() const { return csg() * kh * kw; }
+  bool identity_cols() const {  // a 1x1 stride-1 conv: the columns are the source rows
+    return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && uh == 1 && uw == 1 &&
+        hd == hs && wd == ws;
+  }
+};
+
+// Effective weight row of destination channel `d` (global), entry (s_g, i, j) of its group.
+inline float weff(const Weight& w, const Geom& g, int64_t d, int64_t s, int64_t i, int64_t j) {
+  if (!g.transposed) return w.at(d, (s * g.kh + i) * g.kw + j);
+  const int64_t grp = d / g.cdg();
+  const int64_t co = grp * g.csg() + s;  // the forward conv's output channel
+  const int64_t ci = d - grp * g.cdg();  // the forward conv's input channel within its group
+  return w.at(co, (ci * g.kh + (g.kh - 1 - i)) * g.kw + (g.kw - 1 - j));
+}
+
+// What happens to a destination row segment once computed.
+struct Epilogue {
+  const float* bias = nullptr;  // [Cd]
+  const float* mul = nullptr;   // [Cd] affine (a fused batch norm): v * mul + add
+  const float* add = nullptr;
+  float lo = -kInf, hi = kInf;  // clamp
+  bool clamp_lo = false, clamp_hi = false;
+  const uint8_t* mask = nullptr;  // 1 bit per destination element (flat NCHW): set -> 0
+  // row: destination values of channel c at flat positions [flat0, flat0 + len)
+  inline void apply(float* row, int64_t c, int64_t flat0, int64_t len) const {
+    if (bias) {
+      const float b = bias[c];
+      for (int64_t i = 0; i < len; ++i) row[i] += b;
+    }
+    if (mul) {
+      const float a = mul[c], b = add[c];
+      for (int64_t i = 0; i < len; ++i) row[i] = row[i] * a + b;
+    }
+    if (clamp_lo) {
+      const float l = lo;
+      for (int64_t i = 0; i < len; ++i) row[i] = row[i] < l ? l : row[i];
+    }
+    if (clamp_hi) {
+      const float h = hi;
+      for (int64_t i = 0; i < len; ++i) row[i] = row[i] > h ? h : row[i];
+    }
+    if (mask) {
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t f = flat0 + i;
+        if ((mask[f >> 3] >> (f & 7)) & 1) row[i] = 0.0f;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------- depthwise path
+bool is_depthwise(const Geom& g) {
+  return g.groups == g.cs && g.groups == g.cd && g.dh == 1 && g.dw == 1 && (g.sw == 1 || g.sw == 2);
+}
+
+void depthwise_plane(const float* src, float* dst, const float* w, const Geom& g, const Epilogue& ep,
+                     int64_t c, int64_t flat0) {
+  // padded plane P[i][j] = V[i - ph][j - pw], PH x PW; for stride 2 its columns are stored split
+  // by parity (evens, then odds) so that every inner loop reads contiguously
+  const int64_t PH = (g.hd - 1) * g.sh + g.kh, PW = (g.wd - 1) * g.sw + g.kw;
+  const int64_t half = (PW + 1) / 2;
+  const int64_t ld = g.sw == 2 ? 2 * half : PW;
+  float* P = scratch(0, size_t(PH * ld));
+  float* acc = scratch(1, size_t(g.wd));
+  std::memset(P, 0, sizeof(float) * size_t(PH * ld));
+  for (int64_t i = 0; i < PH; ++i) {
+    const int64_t vh = i - g.ph;
+    if (vh < 0 || vh % g.uh) continue;
+    const int64_t sh_ = vh / g.uh;
+    if (sh_ >= g.hs) continue;
+    const float* srow = src + sh_ * g.ws;
+    float* prow = P + i * ld;
+    for (int64_t x = 0; x < g.ws; ++x) {
+      const int64_t j = x * g.uw + g.pw;  // V[j - pw] = src[x]
+      if (j >= PW) break;
+      if (g.sw == 2) prow[(j & 1) * half + (j >> 1)] = srow[x];
+      else prow[j] = srow[x];
+    }
+  }
+  for (int64_t oh = 0; oh < g.hd; ++oh) {
+    std::fill(acc, acc + g.wd, 0.0f);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const float* prow = P + (oh * g.sh + i) * ld;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const float wv = w[i * g.kw + j];
+        const float* s = g.sw == 2 ? prow + (j & 1) * half + (j >> 1) : prow + j;
+        for (int64_t x = 0; x < g.wd; ++x) acc[x] += wv * s[x];
+      }
+    }
+    ep.apply(acc, c, flat0 + oh * g.wd, g.wd);
+    std::memcpy(dst + oh * g.wd, acc, sizeof(float) * size_t(g.wd));
+  }
+}
+
+void run_depthwise(const float* src, float* dst, const Weight& w, const Geom& g, const Epilogue& ep) {
+  const int64_t planes = g.n * g.cd;
+  parallel(planes, [&](int64_t t) {
+    const int64_t c = t % g.cd;
+    float wk[64];
+    float* wp = g.kh * g.kw <= 64 ? wk : scratch(2, size_t(g.kh * g.kw));
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) wp[i * g.kw + j] = weff(w, g, c, 0, i, j);
+    depthwise_plane(src + t * g.hs * g.ws, dst + t * g.hd * g.wd, wp, g, ep, c, t * g.hd * g.wd);
+  });
+}
+
+// ---------------------------------------------------------------------------- GEMM path
+// columns [k, tp] of destination positions [p0, p0 + tp) of image n, group grp
+void im2col(const float* src_n, float* cols, const Geom& g, int64_t grp, int64_t p0, int64_t tp) {
+  const int64_t hw = g.hs * g.ws;
+  int64_t r = 0;
+  for (int64_t s = 0; s < g.csg(); ++s) {
+    const float* plane = src_n + (grp * g.csg() + s) * hw;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j, ++r) {
+        float* out = cols + r * tp;
+        int64_t oh = p0 / g.wd, ow = p0 % g.wd;
+        for (int64_t q = 0; q < tp; ++q) {
+          const int64_t vh = oh * g.sh + i * g.dh - g.ph, vw = ow * g.sw + j * g.dw - g.pw;
+          float v = 0.0f;
+          if (vh >= 0 && vw >= 0 && vh % g.uh == 0 && vw % g.uw == 0) {
+            const int64_t y = vh / g.uh, x = vw / g.uw;
+            if (y < g.hs && x < g.ws) v = plane[y * g.ws + x];
+          }
+          out[q] = v;
+          if (++ow == g.wd) {
+            ow = 0;
+            ++oh;
+          }
+        }
+      }
+    }
+  }
+}
+
+struct Tiling {
+  int64_t rows, nrb, tp, ntp;
+};
+
+Tiling gemm_tiling(const Geom& g) {
+  const int64_t k = g.k(), p = g.hd * g.wd;
+  Tiling t;
+  t.rows = std::min<int64_t>(g.cdg(), std::max<int64_t>(16, 65536 / std::max<int64_t>(k, 1)));
+  t.nrb = (g.cdg() + t.rows - 1) / t.rows;
+  int64_t tp = std::max<int64_t>(64, 32768 / t.rows);
+  if (!g.identity_cols()) tp = std::min(tp, std::max<int64_t>(16, 65536 / std::max<int64_t>(k, 1)));
+  tp = std::min(p, (tp + 15) / 16 * 16);
+  t.tp = tp;
+  t.ntp = (p + tp - 1) / tp;
+  return t;
+}
+
+void run_gemm(const float* src, float* dst, const Weight& w, const Geom& g, const Epilogue& ep) {
+  const int64_t k = g.k(), p = g.hd * g.wd, hw = g.hs * g.ws;
+  const Tiling t = gemm_tiling(g);
+  const int64_t tasks = g.n * g.groups * t.nrb * t.ntp;
+  parallel(tasks, [&](int64_t task) {
+    const int64_t it = task % t.ntp;
+    const int64_t rb = (task / t.ntp) % t.nrb;
+    const int64_t grp = (task / (t.ntp * t.nrb)) % g.groups;
+    const int64_t n = task / (t.ntp * t.nrb * g.groups);
+    const int64_t d0 = grp * g.cdg() + rb * t.rows;
+    const int64_t rows = std::min(t.rows, (grp + 1) * g.cdg() - d0);
+    const int64_t p0 = it * t.tp, tp = std::min(t.tp, p - p0);
+    float* wb = scratch(0, size_t(rows * k));
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = wb + r * k;
+      if (!g.transposed && !w.extra) {
+        const int64_t o = d0 + r;
+        if (w.f) std::memcpy(row, w.f + o * k, sizeof(float) * size_t(k));
+        else {
+          const int8_t* qr = w.q + o * k;
+          const float s = w.scale[o];
+          for (int64_t e = 0; e < k; ++e) row[e] = static_cast<float>(qr[e]) * s;
+        }
+      } else {
+        int64_t e = 0;
+        for (int64_t s = 0; s < g.csg(); ++s)
+          for (int64_t i = 0; i < g.kh; ++i)
+            for (int64_t j = 0; j < g.kw; ++j) row[e++] = weff(w, g, d0 + r, s, i, j);
+      }
+    }
+    const float* src_n = src + n * g.cs * hw;
+    const float* bptr;
+    int64_t ldb;
+    if (g.identity_cols()) {
+      bptr = src_n + grp * g.csg() * hw + p0;
+      ldb = hw;
+    } else {
+      float* cols = scratch(1, size_t(k * tp));
+      im2col(src_n, cols, g, grp, p0, tp);
+      bptr = cols;
+      ldb = tp;
+    }
+    float* out = dst + (n * g.cd + d0) * p + p0;
+    MapM C(out, rows, tp, Eigen::OuterStride<>(p));
+    C.noalias() = MapC(wb, rows, k, Eigen::OuterStride<>(k)) * MapC(bptr, k, tp, Eigen::OuterStride<>(ldb));
+    for (int64_t r = 0; r < rows; ++r) ep.apply(out + r * p, d0 + r, (n * g.cd + d0 + r) * p + p0, tp);
+  });
+}
+
+void run_conv(const float* src, float* dst, const Weight& w, const Geom& g, const Epilogue& ep) {
+  if (is_depthwise(g)) run_depthwise(src, dst, w, g, ep);
+  else run_gemm(src, dst, w, g, ep);
+}
+
+// ---------------------------------------------------------------------------- argument checks
+bool read_pair(EValue* v, int64_t out[2]) {
+  auto l = v->toIntList();
+  if (l.size() == 1) out[0] = out[1] = l[0];
+  else if (l.size() == 2) {
+    out[0] = l[0];
+    out[1] = l[1];
+  } else return false;
+  return true;
+}
+
+// weight (fp32, or int8 + a fp32 scale per output channel) -> Weight
+bool read_weight(KernelRuntimeContext& ctx, const Tensor& wt, const Tensor* scale, Weight& w) {
+  if (wt.dim() != 4 || !executorch::runtime::tensor_is_default_dim_order(wt)) return false;
+  w.co = wt.size(0);
+  w.cig = wt.size(1);
+  w.kh = wt.size(2);
+  w.kw = wt.size(3);
+  if (wt.scalar_type() == ScalarType::Float && scale == nullptr) {
+    w.f = wt.const_data_ptr<float>();
+    return true;
+  }
+  if (wt.scalar_type() == ScalarType::Char && scale != nullptr && is_plain(*scale, ScalarType::Float) &&
+      scale->numel() == w.co) {
+    w.q = wt.const_data_ptr<int8_t>();
+    w.scale = scale->const_data_ptr<float>();
+    return true;
+  }
+  (void)ctx;
+  return false;
+}
+
+}  // namespace
+
+// conv2d(Tensor input, Tensor weight, Tensor? weight_scale, Tensor? bias, int[] stride,
+//        int[] padding, int[] dilation, int groups, Tensor? bn_weight, Tensor? bn_bias,
+//        Tensor? bn_mean, Tensor? bn_var, float bn_eps, float act_min, float act_max, *, Tensor(a!) out)
+void conv2d_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  RK_CHECK(ctx, stack.size() >= 16, "conv2d: expected 16 arguments, got %zu", stack.size());
+  const Tensor& x = stack[0]->toTensor();
+  const Tensor& wt = stack[1]->toTensor();
+  const Tensor* scale = opt_tensor(stack[2]);
+  const Tensor* bias = opt_tensor(stack[3]);
+  Geom g;
+  int64_t s[2], p[2], d[2];
+  RK_CHECK(ctx, read_pair(stack[4], s) && read_pair(stack[5], p) && read_pair(stack[6], d),
+           "conv2d: stride / padding / dilation must have 1 or 2 values");
+  g.groups = stack[7]->toInt();
+  const Tensor* bnw = opt_tensor(stack[8]);
+  const Tensor* bnb = opt_tensor(stack[9]);
+  const Tensor* bnm = opt_tensor(stack[10]);
+  const Tensor* bnv = opt_tensor(stack[11]);
+  const double eps = stack[12]->toDouble();
+  const double lo = stack[13]->toDouble(), hi = stack[14]->toDouble();
+  Tensor& out = stack[15]->toTensor();
+  RK_CHECK(ctx, is_plain(x, ScalarType::Float) && x.dim() == 4, "conv2d: input must be a contiguous float NCHW tensor");
+  Weight w;
+  RK_CHECK(ctx, read_weight(ctx, wt, scale, w), "conv2d: weight must be float [Co, Ci/g, kh, kw], or int8 with a "
+           "float scale per output channel");
+  g.n = x.size(0);
+  g.cs = x.size(1);
+  g.hs = x.size(2);
+  g.ws = x.size(3);
+  g.cd = w.co;
+  g.kh = w.kh;
+  g.kw = w.kw;
+  g.sh = s[0];
+  g.sw = s[1];
+  g.ph = p[0];
+  g.pw = p[1];
+  g.dh = d[0];
+  g.dw = d[1];
+  RK_CHECK(ctx, g.groups > 0 && g.cs % g.groups == 0 && g.cd % g.groups == 0 && w.cig * g.groups == g.cs,
+           "conv2d: channels do not match the groups");
+  RK_CHECK(ctx, g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0, "conv2d: bad stride / "
+           "padding / dilation");
+  g.hd = (g.hs + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.wd = (g.ws + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  RK_CHECK(ctx, g.hd > 0 && g.wd > 0, "conv2d: empty output");
+  const int64_t osz[4] = {g.n, g.cd, g.hd, g.wd};
+  RK_CHECK(ctx, resize_to(out, osz, 4) && is_plain(out, ScalarType::Float), "conv2d: output has the wrong shape");
+  Epilogue ep;
+  if (bias) {
+    RK_CHECK(ctx, is_plain(*bias, ScalarType::Float) && bias->numel() == g.cd, "conv2d: bad bias");
+    ep.bias = bias->const_data_ptr<float>();
+  }
+  std::vector<float> aff;
+  if (bnm || bnv || bnw || bnb) {
+    RK_CHECK(ctx, bnm && bnv, "conv2d: a fused batch norm needs its running mean and variance");
+    for (const Tensor* t : {bnw, bnb, bnm, bnv})
+      RK_CHECK(ctx, t == nullptr || (is_plain(*t, ScalarType::Float) && t->numel() == g.cd),
+               "conv2d: batch norm parameters must be float [Co]");
+    aff.resize(size_t(2 * g.cd));
+    const float* mean = bnm->const_data_ptr<float>();
+    const float* var = bnv->const_data_ptr<float>();
+    for (int64_t c = 0; c < g.cd; ++c) {
+      // (v - mean) * invstd * weight + bias, as one multiply-add
+      const float invstd = 1.0f / std::sqrt(var[c] + static_cast<float>(eps));
+      const float a = invstd * (bnw ? bnw->const_data_ptr<float>()[c] : 1.0f);
+      aff[size_t(c)] = a;
+      aff[size_t(g.cd + c)] = (bnb ? bnb->const_data_ptr<float>()[c] : 0.0f) - mean[c] * a;
+    }
+    ep.mul = aff.data();
+    ep.add = aff.data() + g.cd;
+  }
+  ep.lo = static_cast<float>(lo);
+  ep.hi = static_cast<float>(hi);
+  ep.clamp_lo = lo > -3.0e38;
+  ep.clamp_hi = hi < 3.0e38;
+  run_conv(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), w, g, ep);
+}
+
+// conv2d_input_grad(Tensor grad_output, Tensor weight, Tensor? weight_scale, Tensor? grad_scale,
+//                   Tensor? mask, int[] input_size, int[] stride, int[] padding, int[] dilation,
+//                   int groups, *, Tensor(a!) out)
+void conv2d_input_grad_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  RK_CHECK(ctx, stack.size() >= 11, "conv2d_input_grad: expected 11 arguments, got %zu", stack.size());
+  const Tensor& go = stack[0]->toTensor();
+  const Tensor& wt = stack[1]->toTensor();
+  const Tensor* scale = opt_tensor(stack[2]);
+  const Tensor* gscale = opt_tensor(stack[3]);
+  const Tensor* mask = opt_tensor(stack[4]);
+  auto in_size = stack[5]->toIntList();
+  int64_t s[2], p[2], d[2];
+  RK_CHECK(ctx, read_pair(stack[6], s) && read_pair(stack[7], p) && read_pair(stack[8], d),
+           "conv2d_input_grad: stride / padding / dilation must have 1 or 2 values");
+  const int64_t groups = stack[9]->toInt();
+  Tensor& out = stack[10]->toTensor();
+  RK_CHECK(ctx, is_plain(go, ScalarType::Float) && go.dim() == 4, "conv2d_input_grad: grad_output must be a "
+           "contiguous float NCHW tensor");
+  RK_CHECK(ctx, in_size.size() == 4, "conv2d_input_grad: input_size must be [N, C, H, W]");
+  Weight w;
+  RK_CHECK(ctx, read_weight(ctx, wt, scale, w), "conv2d_input_grad: bad weight");
+  if (gscale) {
+    RK_CHECK(ctx, is_plain(*gscale, ScalarType::Float) && gscale->numel() == w.co, "conv2d_input_grad: grad_scale "
+             "must be float [Co]");
+    w.extra = gscale->const_data_ptr<float>();
+  }
+  Geom g;
+  g.transposed = true;
+  g.groups = groups;
+  g.n = go.size(0);
+  g.cs = go.size(1);
+  g.hs = go.size(2);
+  g.ws = go.size(3);
+  g.cd = in_size[1];
+  g.hd = in_size[2];
+  g.wd = in_size[3];
+  g.kh = w.kh;
+  g.kw = w.kw;
+  RK_CHECK(ctx, in_size[0] == g.n && groups > 0 && g.cs == w.co && g.cd == w.cig * groups && g.cs % groups == 0,
+           "conv2d_input_grad: shapes do not match");
+  RK_CHECK(ctx, s[0] > 0 && s[1] > 0 && d[0] > 0 && d[1] > 0, "conv2d_input_grad: bad stride / dilation");
+  // the input gradient is a stride-1 conv of the output gradient zero-inserted by the stride
+  g.sh = g.sw = 1;
+  g.dh = d[0];
+  g.dw = d[1];
+  g.uh = s[0];
+  g.uw = s[1];
+  g.ph = d[0] * (g.kh - 1) - p[0];
+  g.pw = d[1] * (g.kw - 1) - p[1];
+  RK_CHECK(ctx, g.ph >= 0 && g.pw >= 0, "conv2d_input_grad: padding larger than the kernel is not supported");
+  const int64_t osz[4] = {g.n, g.cd, g.hd, g.wd};
+  RK_CHECK(ctx, resize_to(out, osz, 4) && is_plain(out, ScalarType::Float), "conv2d_input_grad: output has the "
+           "wrong shape");
+  Epilogue ep;
+  if (mask) {
+    RK_CHECK(ctx, mask->scalar_type() == ScalarType::Byte && mask->numel() * 8 == out.numel(),
+             "conv2d_input_grad: the mask must be uint8 codes, one bit per output element");
+    ep.mask = mask->const_data_ptr<uint8_t>();
+  }
+  run_conv(go.const_data_ptr<float>(), out.mutable_data_ptr<float>(), w, g, ep);
+}
+
+// conv2d_weight_grad(Tensor grad_output, Tensor input, int[] weight_size, int[] stride,
+//                    int[] padding, int[] dilation, int groups, *, Tensor(a!) out)
+void conv2d_weight_grad_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  RK_CHECK(ctx, stack.size() >= 8, "conv2d_weight_grad: expected 8 arguments, got %zu", stack.size());
+  const Tensor& go = stack[0]->toTensor();
+  const Tensor& x = stack[1]->toTensor();
+  auto wsize = stack[2]->toIntList();
+  int64_t s[2], p[2], d[2];
+  RK_CHECK(ctx, read_pair(stack[3], s) && read_pair(stack[4], p) && read_pair(stack[5], d),
+           "conv2d_weight_grad: stride / padding / dilation must have 1 or 2 values");
+  const int64_t groups = stack[6]->toInt();
+  Tensor& out = stack[7]->toTensor();
+  RK_CHECK(ctx, is_plain(go, ScalarType::Float) && go.dim() == 4 && is_plain(x, ScalarType::Float) && x.dim() == 4,
+           "conv2d_weight_grad: grad_output and input must be contiguous float NCHW tensors");
+  RK_CHECK(ctx, wsize.size() == 4, "conv2d_weight_grad: weight_size must be [Co, Ci/g, kh, kw]");
+  Geom g;  // the forward conv's geometry: source = input, destination = grad_output
+  g.groups = groups;
+  g.n = x.size(0);
+  g.cs = x.size(1);
+  g.hs = x.size(2);
+  g.ws = x.size(3);
+  g.cd = go.size(1);
+  g.hd = go.size(2);
+  g.wd = go.size(3);
+  g.kh = wsize[2];
+  g.kw = wsize[3];
+  g.sh = s[0];
+  g.sw = s[1];
+  g.ph = p[0];
+  g.pw = p[1];
+  g.dh = d[0];
+  g.dw = d[1];
+  RK_CHECK(ctx, go.size(0) == g.n && groups > 0 && wsize[0] == g.cd && wsize[1] * groups == g.cs &&
+           g.cd % groups == 0, "conv2d_weight_grad: shapes do not match");
+  RK_CHECK(ctx, resize_to(out, wsize.data(), 4) && is_plain(out, ScalarType::Float), "conv2d_weight_grad: output "
+           "has the wrong shape");
+  const int64_t k = g.k(), p_all = g.hd * g.wd, hw = g.hs * g.ws;
+  const float* gop = go.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  // tasks: (group, block of output channels), each over every image and position tile
+  const int64_t threads = std::max<int64_t>(1, executorch::extension::get_thread_count());
+  const int64_t per_group = std::max<int64_t>(1, (threads + groups - 1) / groups);
+  const int64_t rows = std::max<int64_t>(1, (g.cdg() + per_group - 1) / per_group);
+  const int64_t nrb = (g.cdg() + rows - 1) / rows;
+  int64_t tp = std::min<int64_t>(p_all, std::max<int64_t>(64, 65536 / std::max<int64_t>(k, 1)));
+  tp = std::min<int64_t>(p_all, (tp + 15) / 16 * 16);
+  const int64_t ntp = (p_all + tp - 1) / tp;
+  parallel(groups * nrb, [&](int64_t task) {
+    const int64_t grp = task / nrb, rb = task % nrb;
+    const int64_t d0 = grp * g.cdg() + rb * rows;
+    const int64_t nr = std::min(rows, (grp + 1) * g.cdg() - d0);
+    if (nr <= 0) return;
+    MapM O(op + d0 * k, nr, k, Eigen::OuterStride<>(k));
+    O.setZero();
+    for (int64_t n = 0; n < g.n; ++n) {
+      const float* src_n = xp + n * g.cs * hw;
+      for (int64_t it = 0; it < ntp; ++it) {
+        const int64_t p0 = it * tp, t = std::min(tp, p_all - p0);
+        const float* bptr;
+        int64_t ldb;
+        if (g.identity_cols()) {
+          bptr = src_n + grp * g.csg() * hw + p0;
+          ldb = hw;
+        } else {
+          float* cols = scratch(1, size_t(k * t));
+          im2col(src_n, cols, g, grp, p0, t);
+          bptr = cols;
+          ldb = t;
+        }
+        MapC G(gop + (n * g.cd + d0) * p_all + p0, nr, t, Eigen::OuterStride<>(p_all));
+        O.noalias() += G * MapC(bptr, k, t, Eigen::OuterStride<>(ldb)).transpose();
+      }
+    }
+  });
+}
+
+}  // namespace repnet_kernels
