@@ -17,6 +17,11 @@
 #include <optional>
 #include <vector>
 
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define REPNET_KERNELS_MXCSR 1
+#endif
+
 namespace repnet_kernels {
 
 using executorch::aten::ScalarType;
@@ -54,6 +59,17 @@ inline bool resize_to(Tensor& out, const T* sizes, size_t n) {
   return executorch::runtime::resize_tensor(out, {s, n}) == executorch::runtime::Error::Ok;
 }
 
+// Denormal floats flushed to zero (inputs and results) while a kernel runs: gradients deep in a
+// frozen backbone can reach the denormal range, where x86 arithmetic is ~100x slower (eager
+// PyTorch's oneDNN kernels run so too). Restores the thread's previous mode.
+struct FlushDenormals {
+#if REPNET_KERNELS_MXCSR
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 // Runs f(i) for i in [0, n) on ExecuTorch's thread pool (its size: the runtime's thread count).
 template <typename F>
 inline void parallel(int64_t n, const F& f) {
@@ -63,6 +79,7 @@ inline void parallel(int64_t n, const F& f) {
     return;
   }
   executorch::extension::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    FlushDenormals ftz;
     for (int64_t i = b; i < e; ++i) f(i);
   });
 }

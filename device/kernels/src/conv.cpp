@@ -20,6 +20,7 @@
 //     themselves), an Eigen GEMM, and the epilogue on the tile while it is in cache.
 // Work is split into independent tiles run on ExecuTorch's thread pool.
 #include "common.h"
+#include "simd.h"
 
 #include <Eigen/Core>
 
@@ -99,68 +100,176 @@ struct Epilogue {
       const float h = hi;
       for (int64_t i = 0; i < len; ++i) row[i] = row[i] > h ? h : row[i];
     }
-    if (mask) {
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t f = flat0 + i;
-        if ((mask[f >> 3] >> (f & 7)) & 1) row[i] = 0.0f;
-      }
-    }
+    if (mask) fill_masked(row, row, mask, flat0, len, 0.0f);
   }
 };
 
 // ---------------------------------------------------------------------------- depthwise path
 bool is_depthwise(const Geom& g) {
-  return g.groups == g.cs && g.groups == g.cd && g.dh == 1 && g.dw == 1 && (g.sw == 1 || g.sw == 2);
+  return g.groups == g.cs && g.groups == g.cd && g.dh == 1 && g.dw == 1;
 }
 
-void depthwise_plane(const float* src, float* dst, const float* w, const Geom& g, const Epilogue& ep,
-                     int64_t c, int64_t flat0) {
-  // padded plane P[i][j] = V[i - ph][j - pw], PH x PW; for stride 2 its columns are stored split
-  // by parity (evens, then odds) so that every inner loop reads contiguously
-  const int64_t PH = (g.hd - 1) * g.sh + g.kh, PW = (g.wd - 1) * g.sw + g.kw;
-  const int64_t half = (PW + 1) / 2;
-  const int64_t ld = g.sw == 2 ? 2 * half : PW;
-  float* P = scratch(0, size_t(PH * ld));
-  float* acc = scratch(1, size_t(g.wd));
-  std::memset(P, 0, sizeof(float) * size_t(PH * ld));
-  for (int64_t i = 0; i < PH; ++i) {
-    const int64_t vh = i - g.ph;
-    if (vh < 0 || vh % g.uh) continue;
-    const int64_t sh_ = vh / g.uh;
-    if (sh_ >= g.hs) continue;
-    const float* srow = src + sh_ * g.ws;
-    float* prow = P + i * ld;
-    for (int64_t x = 0; x < g.ws; ++x) {
-      const int64_t j = x * g.uw + g.pw;  // V[j - pw] = src[x]
-      if (j >= PW) break;
-      if (g.sw == 2) prow[(j & 1) * half + (j >> 1)] = srow[x];
-      else prow[j] = srow[x];
-    }
+constexpr int64_t kBlock = 16;  // destination columns per register block
+
+// The padded source plane P[i][j] = V[i - ph][j - pw] (rows 0 .. PH), its columns split by parity
+// for a stride-2 conv (evens at [0, half), odds at [half, 2 half)) so that every tap of a block
+// of destination columns reads contiguously; wide enough that a block never reads past a row.
+struct Plane {
+  float* data;
+  int64_t ld, half, rows;
+};
+
+Plane make_plane(const float* src, const Geom& g) {
+  Plane pl;
+  pl.rows = (g.hd - 1) * g.sh + g.kh;
+  const int64_t wpad = (g.wd + kBlock - 1) / kBlock * kBlock;  // destination columns, rounded to blocks
+  if (g.sw == 2) {
+    pl.half = wpad + g.kw;
+    pl.ld = 2 * pl.half;
+  } else {
+    pl.half = 0;
+    pl.ld = wpad * g.sw + g.kw;
   }
-  for (int64_t oh = 0; oh < g.hd; ++oh) {
-    std::fill(acc, acc + g.wd, 0.0f);
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const float* prow = P + (oh * g.sh + i) * ld;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const float wv = w[i * g.kw + j];
-        const float* s = g.sw == 2 ? prow + (j & 1) * half + (j >> 1) : prow + j;
-        for (int64_t x = 0; x < g.wd; ++x) acc[x] += wv * s[x];
+  pl.data = scratch(0, size_t(pl.rows * pl.ld));
+  const int64_t cols = g.sw == 2 ? 2 * pl.half : pl.ld;  // padded source columns represented
+  for (int64_t i = 0; i < pl.rows; ++i) {
+    float* prow = pl.data + i * pl.ld;
+    const int64_t vh = i - g.ph;
+    const bool row_in = vh >= 0 && vh % g.uh == 0 && vh / g.uh < g.hs;
+    if (!row_in) {
+      std::memset(prow, 0, sizeof(float) * size_t(pl.ld));
+      continue;
+    }
+    const float* srow = src + (vh / g.uh) * g.ws;
+    if (g.uw == 1 && g.sw != 2) {  // zeros, the source row, zeros
+      const int64_t lo = std::min(g.pw, cols), hi = std::min(cols, g.pw + g.ws);
+      std::memset(prow, 0, sizeof(float) * size_t(lo));
+      if (hi > lo) std::memcpy(prow + lo, srow, sizeof(float) * size_t(hi - lo));
+      if (cols > hi) std::memset(prow + hi, 0, sizeof(float) * size_t(cols - std::max(hi, lo)));
+    } else if (g.uw == 1) {  // stride 2: deinterleaved
+      float* ev = prow;
+      float* od = prow + pl.half;
+      // k with both 2k - pw and 2k + 1 - pw inside the row: a branch-free (vectorisable) middle
+      const int64_t k0 = std::min(pl.half, (g.pw + 1) / 2), k1 = std::max(k0, std::min(pl.half, (g.ws + g.pw - 1) / 2));
+      for (int64_t k = 0; k < k0; ++k) {
+        const int64_t x0 = 2 * k - g.pw, x1 = x0 + 1;
+        ev[k] = (x0 >= 0 && x0 < g.ws) ? srow[x0] : 0.0f;
+        od[k] = (x1 >= 0 && x1 < g.ws) ? srow[x1] : 0.0f;
+      }
+      const float* sp = srow + 2 * k0 - g.pw;
+      for (int64_t k = k0; k < k1; ++k) {
+        ev[k] = sp[2 * (k - k0)];
+        od[k] = sp[2 * (k - k0) + 1];
+      }
+      for (int64_t k = k1; k < pl.half; ++k) {
+        const int64_t x0 = 2 * k - g.pw, x1 = x0 + 1;
+        ev[k] = (x0 >= 0 && x0 < g.ws) ? srow[x0] : 0.0f;
+        od[k] = (x1 >= 0 && x1 < g.ws) ? srow[x1] : 0.0f;
+      }
+    } else {  // zero-inserted source (an input gradient of a strided conv)
+      std::memset(prow, 0, sizeof(float) * size_t(pl.ld));
+      for (int64_t x = 0; x < g.ws; ++x) {
+        const int64_t j = x * g.uw + g.pw;
+        if (j >= cols) break;
+        if (g.sw == 2) prow[(j & 1) * pl.half + (j >> 1)] = srow[x];
+        else prow[j] = srow[x];
       }
     }
-    ep.apply(acc, c, flat0 + oh * g.wd, g.wd);
-    std::memcpy(dst + oh * g.wd, acc, sizeof(float) * size_t(g.wd));
   }
+  return pl;
+}
+
+// 16 floats (one AVX-512 register, two AVX2 ones, four NEON ones): GCC / Clang vector extensions
+typedef float vf16 __attribute__((vector_size(64)));
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+static_assert(kBlock == 16, "one vf16 per block");
+
+// destination plane from P: blocks of 16 columns accumulated in registers over the taps, the
+// epilogue's per-channel affine + clamp applied in registers
+template <int KH, int KW, int SW>
+void dw_plane(const Plane& pl, const float* w, float* dst, const Geom& g, const Epilogue& ep, int64_t c,
+              int64_t flat0) {
+  const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw, sw = SW ? SW : g.sw;
+  const int64_t ld = pl.ld, half = pl.half;
+  const float bias = ep.bias ? ep.bias[c] : 0.0f;
+  const float mul = ep.mul ? ep.mul[c] : 1.0f, add = ep.mul ? ep.add[c] : 0.0f;
+  const bool affine = ep.mul != nullptr, biased = ep.bias != nullptr;
+  const vf16 lo = vf16{} + ep.lo, hi = vf16{} + ep.hi;
+  for (int64_t oh = 0; oh < g.hd; ++oh) {
+    const float* base = pl.data + oh * g.sh * ld;
+    float* drow = dst + oh * g.wd;
+    for (int64_t x0 = 0; x0 < g.wd; x0 += kBlock) {
+      vf16 acc = {};
+      for (int64_t i = 0; i < kh; ++i) {
+        const float* prow = base + i * ld;
+        for (int64_t j = 0; j < kw; ++j) {
+          const float wv = w[i * kw + j];
+          if (sw == 2) acc += wv * load16(prow + (j & 1) * half + (j >> 1) + x0);
+          else if (sw == 1) acc += wv * load16(prow + j + x0);
+          else {
+            const float* s = prow + j + x0 * sw;
+            vf16 v;
+            for (int l = 0; l < 16; ++l) v[l] = s[l * sw];
+            acc += wv * v;
+          }
+        }
+      }
+      if (biased) acc += bias;
+      if (affine) acc = acc * mul + add;
+      if (ep.clamp_lo) acc = acc < lo ? lo : acc;
+      if (ep.clamp_hi) acc = acc > hi ? hi : acc;
+      const int64_t n = std::min(kBlock, g.wd - x0);
+      if (n == kBlock) store16(drow + x0, acc);
+      else {
+        float tmp[kBlock];
+        store16(tmp, acc);
+        std::memcpy(drow + x0, tmp, sizeof(float) * size_t(n));
+      }
+    }
+    if (ep.mask) fill_masked(drow, drow, ep.mask, flat0 + oh * g.wd, g.wd, 0.0f);
+  }
+}
+
+using PlaneFn = void (*)(const Plane&, const float*, float*, const Geom&, const Epilogue&, int64_t, int64_t);
+
+template <int K>
+PlaneFn pick_stride(int64_t sw) {
+  if (sw == 1) return dw_plane<K, K, 1>;
+  if (sw == 2) return dw_plane<K, K, 2>;
+  return dw_plane<K, K, 0>;
+}
+
+PlaneFn pick_plane_fn(const Geom& g) {
+  if (g.kh == g.kw) {
+    switch (g.kh) {
+      case 1: return pick_stride<1>(g.sw);
+      case 2: return pick_stride<2>(g.sw);
+      case 3: return pick_stride<3>(g.sw);
+      case 4: return pick_stride<4>(g.sw);
+      case 5: return pick_stride<5>(g.sw);
+      case 7: return pick_stride<7>(g.sw);
+      default: break;
+    }
+  }
+  return g.sw == 2 ? dw_plane<0, 0, 2> : g.sw == 1 ? dw_plane<0, 0, 1> : dw_plane<0, 0, 0>;
 }
 
 void run_depthwise(const float* src, float* dst, const Weight& w, const Geom& g, const Epilogue& ep) {
   const int64_t planes = g.n * g.cd;
+  const PlaneFn fn = pick_plane_fn(g);
   parallel(planes, [&](int64_t t) {
     const int64_t c = t % g.cd;
     float wk[64];
     float* wp = g.kh * g.kw <= 64 ? wk : scratch(2, size_t(g.kh * g.kw));
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j) wp[i * g.kw + j] = weff(w, g, c, 0, i, j);
-    depthwise_plane(src + t * g.hs * g.ws, dst + t * g.hd * g.wd, wp, g, ep, c, t * g.hd * g.wd);
+    const Plane pl = make_plane(src + t * g.hs * g.ws, g);
+    fn(pl, wp, dst + t * g.hd * g.wd, g, ep, c, t * g.hd * g.wd);
   });
 }
 
@@ -174,19 +283,37 @@ void im2col(const float* src_n, float* cols, const Geom& g, int64_t grp, int64_t
     for (int64_t i = 0; i < g.kh; ++i) {
       for (int64_t j = 0; j < g.kw; ++j, ++r) {
         float* out = cols + r * tp;
-        int64_t oh = p0 / g.wd, ow = p0 % g.wd;
-        for (int64_t q = 0; q < tp; ++q) {
-          const int64_t vh = oh * g.sh + i * g.dh - g.ph, vw = ow * g.sw + j * g.dw - g.pw;
-          float v = 0.0f;
-          if (vh >= 0 && vw >= 0 && vh % g.uh == 0 && vw % g.uw == 0) {
-            const int64_t y = vh / g.uh, x = vw / g.uw;
-            if (y < g.hs && x < g.ws) v = plane[y * g.ws + x];
+        int64_t q = 0, oh = p0 / g.wd, ow = p0 % g.wd;
+        while (q < tp) {  // one destination row segment at a time
+          const int64_t len = std::min(g.wd - ow, tp - q);
+          const int64_t vh = oh * g.sh + i * g.dh - g.ph;
+          float* o = out + q;
+          if (vh < 0 || vh % g.uh || vh / g.uh >= g.hs) {
+            std::memset(o, 0, sizeof(float) * size_t(len));
+          } else {
+            const float* row = plane + (vh / g.uh) * g.ws;
+            const int64_t off = j * g.dw - g.pw;  // vw = (ow + t) * sw + off
+            if (g.uw == 1) {
+              // valid t: 0 <= (ow + t) * sw + off < ws
+              int64_t t0 = 0, t1 = len;
+              while (t0 < len && (ow + t0) * g.sw + off < 0) ++t0;
+              while (t1 > t0 && (ow + t1 - 1) * g.sw + off >= g.ws) --t1;
+              for (int64_t t = 0; t < t0; ++t) o[t] = 0.0f;
+              const float* rs = row + (ow + t0) * g.sw + off;
+              if (g.sw == 1) std::memcpy(o + t0, rs, sizeof(float) * size_t(t1 - t0));
+              else
+                for (int64_t t = t0; t < t1; ++t) o[t] = rs[(t - t0) * g.sw];
+              for (int64_t t = t1; t < len; ++t) o[t] = 0.0f;
+            } else {
+              for (int64_t t = 0; t < len; ++t) {
+                const int64_t vw = (ow + t) * g.sw + off;
+                o[t] = (vw >= 0 && vw % g.uw == 0 && vw / g.uw < g.ws) ? row[vw / g.uw] : 0.0f;
+              }
+            }
           }
-          out[q] = v;
-          if (++ow == g.wd) {
-            ow = 0;
-            ++oh;
-          }
+          q += len;
+          ow = 0;
+          ++oh;
         }
       }
     }
@@ -202,7 +329,7 @@ Tiling gemm_tiling(const Geom& g) {
   Tiling t;
   t.rows = std::min<int64_t>(g.cdg(), std::max<int64_t>(16, 65536 / std::max<int64_t>(k, 1)));
   t.nrb = (g.cdg() + t.rows - 1) / t.rows;
-  int64_t tp = std::max<int64_t>(64, 32768 / t.rows);
+  int64_t tp = std::max<int64_t>(64, 131072 / t.rows);  // a destination tile of <= 512 KB
   if (!g.identity_cols()) tp = std::min(tp, std::max<int64_t>(16, 65536 / std::max<int64_t>(k, 1)));
   tp = std::min(p, (tp + 15) / 16 * 16);
   t.tp = tp;
@@ -210,52 +337,80 @@ Tiling gemm_tiling(const Geom& g) {
   return t;
 }
 
+// rows [d0, d0 + rows) of the effective weight matrix (destination channel x k), dequantised
+void weight_block(const Weight& w, const Geom& g, int64_t d0, int64_t rows, float* wb) {
+  const int64_t k = g.k();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = wb + r * k;
+    const int64_t d = d0 + r;
+    if (!g.transposed) {
+      if (w.f) std::memcpy(row, w.f + d * k, sizeof(float) * size_t(k));
+      else {
+        const int8_t* qr = w.q + d * k;
+        const float s = w.scale[d];
+        for (int64_t e = 0; e < k; ++e) row[e] = static_cast<float>(qr[e]) * s;
+      }
+      if (w.extra) {
+        const float a = w.extra[d];
+        for (int64_t e = 0; e < k; ++e) row[e] *= a;
+      }
+      continue;
+    }
+    const int64_t grp = d / g.cdg(), ci = d - grp * g.cdg(), kk = g.kh * g.kw;
+    for (int64_t s = 0; s < g.csg(); ++s) {
+      const int64_t co = grp * g.csg() + s;
+      const int64_t base = co * w.k() + ci * kk;
+      float f = w.extra ? w.extra[co] : 1.0f;
+      if (w.q) f *= w.scale[co];
+      float* out = row + s * kk;
+      for (int64_t i = 0; i < g.kh; ++i)
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t e = base + (g.kh - 1 - i) * g.kw + (g.kw - 1 - j);
+          // same rounding as the graph's dequantisation (code * scale) before the extra factor
+          out[i * g.kw + j] = w.q ? (w.extra ? static_cast<float>(w.q[e]) * w.scale[co] * w.extra[co]
+                                             : static_cast<float>(w.q[e]) * w.scale[co])
+                                  : w.f[e] * f;
+        }
+    }
+  }
+}
+
 void run_gemm(const float* src, float* dst, const Weight& w, const Geom& g, const Epilogue& ep) {
   const int64_t k = g.k(), p = g.hd * g.wd, hw = g.hs * g.ws;
   const Tiling t = gemm_tiling(g);
-  const int64_t tasks = g.n * g.groups * t.nrb * t.ntp;
-  parallel(tasks, [&](int64_t task) {
-    const int64_t it = task % t.ntp;
-    const int64_t rb = (task / t.ntp) % t.nrb;
-    const int64_t grp = (task / (t.ntp * t.nrb)) % g.groups;
-    const int64_t n = task / (t.ntp * t.nrb * g.groups);
+  // a task: one weight block (dequantised once) x a run of (image, position tile) items
+  const int64_t items = g.n * t.ntp, blocks = g.groups * t.nrb;
+  const int64_t threads = std::max<int64_t>(1, executorch::extension::get_thread_count());
+  const int64_t chunks = std::min(items, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
+  const int64_t per_chunk = (items + chunks - 1) / chunks;
+  parallel(blocks * chunks, [&](int64_t task) {
+    const int64_t block = task / chunks, chunk = task % chunks;
+    const int64_t grp = block / t.nrb, rb = block % t.nrb;
     const int64_t d0 = grp * g.cdg() + rb * t.rows;
     const int64_t rows = std::min(t.rows, (grp + 1) * g.cdg() - d0);
-    const int64_t p0 = it * t.tp, tp = std::min(t.tp, p - p0);
     float* wb = scratch(0, size_t(rows * k));
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = wb + r * k;
-      if (!g.transposed && !w.extra) {
-        const int64_t o = d0 + r;
-        if (w.f) std::memcpy(row, w.f + o * k, sizeof(float) * size_t(k));
-        else {
-          const int8_t* qr = w.q + o * k;
-          const float s = w.scale[o];
-          for (int64_t e = 0; e < k; ++e) row[e] = static_cast<float>(qr[e]) * s;
-        }
+    weight_block(w, g, d0, rows, wb);
+    const MapC A(wb, rows, k, Eigen::OuterStride<>(k));
+    for (int64_t item = chunk * per_chunk; item < std::min(items, (chunk + 1) * per_chunk); ++item) {
+      const int64_t n = item / t.ntp, it = item % t.ntp;
+      const int64_t p0 = it * t.tp, tp = std::min(t.tp, p - p0);
+      const float* src_n = src + n * g.cs * hw;
+      const float* bptr;
+      int64_t ldb;
+      if (g.identity_cols()) {
+        bptr = src_n + grp * g.csg() * hw + p0;
+        ldb = hw;
       } else {
-        int64_t e = 0;
-        for (int64_t s = 0; s < g.csg(); ++s)
-          for (int64_t i = 0; i < g.kh; ++i)
-            for (int64_t j = 0; j < g.kw; ++j) row[e++] = weff(w, g, d0 + r, s, i, j);
+        float* cols = scratch(1, size_t(k * tp));
+        im2col(src_n, cols, g, grp, p0, tp);
+        bptr = cols;
+        ldb = tp;
       }
+      float* out = dst + (n * g.cd + d0) * p + p0;
+      MapM C(out, rows, tp, Eigen::OuterStride<>(p));
+      C.noalias() = A * MapC(bptr, k, tp, Eigen::OuterStride<>(ldb));
+      for (int64_t r = 0; r < rows; ++r) ep.apply(out + r * p, d0 + r, (n * g.cd + d0 + r) * p + p0, tp);
     }
-    const float* src_n = src + n * g.cs * hw;
-    const float* bptr;
-    int64_t ldb;
-    if (g.identity_cols()) {
-      bptr = src_n + grp * g.csg() * hw + p0;
-      ldb = hw;
-    } else {
-      float* cols = scratch(1, size_t(k * tp));
-      im2col(src_n, cols, g, grp, p0, tp);
-      bptr = cols;
-      ldb = tp;
-    }
-    float* out = dst + (n * g.cd + d0) * p + p0;
-    MapM C(out, rows, tp, Eigen::OuterStride<>(p));
-    C.noalias() = MapC(wb, rows, k, Eigen::OuterStride<>(k)) * MapC(bptr, k, tp, Eigen::OuterStride<>(ldb));
-    for (int64_t r = 0; r < rows; ++r) ep.apply(out + r * p, d0 + r, (n * g.cd + d0 + r) * p + p0, tp);
   });
 }
 

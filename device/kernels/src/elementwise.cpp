@@ -7,6 +7,7 @@
 //                                    backward of that activation), in place when planned so
 //   repnet::channel_sum(x)           sum over N, H, W of an NCHW tensor (a bias gradient)
 #include "common.h"
+#include "simd.h"
 
 #include <cfloat>
 
@@ -36,15 +37,7 @@ void mask_outside_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const int64_t n = x.numel();
   parallel((n + kChunk - 1) / kChunk, [&](int64_t t) {
     const int64_t b0 = t * (kChunk / 8), b1 = std::min(nbytes, (t + 1) * (kChunk / 8));
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* v = xp + 8 * b;
-      unsigned code = 0;
-      for (int i = 0; i < 8; ++i) {
-        const bool set = (use_lo && v[i] <= lo) || (use_hi && v[i] >= hi);
-        code |= unsigned(set) << i;
-      }
-      op[b] = static_cast<uint8_t>(code);
-    }
+    for (int64_t b = b0; b < b1; ++b) op[b] = pack8_outside(xp + 8 * b, lo, hi, use_lo, use_hi);
   });
 }
 
@@ -65,7 +58,7 @@ void mask_fill_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const int64_t n = x.numel();
   parallel((n + kChunk - 1) / kChunk, [&](int64_t t) {
     const int64_t e0 = t * kChunk, e1 = std::min(n, e0 + kChunk);
-    for (int64_t e = e0; e < e1; ++e) op[e] = ((mp[e >> 3] >> (e & 7)) & 1) ? value : xp[e];
+    fill_masked(xp + e0, op + e0, mp, e0, e1 - e0, value);
   });
 }
 

@@ -4,6 +4,8 @@
 // library has a symbol to reference (the linker then keeps the library) and can check the count.
 #include "common.h"
 
+#include <executorch/runtime/core/event_tracer_hooks.h>
+
 #include <mutex>
 
 namespace repnet_kernels {
@@ -17,13 +19,28 @@ void channel_sum_out(KernelRuntimeContext&, Span<EValue*>);
 namespace {
 using executorch::runtime::Kernel;
 
+// each kernel call is an event of the runtime's profiler (ETDump), named after its operator
+template <void (*F)(KernelRuntimeContext&, Span<EValue*>), const char* Name>
+void traced(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  executorch::runtime::internal::EventTracerProfileOpScope scope(ctx.internal_event_tracer(), Name);
+  FlushDenormals ftz;
+  F(ctx, stack);
+}
+
+constexpr char kConv2d[] = "repnet::conv2d.out";
+constexpr char kConv2dInputGrad[] = "repnet::conv2d_input_grad.out";
+constexpr char kConv2dWeightGrad[] = "repnet::conv2d_weight_grad.out";
+constexpr char kMaskOutside[] = "repnet::mask_outside.out";
+constexpr char kMaskFill[] = "repnet::mask_fill.out";
+constexpr char kChannelSum[] = "repnet::channel_sum.out";
+
 const Kernel kKernels[] = {
-    Kernel("repnet::conv2d.out", conv2d_out),
-    Kernel("repnet::conv2d_input_grad.out", conv2d_input_grad_out),
-    Kernel("repnet::conv2d_weight_grad.out", conv2d_weight_grad_out),
-    Kernel("repnet::mask_outside.out", mask_outside_out),
-    Kernel("repnet::mask_fill.out", mask_fill_out),
-    Kernel("repnet::channel_sum.out", channel_sum_out),
+    Kernel(kConv2d, traced<conv2d_out, kConv2d>),
+    Kernel(kConv2dInputGrad, traced<conv2d_input_grad_out, kConv2dInputGrad>),
+    Kernel(kConv2dWeightGrad, traced<conv2d_weight_grad_out, kConv2dWeightGrad>),
+    Kernel(kMaskOutside, traced<mask_outside_out, kMaskOutside>),
+    Kernel(kMaskFill, traced<mask_fill_out, kMaskFill>),
+    Kernel(kChannelSum, traced<channel_sum_out, kChannelSum>),
 };
 
 int do_register() {
