@@ -81,6 +81,8 @@ class TrainConfig:
                       "ExecuTorch training program on its runtime: eval-mode forward, its SGD with momentum 0.9 "
                       "(recipes/runtime-executorch.yaml's lr / lr_side), one batch size)",
                       choices=("eager", "executorch"))
+    portable: bool = _f(False, "--runtime executorch: export the program with ExecuTorch's portable kernels only "
+                        "(default: repnet's own kernels, build/device/kernels/librepnet_kernels.so)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", runtime=True)
     workers: int = _f(min(4, os.cpu_count() or 1), "data-loader worker processes", runtime=True)
     checkpoint_every: int = _f(0, "also checkpoint every N steps (0: at epoch ends only)", runtime=True)

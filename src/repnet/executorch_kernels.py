@@ -32,20 +32,22 @@ into the process before a program that uses them runs.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import functools
 import operator
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .errors import RepnetError
 
 __all__ = ["KERNEL_PASSES", "run_kernel_passes", "load_kernels", "library_path", "kernel_ops",
            "NO_BOUND", "pack_bits", "unpack_bits", "kernel_conv", "kernel_bn_act", "kernel_masks",
-           "kernel_grad_scale", "kernel_sums", "LIBRARY_ENV", "set_runtime_threads"]
+           "kernel_grad_scale", "kernel_sums", "kernel_avg_pool", "LIBRARY_ENV", "set_runtime_threads",
+           "export_substitutions"]
 
 aten = torch.ops.aten
 
@@ -68,6 +70,8 @@ _SCHEMAS = {
     "mask_outside": "mask_outside(Tensor input, float lo, float hi)",
     "mask_fill": "mask_fill(Tensor input, Tensor mask, float value)",
     "channel_sum": "channel_sum(Tensor input)",
+    "resize_bilinear": "resize_bilinear(Tensor input, int[] size, bool align_corners)",
+    "resize_bilinear_backward": "resize_bilinear_backward(Tensor grad_output, int[] input_size, bool align_corners)",
 }
 
 _LIB = torch.library.Library("repnet", "DEF")  # noqa: TOR901 - the namespace is ours
@@ -133,8 +137,18 @@ def _channel_sum(input):
     return input.sum([d for d in range(input.dim()) if d != 1])
 
 
+def _resize_bilinear(input, size, align_corners):
+    return aten.upsample_bilinear2d.default(input, list(size), align_corners)
+
+
+def _resize_bilinear_backward(grad_output, input_size, align_corners):
+    return aten.upsample_bilinear2d_backward.default(grad_output, list(grad_output.shape[2:]), list(input_size),
+                                                     align_corners)
+
+
 _REFERENCE = {"conv2d": _conv2d, "conv2d_input_grad": _conv2d_input_grad, "conv2d_weight_grad": _conv2d_weight_grad,
-              "mask_outside": _mask_outside, "mask_fill": _mask_fill, "channel_sum": _channel_sum}
+              "mask_outside": _mask_outside, "mask_fill": _mask_fill, "channel_sum": _channel_sum,
+              "resize_bilinear": _resize_bilinear, "resize_bilinear_backward": _resize_bilinear_backward}
 
 
 def _define(name: str, schema: str, ref):
@@ -163,6 +177,18 @@ for _name, _schema in _SCHEMAS.items():
     _define(_name, _schema, _REFERENCE[_name])
 
 ops = torch.ops.repnet
+
+
+def _resize_setup(ctx, inputs, output):
+    ctx.input_size, ctx.align_corners = list(inputs[0].shape), bool(inputs[2])
+
+
+def _resize_grad(ctx, grad):
+    return ops.resize_bilinear_backward(grad.contiguous(), ctx.input_size, ctx.align_corners), None, None
+
+
+# a bilinear resize traced through repnet::resize_bilinear (kernel_resize) differentiates into its backward op
+torch.library.register_autograd("repnet::resize_bilinear", _resize_grad, setup_context=_resize_setup, lib=_LIB)
 
 
 def kernel_ops() -> tuple[str, ...]:
@@ -227,11 +253,13 @@ def set_runtime_threads(n: int) -> None:
 
 # ----------------------------------------------------------------------------- graph helpers
 def _call(graph: torch.fx.Graph, op, *args, before: torch.fx.Node) -> torch.fx.Node:
-    """A new ``op(*args)`` node right before ``before``, with its fake-tensor metadata."""
+    """A new ``op(*args)`` node right before ``before``, with its fake-tensor metadata (made in the
+    fake mode of its inputs, or of ``before``'s)."""
     with graph.inserting_before(before):
         node = graph.call_function(op, tuple(args))
     vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
-    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
+    known = [v for v in vals + [before.meta.get("val")] if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode")]
+    mode = known[0].fake_mode
     with mode:
         node.meta["val"] = op(*vals)
     return node
@@ -273,7 +301,78 @@ def _float4d(node) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 4 and v.dtype == torch.float32
 
 
+# ----------------------------------------------------------------------------- export-time substitutions
+class _KernelExport(TorchFunctionMode):
+    """While a model is traced for a program: ``F.interpolate(mode="bilinear", size=...)`` runs as
+    ``repnet::resize_bilinear`` (whose backward is ``repnet::resize_bilinear_backward``), instead of
+    the gathers and scatters (``index`` / ``index_put``) that export decomposes it into."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.interpolate:
+            import inspect
+
+            bound = inspect.signature(F.interpolate).bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            x = a["input"]
+            if (a["mode"] == "bilinear" and a["size"] is not None and a["scale_factor"] is None
+                    and not a["antialias"] and isinstance(x, torch.Tensor) and x.dim() == 4
+                    and x.dtype == torch.float32):
+                size = list(a["size"]) if isinstance(a["size"], (list, tuple)) else [a["size"]] * 2
+                self.count += 1
+                return ops.resize_bilinear(x.contiguous(), [int(v) for v in size], bool(a["align_corners"]))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def export_substitutions(passes=None):
+    """Context for tracing a model into a program that runs our kernels (``passes``: the kernel
+    passes in use; the substitutions are ``kernel_resize``'s). Yields a dict that receives the
+    number of substituted calls (``{"kernel_resize": n}``) when the block ends."""
+    done: dict = {}
+    if passes is not None and "kernel_resize" not in passes:
+        yield done
+        return
+    mode = _KernelExport()
+    with mode:
+        yield done
+    done["kernel_resize"] = mode.count
+
+
 # ----------------------------------------------------------------------------- passes
+def kernel_avg_pool(graph: torch.fx.Graph) -> int:
+    """``avg_pool2d`` without padding (Rep-Net's modules pool their input, module 1 the image) as a
+    depthwise ``repnet::conv2d`` with a constant ``1 / (kh * kw)`` kernel (its backward: the
+    avg_pool pass's transposed convolution, then ``kernel_conv``)."""
+    done = 0
+    for node in list(graph.nodes):
+        if not (_is(node, aten.avg_pool2d.default) and _float4d(node.args[0])):
+            continue
+        x, kernel, *rest = node.args
+        stride = rest[0] if rest and rest[0] else kernel
+        padding = rest[1] if len(rest) > 1 else [0, 0]
+        ceil_mode = rest[2] if len(rest) > 2 else False
+        divisor = rest[4] if len(rest) > 4 else None
+        kernel = list(kernel) * (2 // len(kernel))
+        stride = list(stride) * (2 // len(stride))
+        padding = list(padding) * (2 // len(padding)) if padding else [0, 0]
+        if any(padding) or ceil_mode or divisor is not None:
+            continue
+        c = _val(x).shape[1]
+        w = _call(graph, aten.full.default, [c, 1, *kernel], 1.0 / (kernel[0] * kernel[1]), before=node)
+        new = _call(graph, ops.conv2d.default, x, w, None, None, stride, [0, 0], [1, 1], c, None, None, None, None,
+                    0.0, -NO_BOUND, NO_BOUND, before=node)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done += 1
+    return done
+
+
 def kernel_conv(graph: torch.fx.Graph) -> int:
     """Every 2-D convolution onto ``repnet::conv2d`` (forward), ``repnet::conv2d_input_grad`` (a
     transposed convolution: the frozen_conv / avg_pool passes' input gradients) and, for a trained
@@ -553,11 +652,13 @@ def kernel_sums(graph: torch.fx.Graph) -> int:
     return done
 
 
-#: the rewrites onto our kernels, in the order they run (after executorch_passes.PASSES)
-KERNEL_PASSES = ("kernel_conv", "kernel_bn_act", "kernel_masks", "kernel_grad_scale", "kernel_sums")
+#: the rewrites onto our kernels, in the order they run (after executorch_passes.PASSES);
+#: ``kernel_resize`` works while the model is traced (:func:`export_substitutions`)
+KERNEL_PASSES = ("kernel_resize", "kernel_avg_pool", "kernel_conv", "kernel_bn_act", "kernel_masks",
+                 "kernel_grad_scale", "kernel_sums")
 
-_STEPS = {"kernel_conv": kernel_conv, "kernel_bn_act": kernel_bn_act, "kernel_masks": kernel_masks,
-          "kernel_grad_scale": kernel_grad_scale, "kernel_sums": kernel_sums}
+_STEPS = {"kernel_avg_pool": kernel_avg_pool, "kernel_conv": kernel_conv, "kernel_bn_act": kernel_bn_act,
+          "kernel_masks": kernel_masks, "kernel_grad_scale": kernel_grad_scale, "kernel_sums": kernel_sums}
 
 
 def run_kernel_passes(ep, passes=KERNEL_PASSES) -> dict:
@@ -568,7 +669,7 @@ def run_kernel_passes(ep, passes=KERNEL_PASSES) -> dict:
     graph = ep.graph_module.graph
     done = {}
     for name in KERNEL_PASSES:
-        if name in passes:
+        if name in passes and name in _STEPS:
             done[name] = _STEPS[name](graph)
             graph.eliminate_dead_code()
     ep.graph_module.recompile()

@@ -13,6 +13,7 @@ parameter group (``lr`` for head and backbone tensors, ``lr_side`` for the metho
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -131,8 +132,14 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     step = TrainStep(model, label_smoothing).eval()
     x = torch.zeros(batch_size, 3, image_size, image_size)
     y = torch.zeros(batch_size, dtype=torch.long)
+    substitutions, done = contextlib.nullcontext(), {}
+    if kernels and rewrite:  # repnet's kernels: what they replace while the model is traced
+        from .executorch_kernels import export_substitutions
+
+        substitutions = export_substitutions(None if kernels is True else tuple(kernels))
     try:
-        ep = _export_forward_backward(export(step, (x, y), strict=False))
+        with substitutions as done:
+            ep = _export_forward_backward(export(step, (x, y), strict=False))
     except RepnetError:
         raise
     except Exception as e:  # noqa: BLE001 - export's own messages are long; name the failing op
@@ -140,6 +147,7 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     graph = ep.graph_module.graph
     passes = tuple(passes) if rewrite else ()
     rewrites = run_passes(ep, passes)
+    rewrites.update(done or {})
     if kernels and rewrite:  # repnet's kernels (repnet.executorch_kernels), before memory planning
         from .executorch_kernels import KERNEL_PASSES, run_kernel_passes
 

@@ -102,6 +102,8 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     steps_per_epoch, total_steps = plan_steps(n_train, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(total_steps))
     runtime, program = None, None
+    if cfg.portable and cfg.runtime != "executorch":
+        raise RepnetError("--portable chooses the kernels of an ExecuTorch program: it needs --runtime executorch")
     if cfg.runtime == "executorch":  # the steps run in an ExecuTorch training program (its SGD)
         from .executorch_training import RuntimeTrainer, export_training_program
 
@@ -116,8 +118,10 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         if cfg.frozen_bits not in ("none", "linear"):
             raise RepnetError(f"--frozen-bits {cfg.frozen_bits} is not supported with --runtime executorch (a "
                               "program's frozen weights are linear int8: the runtime has no codebook lookup)")
-        say(f"exporting the ExecuTorch training program ({cfg.image_size}px, batch {cfg.batch_size}) ...")
-        program = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing)
+        say(f"exporting the ExecuTorch training program ({cfg.image_size}px, batch {cfg.batch_size}"
+            f"{', portable kernels' if cfg.portable else ''}) ...")
+        program = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing,
+                                          kernels=not cfg.portable)
         runtime = RuntimeTrainer(model, program, cfg.lr, cfg.lr_side, momentum=0.9, weight_decay=cfg.weight_decay,
                                  schedule=CosineSchedule(total_steps))
         scheduler = None
@@ -216,6 +220,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     if program is not None:
         results.update({"program_planned_mb": program.planned_bytes / 1e6, "program_arena_mb": program.arena_bytes / 1e6,
                         "program_weights_mb": program.weights_bytes / 1e6, "program_rewrites": program.rewrites,
+                        "program_kernels": "repnet" if program.kernels else "portable",
                         "optimizer": "executorch sgd (momentum 0.9; gradients scaled by the cosine factor)"})
     if cfg.profile_memory:
         try:

@@ -15,6 +15,8 @@ void conv2d_weight_grad_out(KernelRuntimeContext&, Span<EValue*>);
 void mask_outside_out(KernelRuntimeContext&, Span<EValue*>);
 void mask_fill_out(KernelRuntimeContext&, Span<EValue*>);
 void channel_sum_out(KernelRuntimeContext&, Span<EValue*>);
+void resize_bilinear_out(KernelRuntimeContext&, Span<EValue*>);
+void resize_bilinear_backward_out(KernelRuntimeContext&, Span<EValue*>);
 
 namespace {
 using executorch::runtime::Kernel;
@@ -33,6 +35,8 @@ constexpr char kConv2dWeightGrad[] = "repnet::conv2d_weight_grad.out";
 constexpr char kMaskOutside[] = "repnet::mask_outside.out";
 constexpr char kMaskFill[] = "repnet::mask_fill.out";
 constexpr char kChannelSum[] = "repnet::channel_sum.out";
+constexpr char kResize[] = "repnet::resize_bilinear.out";
+constexpr char kResizeBackward[] = "repnet::resize_bilinear_backward.out";
 
 const Kernel kKernels[] = {
     Kernel(kConv2d, traced<conv2d_out, kConv2d>),
@@ -41,6 +45,8 @@ const Kernel kKernels[] = {
     Kernel(kMaskOutside, traced<mask_outside_out, kMaskOutside>),
     Kernel(kMaskFill, traced<mask_fill_out, kMaskFill>),
     Kernel(kChannelSum, traced<channel_sum_out, kChannelSum>),
+    Kernel(kResize, traced<resize_bilinear_out, kResize>),
+    Kernel(kResizeBackward, traced<resize_bilinear_backward_out, kResizeBackward>),
 };
 
 int do_register() {
@@ -66,6 +72,7 @@ __attribute__((visibility("default"))) int repnet_kernels_register() { return re
 // the names, one per line (for the Python loader's checks)
 __attribute__((visibility("default"))) const char* repnet_kernels_names() {
   return "repnet::conv2d.out\nrepnet::conv2d_input_grad.out\nrepnet::conv2d_weight_grad.out\n"
-         "repnet::mask_outside.out\nrepnet::mask_fill.out\nrepnet::channel_sum.out";
+         "repnet::mask_outside.out\nrepnet::mask_fill.out\nrepnet::channel_sum.out\nrepnet::resize_bilinear.out\n"
+         "repnet::resize_bilinear_backward.out";
 }
 }

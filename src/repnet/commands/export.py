@@ -27,6 +27,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     t.add_argument("--num-classes", type=int, default=10, help="... and classes (default 10)")
     t.add_argument("--batch-size", type=int, default=8, help="the program's batch size (default 8)")
     t.add_argument("--no-rewrite", action="store_true", help="the stock export (for comparison)")
+    t.add_argument("--portable", action="store_true", help="ExecuTorch's portable kernels only (default: repnet's "
+                   "own kernels, which the runtime loads from build/device/kernels/librepnet_kernels.so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,10 +66,14 @@ def _training(args: argparse.Namespace) -> int:
     else:
         raise RepnetError("give --run / --adapter (a trained model) or --backbone (a fresh one)")
     size = args.image_size or int(getattr(model, "image_size", 224))
-    prog = export_training_program(model.eval(), args.batch_size, size, rewrite=not args.no_rewrite)
+    prog = export_training_program(model.eval(), args.batch_size, size, rewrite=not args.no_rewrite,
+                                   kernels=not args.portable)
     atomic_write_bytes(args.out, prog.buffer)
     done = ", ".join(f"{k} {v}" for k, v in prog.rewrites.items()) or "none (stock export)"
     print(f"wrote {args.out} ({len(prog.buffer) / 1e6:.2f} MB): planned memory {prog.planned_bytes / 1e6:.2f} MB "
           f"(weights {prog.weights_bytes / 1e6:.2f} MB apart), batch {args.batch_size}, {size} px, "
           f"{len(prog.trainable)} trained tensors; rewrites: {done}")
+    if prog.kernels:
+        print("it runs repnet's kernels: load build/device/kernels/librepnet_kernels.so (repnet.executorch_kernels."
+              "load_kernels) or link repnet_kernels into the device trainer; --portable for ExecuTorch's own only")
     return 0
