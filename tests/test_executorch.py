@@ -45,7 +45,13 @@ class Tiny(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def _grads_match(model, prog, batch=2, size=16, classes=4):
+def _grads_match(model, prog, batch=2, size=16, classes=4, portable=None):
+    """Loss, logits and every trained gradient of one forward_backward of ``prog`` equal eager PyTorch's (and,
+    given, the ``portable`` program's: 1e-5 of each tensor's largest magnitude)."""
+    if prog.kernels:  # repnet's kernels (repnet.executorch_kernels): their library in this process
+        from repnet.executorch_kernels import load_kernels
+
+        load_kernels()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
@@ -63,6 +69,13 @@ def _grads_match(model, prog, batch=2, size=16, classes=4):
         ref = model.get_parameter(n).grad
         got = grads[f"model.{n}"]
         assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-7, n
+    if portable is not None:
+        p_mod = _load_for_executorch_for_training_from_buffer(portable.buffer)
+        p_loss, p_logits = p_mod.forward_backward("forward", (x, y))
+        p_grads = p_mod.named_gradients()
+        for got, ref, what in ((loss, p_loss, "loss"), (logits, p_logits, "logits"),
+                               *((grads[f"model.{n}"], p_grads[f"model.{n}"], n) for n in trained)):
+            assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-7, f"{what} vs portable"
 
 
 def test_passes_keep_gradients_and_free_what_the_backward_does_not_need():
@@ -239,7 +252,9 @@ def test_unsupported_patterns_fail_in_one_line():
 @pytest.mark.parametrize("backbone", ["proxylessnas_mobile", "mobilenet_v2"])
 @pytest.mark.parametrize("method", ["repnet", "bias", "last"])
 def test_forward_backward_equals_eager_for_real_backbones(backbone, method):
-    """Every method as --runtime executorch builds it (Rep-Net: GroupNorm modules), every pass on."""
+    """Every method as --runtime executorch builds it (Rep-Net: GroupNorm modules; frozen weights in 8 bits), every
+    pass on: the program on repnet's kernels equals eager PyTorch and the portable program (kernels=False), which
+    equals eager PyTorch too."""
     torch.manual_seed(0)
     model = repnet.get_model(backbone, method, 4, image_size=32, pretrained=False, **program_build(method)).eval()
     with torch.no_grad():  # a head that is not zero: every gradient is non-trivial
@@ -252,8 +267,12 @@ def test_forward_backward_equals_eager_for_real_backbones(backbone, method):
         assert prog.rewrites["frozen_conv"] > 10 and prog.rewrites["activation_mask"] > 10
         assert prog.rewrites["pack_masks"] > 5 and prog.rewrites["inplace"] > 20
     if method == "repnet":
-        assert prog.rewrites["avg_pool"] > 0
-    _grads_match(model, prog, size=32)
+        assert prog.rewrites["avg_pool"] > 0 and prog.rewrites["kernel_resize"] > 0
+    assert prog.kernels and prog.rewrites["kernel_conv"] > 50
+    portable = export_training_program(model, 2, 32, kernels=False)
+    assert not portable.kernels
+    _grads_match(model, portable, size=32)
+    _grads_match(model, prog, size=32, portable=portable)
 
 
 def test_runtime_sgd_equals_torch_sgd():
@@ -283,7 +302,7 @@ def test_train_on_the_runtime_learns_digits_and_the_adapter_reloads(tmp_path, ca
     assert main(["--threads", "2", "train", "--runtime", "executorch", "--dataset", "digits", "--image-size", "32",
                  "--epochs", "2", "--workers", "0", "--quiet", "--out", str(out)]) == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
-    assert res["runtime"] == "executorch" and res["method"] == "repnet"
+    assert res["runtime"] == "executorch" and res["method"] == "repnet" and res["program_kernels"] == "repnet"
     assert res["test_accuracy"] >= 0.80, res["test_accuracy"]
     assert res["program_planned_mb"] > 0 and res["program_rewrites"]["pack_masks"] > 0
     model = repnet.from_pretrained(str(out / "adapter"), memory="vanilla").eval()
