@@ -135,8 +135,7 @@ def _rss_child(spec: dict) -> dict:
         with open(spec["pte"], "rb") as f:
             buffer = f.read()
         base_kb, reset = _status_kb("VmRSS"), _reset_peak()
-        mod = _load_for_executorch_for_training_from_buffer(buffer)
-        del buffer
+        mod = _load_for_executorch_for_training_from_buffer(buffer)  # (reads the buffer in place: keep it)
         sgd = None
         for _ in range(2):
             mod.forward_backward("forward", (x, y))
