@@ -96,6 +96,10 @@ def _cases():
         cases.append((f"conv2d {name}", ops.conv2d.default,
                       (x, wt, scale, bias, [s, s], [p, p], [1, 1], grp, *bnp, 1e-5, *act)))
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        if (ho * wo) % 8 == 0:
+            cases.append((f"conv2d_mask {name}", ops.conv2d_mask.default,
+                          (x, wt, scale, bias, [s, s], [p, p], [1, 1], grp, *bnp, 1e-5, *act, act[0], act[1])))
+        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         go = r(n, co, ho, wo)
         mask = bits(n * ci * h * w // 8) if (n * ci * h * w) % 8 == 0 else None
         gscale = pos(co) if quant else None
@@ -125,7 +129,8 @@ class _Calls(nn.Module):
     def forward(self, *tensors):
         it, outs = iter(tensors), []
         for _, op, args in self.cases:
-            outs.append(op(*[next(it) if isinstance(a, torch.Tensor) else a for a in args]))
+            out = op(*[next(it) if isinstance(a, torch.Tensor) else a for a in args])
+            outs.extend(out if isinstance(out, tuple) else (out,))
         return tuple(outs)
 
 
@@ -138,15 +143,17 @@ def test_every_kernel_equals_its_pytorch_reference_on_the_runtime():
     ep = torch.export.export(_Calls(cases), inputs, strict=False)
     prog = to_edge(ep).to_executorch()
     assert {f"{n}.out" for n in _program_ops(prog.buffer)} >= set(ek.kernel_ops())
-    got = _load_for_executorch_from_buffer(prog.buffer).forward(inputs)
-    for (name, op, args), out in zip(cases, got):
-        ref = op(*args)  # the CPU reference (repnet.executorch_kernels)
-        assert out.shape == ref.shape and out.dtype == ref.dtype, name
-        if ref.dtype == torch.uint8:
-            assert torch.equal(out, ref), name
-        else:
-            scale = float(ref.abs().max()) or 1.0
-            assert float((out - ref).abs().max()) <= 1e-5 * scale, name
+    got = iter(_load_for_executorch_from_buffer(prog.buffer).forward(inputs))
+    for name, op, args in cases:
+        refs = op(*args)  # the CPU reference (repnet.executorch_kernels)
+        for ref in refs if isinstance(refs, tuple) else (refs,):
+            out = next(got)
+            assert out.shape == ref.shape and out.dtype == ref.dtype, name
+            if ref.dtype == torch.uint8:
+                assert torch.equal(out, ref), name
+            else:
+                scale = float(ref.abs().max()) or 1.0
+                assert float((out - ref).abs().max()) <= 1e-5 * scale, name
 
 
 def test_reference_ops_equal_plain_pytorch():
@@ -275,21 +282,23 @@ def test_kernel_passes_leave_no_portable_conv_norm_or_mask_op():
     # 3 masks made (two ReLU6, one ReLU) and applied: the ReLU6 ones inside input gradients, the ReLU's apart
     assert r["kernel_masks"] == 6 and _op_counts(prog.buffer)["repnet::mask_fill"] == 1
     assert r["kernel_sums"] == 1  # the trained BN bias's gradient (the trained conv's bias: its backward's)
+    assert r["kernel_conv_mask"] == 3  # every mask is made by the conv before it, in its epilogue
     # what touches an activation map: our kernels, and the global pool (mean; its backward: expand, div) only
-    assert _ops_on_maps(prog.buffer) == {"repnet::conv2d", "repnet::conv2d_input_grad", "repnet::conv2d_weight_grad",
-                                         "repnet::mask_outside", "repnet::mask_fill", "repnet::channel_sum",
+    assert _ops_on_maps(prog.buffer) == {"repnet::conv2d", "repnet::conv2d_mask", "repnet::conv2d_input_grad",
+                                         "repnet::conv2d_weight_grad", "repnet::mask_fill", "repnet::channel_sum",
                                          "aten::mean", "aten::expand_copy", "aten::div"}
     assert {"aten::convolution", "aten::_native_batch_norm_legit_no_training", "aten::hardtanh", "aten::where",
             "aten::le", "aten::ge", "aten::relu"} <= _ops_on_maps(portable.buffer)
     # no int8 weight is cast to float in the graph (the one cast left: the loss's count of targets)
     assert _op_counts(prog.buffer)["dim_order_ops::_to_dim_order_copy"] == 1
     _equal_eager_and_portable(model, prog, portable)
-    assert prog.planned_bytes <= portable.planned_bytes
+    assert prog.planned_bytes <= 1.05 * portable.planned_bytes  # (the issue's bar; 224 px: benchmarks/device_speed.py)
 
 
 @pytest.mark.parametrize("name,left", [
     ("kernel_bn_act", "aten::_native_batch_norm_legit_no_training"),
     ("kernel_masks", "aten::where"),
+    ("kernel_conv_mask", "repnet::mask_outside"),
     ("kernel_grad_scale", "aten::mul"),
     ("kernel_sums", "aten::sum"),
 ])
@@ -336,10 +345,19 @@ def test_unknown_kernel_pass_is_refused():
 
 
 def test_frozen_weights_stay_int8_in_the_program():
-    """The program's constants hold the int8 codes and scales; no float copy of a frozen weight is stored or
-    planned (the kernels dequantise tiles as they go)."""
-    _, prog, portable = _block_programs()
+    """The program's constants are the int8 codes and scales (as the portable program's), and no float tensor of a
+    frozen weight's shape is made: the kernels dequantise tiles as they go (the portable program plans one)."""
+    model, prog, portable = _block_programs()
     assert prog.weights_bytes == portable.weights_bytes
-    # the portable program plans float copies of the dequantised weights; ours none
-    assert prog.planned_bytes < portable.planned_bytes
-    assert os.path.basename(str(ek.library_path())) == "librepnet_kernels.so" or os.environ.get(ek.LIBRARY_ENV)
+    assert len(prog.buffer) <= len(portable.buffer)  # the same constants, fewer instructions (no file growth)
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import Tensor
+
+    frozen = {tuple(m.weight_codes.shape) for m in model.modules() if hasattr(m, "weight_codes")}
+
+    def float_weight_shaped(buffer):
+        plan = deserialize_pte_binary(buffer).program.execution_plan[0]
+        return [v.val.sizes for v in plan.values if isinstance(v.val, Tensor) and v.val.scalar_type == 6  # float
+                and tuple(v.val.sizes) in frozen and v.val.allocation_info is not None]
+
+    assert float_weight_shaped(portable.buffer) and not float_weight_shaped(prog.buffer)

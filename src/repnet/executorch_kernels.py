@@ -17,6 +17,8 @@ operator registry (in ``libexecutorch.so``, shared by the Python bindings and th
     the next activation's 1-bit mask applied to the result;
 ``repnet::conv2d_weight_grad``
     the weight gradient of a trained convolution (Rep-Net's modules);
+``repnet::conv2d_mask``
+    ``conv2d`` that also writes its result's 1-bit mask (a ReLU6's) in the epilogue;
 ``repnet::mask_outside`` / ``repnet::mask_fill``
     a ReLU / ReLU6's 1-bit mask made in one pass (``(x <= lo) | (x >= hi)``, 8 per byte: the
     layout of :func:`repnet.executorch_passes.pack_masks`) and its backward (``where``);
@@ -46,7 +48,7 @@ from .errors import RepnetError
 
 __all__ = ["KERNEL_PASSES", "run_kernel_passes", "load_kernels", "library_path", "kernel_ops",
            "NO_BOUND", "pack_bits", "unpack_bits", "kernel_conv", "kernel_bn_act", "kernel_masks",
-           "kernel_grad_scale", "kernel_sums", "kernel_avg_pool", "LIBRARY_ENV", "set_runtime_threads",
+           "kernel_grad_scale", "kernel_sums", "kernel_avg_pool", "kernel_conv_mask", "LIBRARY_ENV", "set_runtime_threads",
            "export_substitutions"]
 
 aten = torch.ops.aten
@@ -176,6 +178,32 @@ def _define(name: str, schema: str, ref):
 for _name, _schema in _SCHEMAS.items():
     _define(_name, _schema, _REFERENCE[_name])
 
+
+def _conv2d_mask(*args):
+    y = _conv2d(*args[:-2]).contiguous()
+    return y, _mask_outside(y, *args[-2:])
+
+
+# conv2d with its result's 1-bit mask made in the epilogue (two outputs): kernel_conv_mask
+_CONV2D_MASK = _SCHEMAS["conv2d"].replace("conv2d(", "conv2d_mask(", 1)[:-1] + ", float mask_lo, float mask_hi"
+_LIB.define(_CONV2D_MASK + ") -> (Tensor, Tensor)")
+_LIB.define(_CONV2D_MASK.replace("conv2d_mask(", "conv2d_mask.out(", 1)
+            + ", *, Tensor(a!) out, Tensor(b!) mask) -> (Tensor(a!), Tensor(b!))")
+
+
+def _conv2d_mask_out(*args, out, mask):
+    y, m = _conv2d_mask(*args)
+    out.resize_(y.shape).copy_(y)
+    mask.resize_(m.shape).copy_(m)
+    return out, mask
+
+
+_LIB.impl("conv2d_mask", _conv2d_mask, "CompositeExplicitAutograd")
+_LIB.impl("conv2d_mask.out", _conv2d_mask_out, "CompositeExplicitAutograd")
+torch.library.register_fake("repnet::conv2d_mask", _conv2d_mask, lib=_LIB)
+torch.library.register_fake("repnet::conv2d_mask.out", lambda *args, out, mask: (out, mask), lib=_LIB)
+_REFERENCE["conv2d_mask"] = _conv2d_mask
+
 ops = torch.ops.repnet
 
 
@@ -193,7 +221,7 @@ torch.library.register_autograd("repnet::resize_bilinear", _resize_grad, setup_c
 
 def kernel_ops() -> tuple[str, ...]:
     """The out-variant operator names a program calls when it uses our kernels."""
-    return tuple(f"repnet::{n}.out" for n in _SCHEMAS)
+    return tuple(f"repnet::{n}.out" for n in _REFERENCE)
 
 
 # ----------------------------------------------------------------------------- the shared library
@@ -237,8 +265,8 @@ def load_kernels() -> int:
     registered = set(portable_lib._get_operator_names())
     missing = [op for op in kernel_ops() if op not in registered]
     if missing:
-        raise RepnetError(f"{path} loaded, but the runtime does not see {', '.join(missing)}: it was built against "
-                          "another executorch than the one installed (rebuild: bash scripts/setup.sh)")
+        raise RepnetError(f"{path} loaded, but the runtime does not see {', '.join(missing)}: an older build, or one "
+                          "against another executorch than the one installed (rebuild: bash scripts/setup.sh)")
     _loaded[key] = n
     return n
 
@@ -595,6 +623,33 @@ def kernel_masks(graph: torch.fx.Graph) -> int:
     return done
 
 
+def kernel_conv_mask(graph: torch.fx.Graph) -> int:
+    """A ``mask_outside`` of a ``repnet::conv2d``'s result (a ReLU6's mask, after kernel_bn_act and
+    kernel_masks) is made by the conv itself, in its epilogue (``repnet::conv2d_mask``): no second
+    pass over the activation. Maps whose size is a multiple of 8 (each plane is whole bytes)."""
+    done = 0
+    for node in list(graph.nodes):
+        if not _is(node, ops.mask_outside.default):
+            continue
+        y, lo, hi = node.args
+        v = _val(y)
+        if not (_is(y, ops.conv2d.default) and (v.shape[2] * v.shape[3]) % 8 == 0):
+            continue
+        fused = _call(graph, ops.conv2d_mask.default, *y.args, lo, hi, before=y)
+        parts = []
+        for i in range(2):
+            with graph.inserting_after(parts[-1] if parts else fused):
+                part = graph.call_function(operator.getitem, (fused, i))
+            part.meta["val"] = fused.meta["val"][i]
+            parts.append(part)
+        y.replace_all_uses_with(parts[0])
+        node.replace_all_uses_with(parts[1])
+        graph.erase_node(node)
+        graph.erase_node(y)
+        done += 1
+    return done
+
+
 def _channel_vector(node, channels: int):
     """The [C] tensor that ``node`` ([1, C, 1, 1]: unsqueezes or a view of one) broadcasts, or None."""
     v = _val(node)
@@ -655,10 +710,11 @@ def kernel_sums(graph: torch.fx.Graph) -> int:
 #: the rewrites onto our kernels, in the order they run (after executorch_passes.PASSES);
 #: ``kernel_resize`` works while the model is traced (:func:`export_substitutions`)
 KERNEL_PASSES = ("kernel_resize", "kernel_avg_pool", "kernel_conv", "kernel_bn_act", "kernel_masks",
-                 "kernel_grad_scale", "kernel_sums")
+                 "kernel_conv_mask", "kernel_grad_scale", "kernel_sums")
 
 _STEPS = {"kernel_avg_pool": kernel_avg_pool, "kernel_conv": kernel_conv, "kernel_bn_act": kernel_bn_act,
-          "kernel_masks": kernel_masks, "kernel_grad_scale": kernel_grad_scale, "kernel_sums": kernel_sums}
+          "kernel_masks": kernel_masks, "kernel_conv_mask": kernel_conv_mask, "kernel_grad_scale": kernel_grad_scale,
+          "kernel_sums": kernel_sums}
 
 
 def run_kernel_passes(ep, passes=KERNEL_PASSES) -> dict:

@@ -82,6 +82,15 @@ struct Epilogue {
   float lo = -kInf, hi = kInf;  // clamp
   bool clamp_lo = false, clamp_hi = false;
   const uint8_t* mask = nullptr;  // 1 bit per destination element (flat NCHW): set -> 0
+  // 1-bit mask of the result, (v <= bits_lo) | (v >= bits_hi), written for whole bytes (a plane's size
+  // is a multiple of 8)
+  uint8_t* bits_out = nullptr;
+  float bits_lo = 0.0f, bits_hi = 0.0f;
+  bool bits_use_lo = false, bits_use_hi = false;
+  inline void bits(const float* row, int64_t flat0, int64_t len) const {
+    for (int64_t i = 0; i + 8 <= len; i += 8)
+      bits_out[(flat0 + i) >> 3] = pack8_outside(row + i, bits_lo, bits_hi, bits_use_lo, bits_use_hi);
+  }
   // row: destination values of channel c at flat positions [flat0, flat0 + len)
   inline void apply(float* row, int64_t c, int64_t flat0, int64_t len) const {
     if (bias) {
@@ -270,6 +279,7 @@ void run_depthwise(const float* src, float* dst, const Weight& w, const Geom& g,
       for (int64_t j = 0; j < g.kw; ++j) wp[i * g.kw + j] = weff(w, g, c, 0, i, j);
     const Plane pl = make_plane(src + t * g.hs * g.ws, g);
     fn(pl, wp, dst + t * g.hd * g.wd, g, ep, c, t * g.hd * g.wd);
+    if (ep.bits_out) ep.bits(dst + t * g.hd * g.wd, t * g.hd * g.wd, g.hd * g.wd);
   });
 }
 
@@ -409,7 +419,11 @@ void run_gemm(const float* src, float* dst, const Weight& w, const Geom& g, cons
       float* out = dst + (n * g.cd + d0) * p + p0;
       MapM C(out, rows, tp, Eigen::OuterStride<>(p));
       C.noalias() = A * MapC(bptr, k, tp, Eigen::OuterStride<>(ldb));
-      for (int64_t r = 0; r < rows; ++r) ep.apply(out + r * p, d0 + r, (n * g.cd + d0 + r) * p + p0, tp);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t flat = (n * g.cd + d0 + r) * p + p0;
+        ep.apply(out + r * p, d0 + r, flat, tp);
+        if (ep.bits_out) ep.bits(out + r * p, flat, tp);
+      }
     }
   });
 }
@@ -456,8 +470,9 @@ bool read_weight(KernelRuntimeContext& ctx, const Tensor& wt, const Tensor* scal
 // conv2d(Tensor input, Tensor weight, Tensor? weight_scale, Tensor? bias, int[] stride,
 //        int[] padding, int[] dilation, int groups, Tensor? bn_weight, Tensor? bn_bias,
 //        Tensor? bn_mean, Tensor? bn_var, float bn_eps, float act_min, float act_max, *, Tensor(a!) out)
-void conv2d_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  RK_CHECK(ctx, stack.size() >= 16, "conv2d: expected 16 arguments, got %zu", stack.size());
+namespace {
+void conv2d_impl(KernelRuntimeContext& ctx, Span<EValue*> stack, Tensor& out, Tensor* bits, double bits_lo,
+                 double bits_hi) {
   const Tensor& x = stack[0]->toTensor();
   const Tensor& wt = stack[1]->toTensor();
   const Tensor* scale = opt_tensor(stack[2]);
@@ -473,7 +488,6 @@ void conv2d_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const Tensor* bnv = opt_tensor(stack[11]);
   const double eps = stack[12]->toDouble();
   const double lo = stack[13]->toDouble(), hi = stack[14]->toDouble();
-  Tensor& out = stack[15]->toTensor();
   RK_CHECK(ctx, is_plain(x, ScalarType::Float) && x.dim() == 4, "conv2d: input must be a contiguous float NCHW tensor");
   Weight w;
   RK_CHECK(ctx, read_weight(ctx, wt, scale, w), "conv2d: weight must be float [Co, Ci/g, kh, kw], or int8 with a "
@@ -528,7 +542,32 @@ void conv2d_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   ep.hi = static_cast<float>(hi);
   ep.clamp_lo = lo > -3.0e38;
   ep.clamp_hi = hi < 3.0e38;
+  if (bits) {
+    const int64_t nbytes = out.numel() / 8;
+    RK_CHECK(ctx, (g.hd * g.wd) % 8 == 0 && bits->scalar_type() == ScalarType::Byte && bits->dim() == 1 &&
+             resize_to(*bits, &nbytes, 1), "conv2d_mask: the mask must be uint8 [numel / 8] of maps whose size is a "
+             "multiple of 8");
+    ep.bits_out = bits->mutable_data_ptr<uint8_t>();
+    ep.bits_use_lo = bits_lo > -3.0e38;
+    ep.bits_use_hi = bits_hi < 3.0e38;
+    ep.bits_lo = static_cast<float>(bits_lo);
+    ep.bits_hi = static_cast<float>(bits_hi);
+  }
   run_conv(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), w, g, ep);
+}
+}  // namespace
+
+void conv2d_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  RK_CHECK(ctx, stack.size() >= 16, "conv2d: expected 16 arguments, got %zu", stack.size());
+  conv2d_impl(ctx, stack, stack[15]->toTensor(), nullptr, 0.0, 0.0);
+}
+
+// conv2d_mask(<conv2d's arguments>, float mask_lo, float mask_hi, *, Tensor(a!) out, Tensor(b!) mask):
+// conv2d, and the 1-bit mask (out <= mask_lo) | (out >= mask_hi) of its result, made in its epilogue
+void conv2d_mask_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  RK_CHECK(ctx, stack.size() >= 19, "conv2d_mask: expected 19 arguments, got %zu", stack.size());
+  conv2d_impl(ctx, stack, stack[17]->toTensor(), &stack[18]->toTensor(), stack[15]->toDouble(),
+              stack[16]->toDouble());
 }
 
 // conv2d_input_grad(Tensor grad_output, Tensor weight, Tensor? weight_scale, Tensor? grad_scale,

@@ -10,6 +10,7 @@
 
 namespace repnet_kernels {
 void conv2d_out(KernelRuntimeContext&, Span<EValue*>);
+void conv2d_mask_out(KernelRuntimeContext&, Span<EValue*>);
 void conv2d_input_grad_out(KernelRuntimeContext&, Span<EValue*>);
 void conv2d_weight_grad_out(KernelRuntimeContext&, Span<EValue*>);
 void mask_outside_out(KernelRuntimeContext&, Span<EValue*>);
@@ -30,6 +31,7 @@ void traced(KernelRuntimeContext& ctx, Span<EValue*> stack) {
 }
 
 constexpr char kConv2d[] = "repnet::conv2d.out";
+constexpr char kConv2dMask[] = "repnet::conv2d_mask.out";
 constexpr char kConv2dInputGrad[] = "repnet::conv2d_input_grad.out";
 constexpr char kConv2dWeightGrad[] = "repnet::conv2d_weight_grad.out";
 constexpr char kMaskOutside[] = "repnet::mask_outside.out";
@@ -40,6 +42,7 @@ constexpr char kResizeBackward[] = "repnet::resize_bilinear_backward.out";
 
 const Kernel kKernels[] = {
     Kernel(kConv2d, traced<conv2d_out, kConv2d>),
+    Kernel(kConv2dMask, traced<conv2d_mask_out, kConv2dMask>),
     Kernel(kConv2dInputGrad, traced<conv2d_input_grad_out, kConv2dInputGrad>),
     Kernel(kConv2dWeightGrad, traced<conv2d_weight_grad_out, kConv2dWeightGrad>),
     Kernel(kMaskOutside, traced<mask_outside_out, kMaskOutside>),
@@ -71,7 +74,7 @@ extern "C" {
 __attribute__((visibility("default"))) int repnet_kernels_register() { return repnet_kernels::do_register(); }
 // the names, one per line (for the Python loader's checks)
 __attribute__((visibility("default"))) const char* repnet_kernels_names() {
-  return "repnet::conv2d.out\nrepnet::conv2d_input_grad.out\nrepnet::conv2d_weight_grad.out\n"
+  return "repnet::conv2d.out\nrepnet::conv2d_mask.out\nrepnet::conv2d_input_grad.out\nrepnet::conv2d_weight_grad.out\n"
          "repnet::mask_outside.out\nrepnet::mask_fill.out\nrepnet::channel_sum.out\nrepnet::resize_bilinear.out\n"
          "repnet::resize_bilinear_backward.out";
 }
