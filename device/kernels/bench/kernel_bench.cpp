@@ -402,6 +402,9 @@ std::vector<Conv> bench_cases() {
       {"pw 960->160 @7", 8, 960, 7, 7, 160, 1, 1, 0, 1, true, true, false, true, true},
       {"pw 320->1280 @7", 8, 320, 7, 7, 1280, 1, 1, 0, 1, true, true, true, false, true},
       {"repnet 5x5 g2 24 @28 (fp32)", 8, 24, 28, 28, 24, 5, 1, 2, 2, false, false, false, false, false},
+      {"dw 7x7 s1 1152 @7", 8, 1152, 7, 7, 1152, 7, 1, 3, 1152, true, true, true, true, true},
+      {"pw 192->1152 @7", 8, 192, 7, 7, 1152, 1, 1, 0, 1, true, true, true, true, true},
+      {"dw 5x5 s1 288 @14", 8, 288, 14, 14, 288, 5, 1, 2, 288, true, true, true, true, true},
   };
 }
 

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -87,7 +88,7 @@ inline void parallel(int64_t n, const F& f) {
 // Per-thread scratch, reused across calls (bounded: kernels tile their work so that a thread
 // never needs more than a few hundred KB).
 inline float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> buf[4];
+  thread_local std::vector<float> buf[6];
   auto& b = buf[slot];
   if (b.size() < n) b.resize(n + 64);
   return b.data();

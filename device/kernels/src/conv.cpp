@@ -24,6 +24,10 @@
 
 #include <Eigen/Core>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace repnet_kernels {
 namespace {
 
@@ -82,6 +86,7 @@ struct Epilogue {
   float lo = -kInf, hi = kInf;  // clamp
   bool clamp_lo = false, clamp_hi = false;
   const uint8_t* mask = nullptr;  // 1 bit per destination element (flat NCHW): set -> 0
+  int64_t mask_bytes = 0;
   // 1-bit mask of the result, (v <= bits_lo) | (v >= bits_hi), written for whole bytes (a plane's size
   // is a multiple of 8)
   uint8_t* bits_out = nullptr;
@@ -196,7 +201,27 @@ inline vf16 load16(const float* p) {
   return v;
 }
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+typedef int32_t vi16 __attribute__((vector_size(64)));
 static_assert(kBlock == 16, "one vf16 per block");
+
+// the first n (< 16) lanes of v to p
+inline void store_first(float* p, vf16 v, int64_t n) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512&>(v));
+#else
+  for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+#endif
+}
+
+// 16 bits of a 1-bit mask starting at bit f (bit i of byte j: element 8j + i)
+inline uint32_t mask16(const uint8_t* m, int64_t nbytes, int64_t f) {
+  const int64_t b = f >> 3;
+  uint32_t word = 0;
+  if (b + 4 <= nbytes) std::memcpy(&word, m + b, 4);
+  else
+    for (int64_t k = 0; k < 4 && b + k < nbytes; ++k) word |= uint32_t(m[b + k]) << (8 * k);
+  return (word >> (f & 7)) & 0xFFFFu;
+}
 
 // destination plane from P: blocks of 16 columns accumulated in registers over the taps, the
 // epilogue's per-channel affine + clamp applied in registers
@@ -232,15 +257,15 @@ void dw_plane(const Plane& pl, const float* w, float* dst, const Geom& g, const 
       if (affine) acc = acc * mul + add;
       if (ep.clamp_lo) acc = acc < lo ? lo : acc;
       if (ep.clamp_hi) acc = acc > hi ? hi : acc;
+      if (ep.mask) {  // lanes whose mask bit is set -> 0
+        const vi16 lanes = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+        const vi16 set = (vi16{} + int32_t(mask16(ep.mask, ep.mask_bytes, flat0 + oh * g.wd + x0))) & lanes;
+        acc = set != 0 ? vf16{} : acc;
+      }
       const int64_t n = std::min(kBlock, g.wd - x0);
       if (n == kBlock) store16(drow + x0, acc);
-      else {
-        float tmp[kBlock];
-        store16(tmp, acc);
-        std::memcpy(drow + x0, tmp, sizeof(float) * size_t(n));
-      }
+      else store_first(drow + x0, acc, n);
     }
-    if (ep.mask) fill_masked(drow, drow, ep.mask, flat0 + oh * g.wd, g.wd, 0.0f);
   }
 }
 
@@ -274,9 +299,15 @@ void run_depthwise(const float* src, float* dst, const Weight& w, const Geom& g,
   parallel(planes, [&](int64_t t) {
     const int64_t c = t % g.cd;
     float wk[64];
-    float* wp = g.kh * g.kw <= 64 ? wk : scratch(2, size_t(g.kh * g.kw));
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j) wp[i * g.kw + j] = weff(w, g, c, 0, i, j);
+    const int64_t kk = g.kh * g.kw;
+    float* wp = kk <= 64 ? wk : scratch(2, size_t(kk));
+    // channel c's kernel (flipped for an input gradient), dequantised as the graph would: code * scale
+    const float extra = w.extra ? w.extra[c] : 1.0f;
+    for (int64_t e = 0; e < kk; ++e) {
+      const int64_t src_e = g.transposed ? kk - 1 - e : e;
+      const float v = w.f ? w.f[c * kk + src_e] : static_cast<float>(w.q[c * kk + src_e]) * w.scale[c];
+      wp[e] = w.extra ? v * extra : v;
+    }
     const Plane pl = make_plane(src + t * g.hs * g.ws, g);
     fn(pl, wp, dst + t * g.hd * g.wd, g, ep, c, t * g.hd * g.wd);
     if (ep.bits_out) ep.bits(dst + t * g.hd * g.wd, t * g.hd * g.wd, g.hd * g.wd);
@@ -628,6 +659,7 @@ void conv2d_input_grad_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
     RK_CHECK(ctx, mask->scalar_type() == ScalarType::Byte && mask->numel() * 8 == out.numel(),
              "conv2d_input_grad: the mask must be uint8 codes, one bit per output element");
     ep.mask = mask->const_data_ptr<uint8_t>();
+    ep.mask_bytes = mask->numel();
   }
   run_conv(go.const_data_ptr<float>(), out.mutable_data_ptr<float>(), w, g, ep);
 }
