@@ -143,7 +143,15 @@ def test_every_kernel_equals_its_pytorch_reference_on_the_runtime():
     ep = torch.export.export(_Calls(cases), inputs, strict=False)
     prog = to_edge(ep).to_executorch()
     assert {f"{n}.out" for n in _program_ops(prog.buffer)} >= set(ek.kernel_ops())
-    got = iter(_load_for_executorch_from_buffer(prog.buffer).forward(inputs))
+    mod = _load_for_executorch_from_buffer(prog.buffer)
+    outs = mod.forward(inputs)
+    ek.set_runtime_threads(2)  # the same results on two threads (tiles split differently)
+    try:
+        for a, b in zip(outs, mod.forward(inputs)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    finally:
+        ek.set_runtime_threads(1)
+    got = iter(outs)
     for name, op, args in cases:
         refs = op(*args)  # the CPU reference (repnet.executorch_kernels)
         for ref in refs if isinstance(refs, tuple) else (refs,):
