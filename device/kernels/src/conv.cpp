@@ -416,13 +416,39 @@ void weight_block(const Weight& w, const Geom& g, int64_t d0, int64_t rows, floa
   }
 }
 
+// The input gradient of a 1x1 conv reads weight columns: dequantise the forward weight's rows
+// instead ([k = source channels of the group] x rows, contiguous reads) and multiply by its transpose.
+void weight_block_t(const Weight& w, const Geom& g, int64_t d0, int64_t rows, float* wt) {
+  const int64_t grp = d0 / g.cdg(), ci0 = d0 - grp * g.cdg();
+  for (int64_t s = 0; s < g.csg(); ++s) {
+    const int64_t co = grp * g.csg() + s;
+    float* row = wt + s * rows;
+    float f = w.extra ? w.extra[co] : 1.0f;
+    if (w.f) {
+      const float* src = w.f + co * w.k() + ci0;
+      for (int64_t r = 0; r < rows; ++r) row[r] = src[r] * f;
+    } else {
+      const int8_t* src = w.q + co * w.k() + ci0;
+      const float sc = w.scale[co];
+      if (w.extra)
+        for (int64_t r = 0; r < rows; ++r) row[r] = static_cast<float>(src[r]) * sc * f;
+      else
+        for (int64_t r = 0; r < rows; ++r) row[r] = static_cast<float>(src[r]) * sc;
+    }
+  }
+}
+
 void run_gemm(const float* src, float* dst, const Weight& w, const Geom& g, const Epilogue& ep) {
   const int64_t k = g.k(), p = g.hd * g.wd, hw = g.hs * g.ws;
   const Tiling t = gemm_tiling(g);
-  // a task: one weight block (dequantised once) x a run of (image, position tile) items
+  const bool columns = g.transposed && g.kh == 1 && g.kw == 1;  // weff = a transposed block of W
+  // a task: one weight block (dequantised once) x a run of (image, position tile) items; no more
+  // runs than needed for the threads, and each of at least ~2K destination columns (dequantising is
+  // then a small part of the work)
   const int64_t items = g.n * t.ntp, blocks = g.groups * t.nrb;
   const int64_t threads = std::max<int64_t>(1, executorch::extension::get_thread_count());
-  const int64_t chunks = std::min(items, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
+  const int64_t by_work = std::max<int64_t>(1, items * t.tp / 2048);
+  const int64_t chunks = std::min({items, by_work, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks)});
   const int64_t per_chunk = (items + chunks - 1) / chunks;
   parallel(blocks * chunks, [&](int64_t task) {
     const int64_t block = task / chunks, chunk = task % chunks;
@@ -430,8 +456,11 @@ void run_gemm(const float* src, float* dst, const Weight& w, const Geom& g, cons
     const int64_t d0 = grp * g.cdg() + rb * t.rows;
     const int64_t rows = std::min(t.rows, (grp + 1) * g.cdg() - d0);
     float* wb = scratch(0, size_t(rows * k));
-    weight_block(w, g, d0, rows, wb);
-    const MapC A(wb, rows, k, Eigen::OuterStride<>(k));
+    if (columns) weight_block_t(w, g, d0, rows, wb);
+    else weight_block(w, g, d0, rows, wb);
+    // A = rows x k: the block, or the transpose of the (k x rows) block of W
+    const MapC Arow(wb, rows, k, Eigen::OuterStride<>(k));
+    const MapC Acol(wb, k, rows, Eigen::OuterStride<>(rows));
     for (int64_t item = chunk * per_chunk; item < std::min(items, (chunk + 1) * per_chunk); ++item) {
       const int64_t n = item / t.ntp, it = item % t.ntp;
       const int64_t p0 = it * t.tp, tp = std::min(t.tp, p - p0);
@@ -449,7 +478,9 @@ void run_gemm(const float* src, float* dst, const Weight& w, const Geom& g, cons
       }
       float* out = dst + (n * g.cd + d0) * p + p0;
       MapM C(out, rows, tp, Eigen::OuterStride<>(p));
-      C.noalias() = A * MapC(bptr, k, tp, Eigen::OuterStride<>(ldb));
+      const MapC B(bptr, k, tp, Eigen::OuterStride<>(ldb));
+      if (columns) C.noalias() = Acol.transpose() * B;
+      else C.noalias() = Arow * B;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t flat = (n * g.cd + d0 + r) * p + p0;
         ep.apply(out + r * p, d0 + r, flat, tp);
