@@ -25,6 +25,7 @@ LAYERS = [
     ("repnet.methods", 3),
     ("repnet.api", 4), ("repnet.tinytl_reference", 5),
     ("repnet.config", 5), ("repnet.loop", 5), ("repnet.executorch_training", 5), ("repnet.executorch_passes", 5),
+    ("repnet.executorch_kernels", 5),
     ("repnet.plots", 5), ("repnet.profiling", 5),
     ("repnet.training", 6), ("repnet.export", 6), ("repnet.hyblearn", 6), ("repnet.fedcore", 6),
     ("repnet.planner", 6),
