@@ -150,7 +150,8 @@ def _rss_child(spec: dict) -> dict:
 
 def rss_in_child(spec: dict) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_rss", json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode or not lines:
         err = (res.stderr.strip().splitlines() or ["?"])[-1]

@@ -57,8 +57,8 @@ def _ops_on_maps(buffer: bytes) -> set[str]:
     for chain in plan.chains:
         for ins in chain.instructions:
             a = ins.instr_args
-            if isinstance(a, KernelCall) and any(isinstance(v, Tensor) and len(v.sizes) == 4 and v.sizes[2] * v.sizes[3] > 1
-                                                 for v in (plan.values[i].val for i in a.args)):
+            vals = [plan.values[i].val for i in a.args] if isinstance(a, KernelCall) else []
+            if any(isinstance(v, Tensor) and len(v.sizes) == 4 and v.sizes[2] * v.sizes[3] > 1 for v in vals):
                 out.add(plan.operators[a.op_index].name)
     return out
 

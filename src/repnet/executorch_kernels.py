@@ -23,7 +23,10 @@ operator registry (in ``libexecutorch.so``, shared by the Python bindings and th
     a ReLU / ReLU6's 1-bit mask made in one pass (``(x <= lo) | (x >= hi)``, 8 per byte: the
     layout of :func:`repnet.executorch_passes.pack_masks`) and its backward (``where``);
 ``repnet::channel_sum``
-    a bias gradient (sum over N, H, W).
+    a bias gradient (sum over N, H, W);
+``repnet::resize_bilinear`` / ``repnet::resize_bilinear_backward``
+    ``F.interpolate(mode="bilinear")`` and its backward (Rep-Net's modules), traced as such while
+    the model is exported (:func:`export_substitutions`).
 
 Each op has a functional schema and an out variant (``torch.library``: what ``torch.export``,
 ``to_edge`` and ExecuTorch's memory planning read), a reference implementation in PyTorch (eager
@@ -46,10 +49,9 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import RepnetError
 
-__all__ = ["KERNEL_PASSES", "run_kernel_passes", "load_kernels", "library_path", "kernel_ops",
-           "NO_BOUND", "pack_bits", "unpack_bits", "kernel_conv", "kernel_bn_act", "kernel_masks",
-           "kernel_grad_scale", "kernel_sums", "kernel_avg_pool", "kernel_conv_mask", "LIBRARY_ENV", "set_runtime_threads",
-           "export_substitutions"]
+__all__ = ["KERNEL_PASSES", "run_kernel_passes", "load_kernels", "library_path", "kernel_ops", "set_runtime_threads",
+           "export_substitutions", "NO_BOUND", "LIBRARY_ENV", "pack_bits", "unpack_bits", "kernel_avg_pool",
+           "kernel_conv", "kernel_bn_act", "kernel_masks", "kernel_conv_mask", "kernel_grad_scale", "kernel_sums"]
 
 aten = torch.ops.aten
 
@@ -452,10 +454,6 @@ def kernel_conv(graph: torch.fx.Graph) -> int:
     return done
 
 
-def _conv_args(node):
-    return list(node.args)
-
-
 def kernel_bn_act(graph: torch.fx.Graph) -> int:
     """A ``repnet::conv2d`` followed by an eval-mode batch norm (its only reader) takes the norm
     into its epilogue, and then a ReLU6 / ReLU / hardtanh after it. The activation's mask
@@ -465,7 +463,7 @@ def kernel_bn_act(graph: torch.fx.Graph) -> int:
     for node in list(graph.nodes):
         if not _is(node, ops.conv2d.default) or len(node.users) != 1:
             continue
-        args = _conv_args(node)
+        args = list(node.args)
         bn = next(iter(node.users))
         if (args[10] is None and _is(bn, aten._native_batch_norm_legit_no_training.default)
                 and bn.args[0] is node):
@@ -486,7 +484,7 @@ def kernel_bn_act(graph: torch.fx.Graph) -> int:
 
 
 def _fuse_activation(graph: torch.fx.Graph, conv: torch.fx.Node) -> bool:
-    args = _conv_args(conv)
+    args = list(conv.args)
     if args[13] > -NO_BOUND or args[14] < NO_BOUND:
         return False
     acts = [u for u in conv.users if _is(u, aten.hardtanh.default, aten.relu.default, aten.clamp.default)]
