@@ -327,6 +327,11 @@ def test_cli_export_training_program(tmp_path, capsys):
                  "--batch-size", "2", "--out", str(pte)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "planned memory" in out and "frozen_conv" in out and pte.stat().st_size > 0
+    assert "kernel_conv" in out and "runs repnet's kernels" in out  # on by default
+    assert main(["export", "--training", "--backbone", "mobilenet_v2", "--method", "last", "--image-size", "32",
+                 "--batch-size", "2", "--portable", "--out", str(tmp_path / "last.pte")]) == 0
+    out = capsys.readouterr().out
+    assert "kernel_conv" not in out and "repnet's kernels" not in out
     assert main(["export", "--training", "--backbone", "mobilenet_v2", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "is a .pte file" in capsys.readouterr().err
 
