@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages, one apt step for all: Fashion-MNIST (the demo's data); a compiler, OpenSSL's libcrypto
-# (SHA-256) and nlohmann-json for repnet-device (device/, the C++ trainer); ProvIoT's collectors (strace,
+# (SHA-256), nlohmann-json and Eigen for repnet-device (device/: the C++ trainer and repnet's ExecuTorch kernels); ProvIoT's collectors (strace,
 # auditd) and the tools its benign IoT workloads and attack emulations run (Mosquitto broker and clients,
 # sqlite3, curl, ss from iproute2). Each is installed only if missing.
 APT_NEEDS=(file:/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:dataset-fashion-mnist
            cmd:g++:g++ cmd:make:make pkg:libssl-dev:libssl-dev pkg:nlohmann-json3-dev:nlohmann-json3-dev
+           file:/usr/include/eigen3/Eigen/Core:libeigen3-dev
            cmd:strace:strace cmd:auditctl:auditd cmd:mosquitto:mosquitto cmd:mosquitto_pub:mosquitto-clients
            cmd:sqlite3:sqlite3 cmd:curl:curl cmd:ss:iproute2)
 MISSING=()
@@ -51,7 +52,8 @@ fi
 "${PIP[@]}" flatbuffers ruamel.yaml tabulate
 "${PIP[@]}" --no-deps executorch==1.5.1 torchao==0.18.0
 # repnet-device: CMake >= 3.28 (the ExecuTorch package's imported targets; Debian 12 has 3.25) from PyPI,
-# then device/ configured and built into build/device against the installed executorch wheel (incremental:
+# then device/ (the trainer, and repnet's kernels as build/device/kernels/librepnet_kernels.so, which the
+# Python runtime loads too) configured and built into build/device against the installed executorch wheel (incremental:
 # a second run rebuilds nothing). REPNET_BUILD_JOBS: parallel compile jobs (default 2).
 "${PIP[@]}" "cmake>=3.28,<5"
 ET_CMAKE=$(.venv/bin/python -c "import executorch, os; print(os.path.join(list(executorch.__path__)[0], 'lib', 'cmake', 'executorch'))")

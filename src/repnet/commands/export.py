@@ -31,6 +31,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "its recipe in the metadata, and its train / test splits packed beside the program "
                    "(<stem>-train.rpd, <stem>-test.rpd)")
     t.add_argument("--epochs", type=int, help="with --dataset: the epochs the metadata plans (default: the recipe's)")
+    t.add_argument("--portable", action="store_true", help="ExecuTorch's portable kernels only (default: repnet's "
+                   "own kernels, which the runtime loads from build/device/kernels/librepnet_kernels.so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +71,8 @@ def _training(args: argparse.Namespace) -> int:
     else:
         raise RepnetError("give --run / --adapter (a trained model) or --backbone (a fresh one)")
     size = args.image_size or int(getattr(model, "image_size", 224))
-    prog = export_training_program(model.eval(), args.batch_size, size, rewrite=not args.no_rewrite, evaluate=True)
+    prog = export_training_program(model.eval(), args.batch_size, size, rewrite=not args.no_rewrite, evaluate=True,
+                                   kernels=not args.portable)
     # beside the .pte: what repnet-device needs (the default recipe's optimizer and rates; docs/device.md)
     from repnet.config.recipes import load_recipe
     from repnet.runtime.device.files import program_metadata, write_program
@@ -83,7 +86,9 @@ def _training(args: argparse.Namespace) -> int:
     done = ", ".join(f"{k} {v}" for k, v in prog.rewrites.items()) or "none (stock export)"
     print(f"wrote {args.out} ({len(prog.buffer) / 1e6:.2f} MB) and its metadata (.json): planned memory "
           f"{prog.planned_bytes / 1e6:.2f} MB (weights {prog.weights_bytes / 1e6:.2f} MB apart), batch {args.batch_size}, "
-          f"{size} px, {len(prog.trainable)} trained tensors; rewrites: {done}")
+          f"{size} px, {len(prog.trainable)} trained tensors; rewrites: {done}"
+          + ("; it runs repnet's kernels (build/device/kernels/librepnet_kernels.so; --portable for ExecuTorch's own "
+             "only)" if prog.kernels else ""))
     return 0
 
 
@@ -98,7 +103,8 @@ def _device_bundle(args: argparse.Namespace) -> int:
         raise RepnetError("--dataset exports a fresh model's program for repnet-device: give --backbone, not "
                           "--adapter / --run")
     overrides = {"dataset": args.dataset, "runtime": "device", "backbone": args.backbone or "mobilenet_v2",
-                 "method": args.method, "batch_size": args.batch_size, "image_size": args.image_size or 224}
+                 "method": args.method, "batch_size": args.batch_size, "image_size": args.image_size or 224,
+                 "portable": args.portable}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.weights:

@@ -90,6 +90,9 @@ class TrainConfig:
     runtime: str = _f("eager", "where training steps run (see `repnet list`): eager (PyTorch, the memory engine), "
                       "executorch (an ExecuTorch training program on its runtime: eval-mode forward, its SGD with "
                       "momentum 0.9 at the runtime recipe's lr / lr_side, one batch size)", choices=runtime_names)
+    portable: bool = _f(False, "a runtime that trains an ExecuTorch program (executorch, device): export it with "
+                        "ExecuTorch's portable kernels only (default: repnet's own kernels, "
+                        "build/device/kernels/librepnet_kernels.so)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", session=True)
     workers: int = _f(min(4, os.cpu_count() or 1), "data-loader worker processes", session=True)
     checkpoint_every: int = _f(0, "also checkpoint every N steps (0: at epoch ends only)", session=True)

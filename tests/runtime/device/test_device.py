@@ -62,7 +62,11 @@ def _bad(*args, match: str, **kw) -> str:
 @pytest.fixture(scope="module")
 def prog(tmp_path_factory):
     """Rep-Net (GroupNorm modules) on a random-init MobileNetV2 at 32 px, batch 2, with its metadata
-    (SGD, momentum 0.9, constant lr) and a packed set of 16 random images."""
+    (SGD, momentum 0.9, constant lr) and a packed set of 16 random images. The program runs repnet's
+    kernels (the default): this process loads their library, as the C++ trainer links it."""
+    from repnet.runtime.executorch.kernels import load_kernels
+
+    load_kernels()
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("device")
     model = repnet.get_model("mobilenet_v2", "repnet", CLASSES, image_size=SIZE, pretrained=False,

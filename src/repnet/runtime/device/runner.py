@@ -117,7 +117,8 @@ def prepare_run(cfg, run_dir: Path, ctx, name: str = "program", data_names=("tra
     model = ctx.build_model(cfg, num_classes).eval()
     _, total_steps = ctx.plan_steps(len(train_ds), cfg)
     say(f"exporting the device training program ({cfg.image_size}px, batch {cfg.batch_size}) ...")
-    prog = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing, evaluate=True)
+    prog = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing, evaluate=True,
+                                   kernels=not cfg.portable)
     meta = program_metadata(model, prog, lr=cfg.lr, lr_side=cfg.lr_side, optimizer=optimizer_spec(cfg),
                             warmup_steps=CosineSchedule.for_run(total_steps, cfg.warmup_fraction).warmup_steps,
                             total_steps=total_steps, label_smoothing=cfg.label_smoothing, class_names=class_names,

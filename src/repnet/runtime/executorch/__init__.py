@@ -40,14 +40,16 @@ class Executorch(Runtime):
         from repnet.runtime.executorch.program import export_training_program
         from repnet.runtime.executorch.trainer import RuntimeTrainer
 
-        say(f"exporting the ExecuTorch training program ({cfg.image_size}px, batch {cfg.batch_size}) ...")
-        program = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing)
+        say(f"exporting the ExecuTorch training program ({cfg.image_size}px, batch {cfg.batch_size}"
+            f"{', portable kernels' if cfg.portable else ''}) ...")
+        program = export_training_program(model, cfg.batch_size, cfg.image_size, cfg.label_smoothing,
+                                          kernels=not cfg.portable)
         return RuntimeTrainer(model, program, cfg.lr, cfg.lr_side, momentum=0.9, weight_decay=cfg.weight_decay,
                               schedule=schedule)
 
     def profile(self, model, cfg, record: dict) -> dict:
         from repnet.runtime.executorch.program import analytic_planned_mb, program_memory
 
-        return {**program_memory(model, cfg.batch_size, cfg.image_size),
+        return {**program_memory(model, cfg.batch_size, cfg.image_size, kernels=not cfg.portable),
                 "analytic_planned_mb": analytic_planned_mb(record["analytic_peak_activation_mb"],
                                                            record["trainable_params"])}

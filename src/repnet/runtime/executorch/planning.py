@@ -14,7 +14,8 @@ import torch
 ELEMENTWISE = {"hardtanh": (0,), "relu": (0,), "clamp": (0,), "neg": (0,), "add": (0, 1), "sub": (0, 1),
                "mul": (0, 1), "div": (0,), "where": (1, 2), "bitwise_or": (0, 1), "bitwise_and": (0,), "logical_or": (0, 1),
                "ne": (0,), "eq": (0,), "le": (0,), "ge": (0,), "lt": (0,), "gt": (0,),
-               "_native_batch_norm_legit_no_training": (0,), "_to_copy": (0,), "_to_dim_order_copy": (0,)}
+               "_native_batch_norm_legit_no_training": (0,), "_to_copy": (0,), "_to_dim_order_copy": (0,),
+               "mask_fill": (0,)}  # (repnet::mask_fill: runtime.executorch.kernels)
 
 
 def _op_name(node: torch.fx.Node) -> str | None:

@@ -4,6 +4,7 @@ weighs. Ops the runtime cannot run backward are refused at export in one line (:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import torch
 from torch import nn
@@ -105,6 +106,7 @@ class TrainingProgram:
     image_size: int
     arena_bytes: int = 0  # the whole arena (the trained weights, alive throughout, included)
     eval_arena_bytes: int = 0  # the arena of the method ``evaluate`` (0: the program has none)
+    kernels: bool = False  # calls repnet's own kernels (runtime.executorch.kernels: the runtime loads the library)
 
 
 class EvalStep(nn.Module):
@@ -135,13 +137,16 @@ def _export_evaluation(model: nn.Module, trainable: list[str], x: torch.Tensor):
 
 
 def export_training_program(model: nn.Module, batch_size: int, image_size: int, label_smoothing: float = 0.0,
-                            rewrite: bool = True, passes=PASSES, evaluate: bool = False) -> TrainingProgram:
+                            rewrite: bool = True, passes=PASSES, evaluate: bool = False,
+                            kernels=True) -> TrainingProgram:
     """A training program for ``model`` (a TransferModel built with ``memory="vanilla"``), rewritten
     by ``passes`` (:data:`repnet.runtime.executorch.passes.PASSES`); ``rewrite=False``: the stock export.
 
     ``evaluate``: the program also has a method ``evaluate`` (forward only, eval mode):
     ``(x, *trained tensors in the order of TrainingProgram.trainable) -> logits``, at the same batch
-    size; its inputs are not placed in its arena (the caller's tensors are used where they are)."""
+    size; its inputs are not placed in its arena (the caller's tensors are used where they are).
+    ``kernels``: run on repnet's own kernels (:data:`repnet.runtime.executorch.kernels.KERNEL_PASSES`, or a
+    tuple of those passes); ``False``: the portable program (ExecuTorch's kernels only)."""
     require_executorch()
     from executorch.exir import ExecutorchBackendConfig, to_edge
     from torch.export import export
@@ -151,8 +156,14 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     step = TrainStep(model, label_smoothing).eval()
     x = torch.zeros(batch_size, 3, image_size, image_size)
     y = torch.zeros(batch_size, dtype=torch.long)
+    substitutions, done = contextlib.nullcontext(), {}
+    if kernels and rewrite:  # repnet's kernels: what they replace while the model is traced
+        from repnet.runtime.executorch.kernels import export_substitutions
+
+        substitutions = export_substitutions(None if kernels is True else tuple(kernels))
     try:
-        ep = _export_forward_backward(export(step, (x, y), strict=False))
+        with substitutions as done:
+            ep = _export_forward_backward(export(step, (x, y), strict=False))
     except RepnetError:
         raise
     except Exception as e:  # noqa: BLE001 - export's own messages are long; name the failing op
@@ -160,6 +171,11 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     graph = ep.graph_module.graph
     passes = tuple(passes) if rewrite else ()
     rewrites = run_passes(ep, passes)
+    rewrites.update(done or {})
+    if kernels and rewrite:  # repnet's kernels (repnet.runtime.executorch.kernels), before memory planning
+        from repnet.runtime.executorch.kernels import KERNEL_PASSES, run_kernel_passes
+
+        rewrites.update(run_kernel_passes(ep, KERNEL_PASSES if kernels is True else tuple(kernels)))
     _check_supported(graph)
     planning = InPlacePlanning() if "inplace" in passes else None
     trainable = [s.target.removeprefix("model.") for s in ep.graph_signature.output_specs
@@ -181,7 +197,11 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     eval_arena = int(sum(plans["evaluate"].non_const_buffer_sizes)) if evaluate else 0
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return TrainingProgram(et.buffer, arena - _weights_in_arena(et), int(weights), rewrites, trainable,
-                           batch_size, image_size, arena, eval_arena)
+                           batch_size, image_size, arena, eval_arena, kernels=_uses_kernels(et.executorch_program))
+
+
+def _uses_kernels(program) -> bool:
+    return any(op.name.startswith("repnet::") for plan in program.execution_plan for op in plan.operators)
 
 
 def _weights_in_arena(et) -> int:
@@ -203,8 +223,9 @@ def analytic_planned_mb(peak_activation_mb: float, trainable_params: int) -> flo
     return peak_activation_mb + 4 * trainable_params / 1e6
 
 
-def program_memory(model: nn.Module, batch_size: int, image_size: int, rewrite: bool = True) -> dict:
+def program_memory(model: nn.Module, batch_size: int, image_size: int, rewrite: bool = True,
+                   kernels: bool = True) -> dict:
     """A program's memory figures (``repnet profile --runtime executorch``, the benchmark)."""
-    prog = export_training_program(model.eval(), batch_size, image_size, rewrite=rewrite)
+    prog = export_training_program(model.eval(), batch_size, image_size, rewrite=rewrite, kernels=kernels)
     return {"program_planned_mb": prog.planned_bytes / 1e6, "program_arena_mb": prog.arena_bytes / 1e6,
             "program_weights_mb": prog.weights_bytes / 1e6, "program_rewrites": prog.rewrites}

@@ -27,6 +27,11 @@ class RuntimeTrainer:
         from executorch.extension.training import _load_for_executorch_for_training_from_buffer, get_sgd_optimizer
 
         self.model, self.program = model, program
+        if program.kernels:  # repnet's kernels: their library in this process, on torch's thread count
+            from repnet.runtime.executorch.kernels import load_kernels, set_runtime_threads
+
+            load_kernels()
+            set_runtime_threads(torch.get_num_threads())
         self.module = _load_for_executorch_for_training_from_buffer(program.buffer)
         self._make_sgd = lambda params, lr_: get_sgd_optimizer(params, lr_, momentum, 0.0, weight_decay, False)
         groups = model.param_groups(lr, lr_side) if hasattr(model, "param_groups") else \
@@ -67,4 +72,5 @@ class RuntimeTrainer:
         p = self.program
         return {"program_planned_mb": p.planned_bytes / 1e6, "program_arena_mb": p.arena_bytes / 1e6,
                 "program_weights_mb": p.weights_bytes / 1e6, "program_rewrites": p.rewrites,
+                "program_kernels": "repnet" if p.kernels else "portable",
                 "optimizer": "executorch sgd (momentum 0.9; gradients scaled by the cosine factor)"}
