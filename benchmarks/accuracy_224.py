@@ -1,6 +1,6 @@
 """Accuracy at the paper's resolution, with seeds: Rep-Net against TinyTL-L+B and the baselines.
 
-Each (method, seed) is one ``repnet train`` run of the dataset's recipe (SPEC §5: Adam, two
+Each (method, seed) is one ``repnet train`` run of the dataset's recipe (docs/recipes.md: Adam, two
 parameter groups, cosine per step, batch 8, the recipe's label smoothing and augmentation) at
 ``--image-size`` (default 224), on ``--train-subset`` training images for ``--epochs`` epochs,
 tested once at the end (final epoch) on ``--test-subset`` test images. Rows of ``OUT.json``::

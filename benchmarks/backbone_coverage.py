@@ -2,7 +2,7 @@
 
 For each backbone (the registered ones and timm families that add other layer types: same-
 padding convs, max pooling, squeeze-excitation, LayerNorm) and each method, at 224 px and
-batch 8 on CPU: what the rules say is kept (SPEC §7 plus the extensions documented in
+batch 8 on CPU: what the rules say is kept (docs/memory.md's rules plus the extensions documented in
 ``repnet.memory.analytic``), what autograd keeps with the engine, and with plain PyTorch.
 
     python benchmarks/backbone_coverage.py --out benchmarks/results/backbone_coverage_cpu.json

@@ -13,7 +13,7 @@ tasks seen so far on their test splits:
   correlated with the earlier tasks frozen, the rest retrained in place; weights written per task
   and training memory (what autograd keeps, batch 8) reported per task.
 * ``int8:repnet``: as ``repnet``, with the backbone stored in 8 bits and every task's Rep-Net
-  and head trained with int8 weights, activations and errors (SPEC §8, ``repnet.int8``).
+  and head trained with int8 weights, activations and errors (docs/int8.md, ``repnet.memory.int8``).
 
 CPU run (offline MobileNetV2 weights, 1 thread, the JSON records the exact command):
 

@@ -14,7 +14,7 @@ The rules (each figure names its files in the output):
   every backbone: they rank methods, they do not promise a number on another backbone.
 * **resolution**: the sweep (``accuracy_224_fashion_mnist_sweep.json``, seed 0 at 64 / 112 /
   160 px) against the same methods' 224 px recipe mean, averaged over the swept methods: an
-  offset per resolution, 0 at 224 px. ``repnet.planner`` interpolates it linearly between
+  offset per resolution, 0 at 224 px. ``repnet.training.planner`` interpolates it linearly between
   these resolutions and holds the end values outside them.
 * **precision**: ``int8-side`` = the ``int8`` row (the ``--int8`` defaults: stochastic error
   rounding, fp32 master weights) minus the ``fp32`` row of ``int8_cpu.json``; ``int8-frozen``
@@ -121,7 +121,7 @@ def summarize() -> dict:
 
     return {
         "command": COMMAND,
-        "what": "expected test accuracy for ranking configurations in `repnet plan` (repnet.planner): method figure "
+        "what": "expected test accuracy for ranking configurations in `repnet plan` (repnet.training.planner): method figure "
                 "+ resolution offset + precision offset + option offset, each from committed benchmark results",
         "backbone": BACKBONE, "image_size": 224,
         "method_rule": "mean over datasets of the method's seed-mean test accuracy in the committed 224 px recipe "

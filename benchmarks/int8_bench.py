@@ -1,4 +1,4 @@
-"""INT8 benchmark: Rep-Net trained in fp32 vs in INT8 (repnet.int8, SPEC §8), same recipe.
+"""INT8 benchmark: Rep-Net trained in fp32 vs in INT8 (repnet.memory.int8, docs/int8.md), same recipe.
 
 Rows: ``fp32`` (the project default: fp32 side network, fp32 frozen backbone), ``int8`` (frozen
 backbone in 8 bits, side network + head with int8 weights / activations / errors, errors

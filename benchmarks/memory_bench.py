@@ -5,7 +5,7 @@ For each backbone (default: mobilenet_v2, proxylessnas_mobile) at 224 px, batch 
 (the engine with frozen weights as int8 codes - the papers' 1 B per frozen parameter, the
 default of ``repnet profile`` -, the engine with fp32 frozen weights, and ``memory="vanilla"``):
 
-* analytic: the papers' figure (SPEC §7: peak activation x batch + params) and what the
+* analytic: the papers' figure (docs/memory.md: peak activation x batch + params) and what the
   rules say is kept for backward (+ frozen norms with batch statistics, reported apart),
 * measured kept-for-backward: every tensor autograd saves in one training forward
   (``repnet.memory.measure_saved_bytes``),
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
             "rss_kind": None if args.no_peak or args.no_rss else (
                 "cuda-allocator" if dev.type == "cuda" else "cpu-rss (coarse, whole process)"),
             "modes": {k: v for k, v in MODES.items()},
-            "notes": "MB = 1e6 bytes; analytic per SPEC §7; 'kept' = saved for backward; 'engine' = frozen weights "
+            "notes": "MB = 1e6 bytes; analytic per docs/memory.md; 'kept' = saved for backward; 'engine' = frozen weights "
                      "as int8 codes (what the papers count), 'engine_fp32' = fp32 frozen weights; step "
                      "optimizer Adam; pretrained=False (memory does not depend on the weights)"}
     write_results(out.with_suffix(".json"), {"meta": meta, "rows": rows, "checks": checks})

@@ -7,7 +7,7 @@ ProxylessNAS-Mobile, batch 8, 102 classes, prints and saves:
 * ``ours``: our method on our model (``repnet profile``'s analytic figure),
 * ``tinytl config``: the configuration TinyTL's released script actually profiles (lite
   residuals always inserted, its ``requires_grad`` per method, its profiler counting every
-  mask once anything trains) - see ``repnet.tinytl_reference`` for the explanation.
+  mask once anything trains) - see ``repnet.reproduce.tinytl_memory`` for the explanation.
 
     python benchmarks/tinytl_table.py --out benchmarks/results/tinytl_table.json
 
@@ -22,7 +22,7 @@ from repnet.memory import analyze
 from repnet.reproduce.tinytl_memory import reproduce
 from common import command_line, write_results
 
-# Rep-Net paper (SPEC §4 / §6), ProxylessNAS-Mobile, batch 8: (label, image size, options, MB)
+# Rep-Net paper (docs/memory.md, "The Rep-Net paper's figures"), ProxylessNAS-Mobile, batch 8: (label, image size, options, MB)
 REPNET_PUBLISHED = [
     ("Rep-Net (dual, stages)", 224, {}, 34.0),
     ("Rep-Net (dual, stages)", 320, {}, 61.0),
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "benchmark": "TinyTL's published memory table (ProxylessNAS-Mobile), reproduced and explained",
             "command": command_line(argv),
-            "units": "MB = 1e6 bytes; analytic (SPEC §7): peak activation x batch + params",
+            "units": "MB = 1e6 bytes; analytic (docs/memory.md): peak activation x batch + params",
             "explanation": (
                 "TinyTL's script profiles one network for every method: ProxylessNAS-Mobile with the 19 lite "
                 "residual modules always inserted (frozen unless the method trains them; their biases train in B, "

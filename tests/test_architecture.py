@@ -1,6 +1,7 @@
 """The training core: one loop every workflow trains through, one build path, one key=value
 coercer, an import graph without cycles or upward imports."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,12 +57,14 @@ def test_train_continual_federated_demo_reproduce_all_train_through_fit(tmp_path
     assert status == "trained" and len(fit_calls) == 6
 
 
-def _calls_of(name: str) -> dict[str, int]:
+def _calls_of(name: str, owner: str | None = None) -> dict[str, int]:
+    """Calls of ``name`` per source file; with ``owner``, only ``owner.name(...)`` (``loop.fit``, not an embedder's ``fit``)."""
     out = {}
     for path in SRC.rglob("*.py"):
         tree = ast.parse(path.read_text())
         n = sum(1 for node in ast.walk(tree) if isinstance(node, ast.Call)
-                and getattr(node.func, "id", getattr(node.func, "attr", None)) == name)
+                and getattr(node.func, "id", getattr(node.func, "attr", None)) == name
+                and (owner is None or getattr(getattr(node.func, "value", None), "id", None) == owner))
         if n:
             out[str(path.relative_to(SRC))] = n
     return out
@@ -70,18 +73,13 @@ def _calls_of(name: str) -> dict[str, int]:
 def test_one_place_turns_on_int8_and_one_place_runs_training_steps():
     assert _calls_of("enable_int8_training") == {"api.py": 1}
     # the workflows call the one loop; Hyb-Learn's self-supervised warm-up too (another objective, same loop)
-    assert _calls_of("fit") == {"training/run.py": 1, "training/tune.py": 1, "continual/sequence.py": 1,
-                                "federated/core.py": 1, "continual/methods/hyblearn.py": 1}
-
-
-
-
-
-
-
-
-
-
+    # (ProvIoT's autoencoder too: the same loop with an MSE objective)
+    assert _calls_of("fit", owner="loop") == {"training/run.py": 1, "training/tune.py": 1, "continual/sequence.py": 1,
+                                              "federated/core.py": 1, "continual/methods/hyblearn.py": 1,
+                                              "proviot/detector.py": 1}
+    # nothing imports the loop's fit under another name
+    assert not re.search(r"from repnet\.training\.loop import[^\n]*\bfit\b",
+                         "\n".join(p.read_text() for p in SRC.rglob("*.py")))
 
 
 def test_import_graph_has_no_cycle_and_no_upward_import():

@@ -1,7 +1,10 @@
 """repnet: memory-efficient on-device transfer learning (Rep-Net and its baselines).
 
-The names below are imported on first use (PEP 562), so ``import repnet`` - and the command
-line's ``--help`` - does not pay for PyTorch until a model is built.
+The public API: ``get_model`` / ``from_pretrained`` (the one build path, :mod:`repnet.api`),
+``create_backbone`` / ``BACKBONES``, ``METHODS`` / ``TransferModel``, and ``RepnetError``. The names
+are imported on first use (PEP 562), and so are the subpackages (``repnet.memory``, ``repnet.training``,
+...), so ``import repnet`` - and the command line's ``--help`` - does not pay for PyTorch until a model
+is built. docs/api.md is the reference; docs/architecture.md the map of the package.
 """
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""The public entry points (PEFT-like): ``get_model``, ``from_pretrained``."""
+"""The public entry points (PEFT-like): ``get_model``, ``from_pretrained``.
+
+``get_model`` is the one place a model is made - training, continual tasks, federated clients,
+profiling and loading all build through it: a frozen backbone, the method's modules, a new head, the
+memory engine swapped in, and the construction options (INT8 training, 8-bit frozen weights) applied
+and recorded in ``model.config()``. ``from_pretrained`` rebuilds a saved adapter on its own backbone
+and refuses other backbone weights in one line.
+"""
 from __future__ import annotations
 
 import numbers

@@ -1,7 +1,9 @@
 """The ``repnet`` command line: one module per command under :mod:`repnet.commands`.
 
-Every error a user can cause prints one line (``error: ...``) and exits with status 2; Ctrl-C
-during training writes a checkpoint, prints the resume command and exits with status 130.
+The parser is built from ``commands.COMMANDS`` (each module's ``HELP``, ``configure`` and ``run``),
+importing no torch, so ``repnet --help`` starts in 0.2 s. Every error a user can cause prints one
+line (``error: ...``) and exits with status 2; Ctrl-C during training writes a checkpoint, prints the
+resume command and exits with status 130. docs/usage.md holds the conventions every command shares.
 """
 from __future__ import annotations
 

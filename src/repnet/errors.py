@@ -1,4 +1,10 @@
-"""User-facing errors: one clear line, never a traceback from the CLI."""
+"""User-facing errors: one clear line, never a traceback from the CLI.
+
+:class:`RepnetError` is everything a user can get wrong (a bad value, a missing file, a refused
+setting): the command line prints it as ``error: ...`` and exits with status 2. :class:`Interrupted`
+is Ctrl-C during training, after the checkpoint was written (exit 130, with the resume command);
+:class:`NonFinite` is a diverged run (a NaN / inf loss or weight).
+"""
 
 
 class RepnetError(Exception):

@@ -1,9 +1,9 @@
 """``key=value`` settings: the one parser and the one value coercer.
 
 Everything a user types as ``key=value`` - ``--opt`` (method options), ``--set`` (training
-config keys), ``--weights BACKBONE=PATH``, ``repnet demo --methods repnet@key=value`` - is split
-by :func:`parse_pairs` and brought to its field's type by :func:`coerce_value`, so the same
-spelling means the same everywhere: booleans ``true/false/yes/no/on/off/1/0``, integers
+config keys), ``--weights BACKBONE=PATH``, the ``name@key=value`` method specs of the demo and the
+benchmarks - is split by :func:`parse_pairs` and brought to its field's type by :func:`coerce_value`,
+so the same spelling means the same everywhere: booleans ``true/false/yes/no/on/off/1/0``, integers
 ``8`` (not ``8.5``, not ``true``), floats ``3e-4``, ``none``/``null`` for optional fields,
 and ``{a: 1}`` (YAML) for mappings.
 """

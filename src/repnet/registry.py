@@ -1,7 +1,9 @@
-"""A tiny name -> factory registry (backbones, methods, datasets).
+"""A tiny name -> factory registry (backbones, methods, datasets, runtimes, continual methods).
 
-Each backbone / method / dataset file registers itself with a decorator, so adding
-one is a single registration, not an edit across the tree.
+Each backbone / method / dataset / runtime file registers itself with a decorator, so adding
+one is a single registration, not an edit across the tree (docs/architecture.md lists the
+extension points). ``Registry.get`` turns an unknown name into one line listing the choices;
+:func:`lazy_exports` is the lazy ``__getattr__`` every workflow package re-exports its names with.
 """
 from __future__ import annotations
 

@@ -1,16 +1,11 @@
 """Everything repnet writes to disk or reads back from a user: one place, one set of rules.
 
-* **One atomic writer** (:func:`atomic_write`): the bytes go to a temporary file in the target's
-  folder, are flushed to disk, and replace the target in one ``os.replace``; a kill, a full disk
-  or an exception leaves the old file as it was and no temporary behind (a kill *during* the
-  write can leave a ``.tmp-*`` file: :func:`clean_temps` removes those on the next start).
-* **Checkpoints** (``checkpoint.pt``, ``best.pt``) are ``torch.save`` files read back with
-  ``weights_only=True`` (tensors, numbers, strings and plain containers only: a crafted file
-  cannot run code), and carry a SHA-256 of their content (:func:`content_digest`: every tensor's
-  dtype, shape and bytes, and every other value) that is checked on load, so flipped bytes are
-  one error naming the file instead of silently damaged weights.
-* **Pickled datasets** (CIFAR's python batches) go through :class:`RestrictedUnpickler`, which
-  admits plain containers, strings, numbers and numpy arrays, nothing that can call code.
+* **One atomic writer** (:func:`atomic_write`): a temporary file in the target's folder, flushed, then
+  one ``os.replace``; a kill, a full disk or an exception leaves the old file as it was.
+* **Checkpoints** are read with ``weights_only=True`` and carry a SHA-256 of their content
+  (:func:`content_digest`), checked on load; safetensors files carry it in their metadata.
+* **Pickled datasets** (CIFAR) go through :class:`RestrictedUnpickler`: nothing that can call code.
+* **Run folders** record their kind and state (:class:`RunKind`, :func:`claim_folder`).
 * Every failure to read is a :class:`~repnet.errors.RepnetError` with one line.
 """
 from __future__ import annotations

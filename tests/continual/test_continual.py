@@ -219,7 +219,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, msg):
 
 
 def test_int8_continual_backbone_in_8_bits_tasks_in_int8_nothing_forgotten(tmp_path):
-    """SPEC §8 (INT8 Rep-Net continual learning): the shared backbone is stored in 8 bits once,
+    """INT8 continual learning (docs/int8.md): the shared backbone is stored in 8 bits once,
     every task's side network trains as int8 MACs, and a new task leaves the others unchanged."""
     from repnet.memory.int8 import int8_layers
     from repnet.memory.quant import is_quantized

@@ -147,7 +147,7 @@ def test_transforms_follow_recipe():
 
 
 def test_recipes_match_spec_and_dataset_facts():
-    """The per-dataset recipes (YAML, the one place they live) are SPEC's table; class counts and flips
+    """The per-dataset recipes (YAML, the one place they live) are the paper's table (docs/recipes.md); class counts and flips
     are the data layer's facts."""
     from repnet.config.recipes import load_recipe
 

@@ -1,4 +1,4 @@
-"""The papers' analytic memory model (SPEC §7): hand counts, TinyTL's published figures,
+"""The papers' analytic memory model (docs/memory.md): hand counts, TinyTL's published figures,
 and agreement with what the engine really keeps."""
 import pytest
 import torch
@@ -93,7 +93,7 @@ def test_param_bytes_count_8bit_codes_as_frozen():
 @pytest.mark.skipif("tinytl_lb" not in repnet.METHODS, reason="needs the tinytl_lb method")
 @pytest.mark.parametrize("size,published", [(224, 37.1), (320, 64.7)])
 def test_reproduces_tinytl_published_memory(size, published):
-    """TinyTL-L+B on ProxylessNAS-Mobile, batch 8, 102 classes (TinyTL paper, SPEC §6)."""
+    """TinyTL-L+B on ProxylessNAS-Mobile, batch 8, 102 classes (the TinyTL paper's table; docs/memory.md)."""
     m = repnet.get_model("proxylessnas_mobile", "tinytl_lb", 102, image_size=size, pretrained=False)
     rep = analyze(m, size)
     assert rep.total_mb(8) == pytest.approx(published, abs=0.05)

@@ -1,4 +1,4 @@
-"""INT8 training of the side network (repnet.int8, SPEC §8)."""
+"""INT8 training of the side network (repnet.memory.int8, docs/int8.md)."""
 from __future__ import annotations
 
 import copy

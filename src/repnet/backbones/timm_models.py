@@ -1,5 +1,11 @@
 """Any timm CNN as ``timm:<name>``: its blocks found from timm's own ``feature_info`` (no per-family
-code), weights from a file (timm's hub is never fetched)."""
+code), weights from a file (timm's hub is never fetched).
+
+One prefix registration covers every timm model that reports its stages (EfficientNet, ResNet,
+RegNet, ConvNeXt, ...): the blocks of each stage are listed in execution order, the pre-logits are
+timm's own ``forward_head(pre_logits=True)``, and the per-block metadata is measured as for every
+backbone (backbones/base.py).
+"""
 from __future__ import annotations
 
 import torch

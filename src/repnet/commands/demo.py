@@ -1,4 +1,10 @@
-"""``repnet demo``: the offline demo (MobileNetV2 -> Fashion-MNIST, Rep-Net vs its baselines; repnet.demo)."""
+"""``repnet demo``: the offline demo (MobileNetV2 -> Fashion-MNIST, Rep-Net vs its baselines; repnet.demo).
+
+Its flags change the shared budget (resolution, subsets, epochs, batch) and the compared methods
+(``--method a,b``, ``--opt`` for every method that has the option); everything else is
+:class:`repnet.demo.config.DemoConfig`'s. The output folder is claimed as a demo's (an earlier demo is
+replaced, anything else refused). docs/demo.md is the guide.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,11 @@
 """``repnet export``: a trained model for inference (.pt2 or ONNX), checked against eager
-(repnet.export); with ``--training``: an ExecuTorch training program (.pte, repnet.runtime.executorch.program)."""
+(repnet.export); with ``--training``: an ExecuTorch training program (.pte, repnet.runtime.executorch.program).
+
+The model comes from a run folder (``--run``, its ``adapter/``) or a saved adapter (``--adapter``),
+rebuilt by ``repnet.from_pretrained``; a training program may instead be exported from a fresh model
+(``--backbone``, ``--method``, ``--num-classes``). docs/export.md and docs/runtime-executorch.md are
+the guides.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,10 @@
-"""``repnet federated``: a Flower federation of adapters (repnet.federated / repnet.flower_app)."""
+"""``repnet federated``: a Flower federation of adapters (repnet.federated / repnet.flower_app).
+
+Without ``--flower-app`` it simulates the federation on this machine
+(:func:`repnet.federated.run.run_federated`); with it, it writes the app folder that ``flwr run``
+deploys on a SuperLink and SuperNodes (:func:`repnet.federated.run.write_app`). Training keys come as
+``--set key=value``, method options as ``--opt``. docs/federated.md is the guide.
+"""
 from __future__ import annotations
 
 import argparse

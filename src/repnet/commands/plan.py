@@ -1,4 +1,10 @@
-"""``repnet plan``: configurations whose measured training peak fits a memory budget (repnet.training.planner)."""
+"""``repnet plan``: configurations whose measured training peak fits a memory budget (repnet.training.planner).
+
+The flags name the search space (``--method``, ``--image-sizes``, ``--precisions``, the effective
+batch) and the budget (``--budget 40MB``); the table lists each fitting configuration with its
+measured peak, its analytic figure, its expected accuracy and the ``repnet train`` command that runs
+it (``--json`` writes them all). docs/plan.md is the guide.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,10 @@
 """``repnet profile``: training memory of methods on a backbone: analytic, measured kept, peak (and a
 runtime's own figures with ``--runtime``).
+
+One row per method (``--method a,b``) and memory mode (``--memory both``: the engine and plain
+PyTorch), each profiled by :func:`repnet.training.profile.profile_one` on the model ``repnet train``
+would build; ``--json`` / ``--plot`` write the records and a bar chart, ``--tinytl-reference`` adds
+TinyTL's published table rebuilt row by row. docs/memory.md is the guide.
 """
 from __future__ import annotations
 

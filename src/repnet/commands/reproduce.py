@@ -1,4 +1,10 @@
-"""``repnet reproduce``: run / resume / collect one of the paper's tables (see repnet.reproduce)."""
+"""``repnet reproduce``: run / resume / collect one of the paper's tables (see repnet.reproduce).
+
+``TABLE`` names the table (table1, table2, table3); ``--datasets``, ``--methods``, ``--image-sizes``
+and ``--backbones`` select its cells, ``--set`` changes every run, ``--dry-run`` prints the plan as
+``repnet train`` commands and ``--collect`` only gathers the finished runs into the summary.
+docs/reproduce.md is the guide.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,10 @@
-"""``repnet train``: one method on one dataset, the dataset's recipe unless told otherwise."""
+"""``repnet train``: one method on one dataset, the dataset's recipe unless told otherwise.
+
+Every ``TrainConfig`` key is a flag (commands/flags.py) and also ``--set key=value``; ``--config``
+reads a config file (e.g. a run's ``config.yaml``) under the flags, ``--resume`` continues a run
+folder bit for bit and ``--overwrite`` replaces an earlier run of the same kind. The work is
+:func:`repnet.training.run.train`; docs/training.md is the guide.
+"""
 from __future__ import annotations
 
 import argparse

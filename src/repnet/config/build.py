@@ -1,5 +1,10 @@
 """What a config builds: its model (through the one build path, :func:`repnet.get_model`, with what
 its runtime needs) and its data splits (the data layer).
+
+:func:`build_model` asks the config's runtime for the model's keyword arguments (the eager runtime:
+memory mode, method options, frozen bits; ExecuTorch: the model its program is exported from) and
+:func:`int8_settings` for the INT8 construction option; :func:`build_data` returns the train / val /
+test splits normalised with the backbone's statistics.
 """
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """How config keys are spelled on the command line: the ``repnet train`` flag of each key, and the
 ``repnet train`` arguments equivalent to a set of overrides (the commands ``repnet plan`` and
 ``repnet reproduce --dry-run`` print).
+
+Every key ``some_key`` is ``--some-key`` (``out_dir`` is ``--out``, ``options`` is ``--opt key=value``),
+so a printed command runs exactly the configuration it was made from.
 """
 from __future__ import annotations
 

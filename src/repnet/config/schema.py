@@ -43,7 +43,7 @@ class TrainConfig:
     options: dict = _f(dict, "method options, e.g. {connector: dual} (CLI: --opt key=value)")
     memory: str = _f("engine", "engine: frozen layers keep nothing for backward; vanilla: plain PyTorch",
                      ("engine", "vanilla"))
-    int8: bool = _f(False, "INT8 training of the side network (SPEC §8, repnet.memory.int8): 8-bit frozen backbone, "
+    int8: bool = _f(False, "INT8 training of the side network (docs/int8.md): 8-bit frozen backbone, "
                     "int8 weights / activations / errors in the side modules and head")
     int8_rounding: str = _f("stochastic", "rounding of the int8 errors", ("stochastic", "nearest"))
     int8_master: str = _f("fp32", "int8 master weights: fp32 copy (default), or int8 (weights kept on their int8 "

@@ -1,5 +1,10 @@
 """What a continual run measures: the accuracy matrix's summary (average accuracy, backward transfer,
 forgetting) and its printed form.
+
+``acc[after][task]`` is the test accuracy of ``task`` after training task ``after`` (None before the
+task was seen): average accuracy is the last row's mean, backward transfer the mean change of each
+earlier task from just after it was learned to the end, forgetting the mean drop from each task's
+best to its last accuracy.
 """
 from __future__ import annotations
 

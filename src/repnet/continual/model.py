@@ -1,7 +1,12 @@
 """One frozen backbone shared by per-task trainable parts: :class:`MultiTaskModel` (PEFT's named
-adapters for transfer methods) and its disk format (``config.json`` + one content-addressed
-safetensors file per task, ``config.json`` replaced last, so a save killed midway leaves the previous one
-loadable). How tasks share the backbone, and which methods may: docs/continual.md.
+adapters for transfer methods) and its disk format.
+
+A task is an ordinary method model built on the *same* backbone object; its hooks act only during its
+own forward, so training a new task cannot change an earlier one. Methods that would change backbone
+tensors are refused in one line (the naive baseline lifts the rule). A save is ``config.json`` + one
+content-addressed safetensors file per task, ``config.json`` replaced last, so a save killed midway
+leaves the previous one loadable. How tasks share the backbone, and which methods may:
+docs/continual.md.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ class MultiTaskModel(nn.Module):
 
             apply_engine(self.backbone)
         self.int8: dict | None = None
-        if int8:  # SPEC §8: the backbone frozen in INT8, each task's side network trained in INT8
+        if int8:  # INT8 continual learning (docs/int8.md): backbone frozen in INT8, side networks trained in INT8
             from repnet.memory.int8 import Int8Config
             from repnet.memory import quantize_frozen_weights
 

@@ -1,6 +1,10 @@
 """``repnet continual``: tasks trained one after another on one shared backbone, each with the
 ``repnet train`` recipe of its dataset, every task seen so far evaluated after each; resumable after
 the last finished task, bit for bit.
+
+:func:`train_sequence` writes ``results.json`` (the accuracy matrix, average accuracy, backward
+transfer, forgetting, per-task parameters and bytes, the storage against one fine-tuned network per
+task); a continual driver (:mod:`repnet.continual.methods`) decides per task what trains.
 """
 from __future__ import annotations
 

@@ -1,16 +1,12 @@
 """What every dataset is made of: an image *source* and transformed *views* of it.
 
-* A source holds the raw images of one official split and their integer labels, and loads
-  image ``i`` as an RGB PIL image. :class:`ArraySource` keeps uint8 arrays in memory (Fashion-MNIST,
-  MNIST, digits, CIFAR); :class:`FileSource` keeps ``(path, label)`` pairs and reads files lazily.
-* An :class:`ImageDataset` is a torch ``Dataset`` over a subset of a source's indices with one
-  transform. The training split and our validation split are two views of the same source with
-  disjoint indices (train transform vs test transform), so no image is copied.
-
-Unreadable images never stop training: :func:`scan_files` drops files PIL cannot open/verify
-(counted in ``skipped``, one warning line), and an image that still fails when it is decoded
-(a truncated JPEG passes ``verify()``) is replaced by the next readable image of the *same view*
-and counted in the view's ``load_failures``.
+A source holds the raw images of one official split and their labels (:class:`ArraySource`: uint8
+arrays in memory; :class:`FileSource`: ``(path, label)`` pairs read lazily). An :class:`ImageDataset`
+is a torch ``Dataset`` over a subset of a source's indices with one transform: the training and the
+validation split are two views of one source with disjoint indices, so no image is copied.
+Unreadable images never stop training: :func:`scan_files` drops files PIL cannot open (counted in
+``skipped``), and an image that still fails when decoded is replaced by the next readable image of
+the same view (counted in ``load_failures``).
 """
 from __future__ import annotations
 

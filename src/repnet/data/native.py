@@ -1,17 +1,12 @@
 """The paper's datasets in their own (native, as-downloaded) on-disk formats.
 
-``root`` is the folder that *contains* the native folder (as in torchvision), e.g. ``root/cifar-10-batches-py``.
-Each reader returns ``(train, test)`` views without transforms; the train/test split is the
-dataset's official one (Flowers102: train+val vs test; Pets, Aircraft: trainval vs test).
-
-* Stanford Cars, Oxford-IIIT Pets, FGVC Aircraft, Food-101: torchvision's own dataset classes
-  parse the files (and download, where torchvision still can); we take their file lists so every
-  image goes through the same corrupt-file scan as an ImageFolder.
-* CIFAR-10/100 and Flowers102: torchvision's classes refuse files whose MD5 differs from the
-  originals, so we read the same files (python pickles; ``.mat`` label files) directly, and use
-  torchvision only to download them.
-* CUB-200-2011: no torchvision class; we parse ``images.txt``, ``image_class_labels.txt``,
-  ``train_test_split.txt`` (and ``classes.txt``) and the ``images/`` tree.
+``root`` is the folder that *contains* the native folder (as in torchvision), e.g.
+``root/cifar-10-batches-py``. Each reader returns ``(train, test)`` views on the official split.
+Stanford Cars, Oxford-IIIT Pets, FGVC Aircraft and Food-101: torchvision's classes parse the files and
+we take their file lists, so every image goes through the same corrupt-file scan as an ImageFolder.
+CIFAR-10/100 and Flowers102: torchvision refuses files whose MD5 differs from the originals, so we read
+the same files directly (CIFAR's pickles through the restricted unpickler). CUB-200-2011: no
+torchvision class; we parse its index files and ``images/`` tree.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image transforms of the Rep-Net / TinyTL recipe (SPEC §5).
+"""Image transforms of the Rep-Net / TinyTL recipe (docs/recipes.md).
 
 train: RandomResizedCrop(R, scale=(0.22, 1)) + RandomHorizontalFlip (+ ColorJitter(0.4, 0.4, 0.4, 0.1)
        where the dataset's preset asks for it: Aircraft, Cars)

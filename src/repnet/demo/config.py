@@ -1,4 +1,9 @@
 """``repnet demo``'s budget: the methods it compares and the settings every one of them trains with.
+
+:class:`DemoConfig` is the shared budget (112 px, 2,000 training / 1,000 test images, 3 epochs at
+batch 32, no augmentation); ``DEMO_LRS`` the per-method learning rates chosen on the validation split
+for this short schedule (``benchmarks/demo_lr_sweep.py``); :func:`method_config` the ``TrainConfig`` of
+one compared row (a method, or ``name@key=value`` with its options). docs/demo.md says why.
 """
 from __future__ import annotations
 

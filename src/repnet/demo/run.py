@@ -1,7 +1,10 @@
 """``repnet demo``: ImageNet MobileNetV2 -> Fashion-MNIST, Rep-Net against its baselines, offline, on one
-shared budget (demo/config.py); one table (trainable parameters, analytic / kept / peak memory, test
-accuracy, time), ``results.json`` and ``memory_vs_accuracy.png`` in the output folder. docs/demo.md says
-why the budget is what it is.
+shared budget (demo/config.py).
+
+Every method trains through the one loop with the same budget; the report is one table (trainable
+parameters, analytic / kept / peak memory, test accuracy, time), ``results.json`` and
+``memory_vs_accuracy.png`` in the output folder. :func:`provenance` (the commit and machine a result
+came from) is shared with the benchmark scripts. docs/demo.md says why the budget is what it is.
 """
 from __future__ import annotations
 

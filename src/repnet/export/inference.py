@@ -1,16 +1,11 @@
 """Export a trained model for inference: ``torch.export`` programs (``.pt2``) and ONNX.
 
-The exported file holds the whole inference model: the frozen backbone, the method's trained
-modules and the head, in eval mode (frozen statistics). The memory engine is a *training*
-device, so export works on a copy with the engine removed (8-bit frozen weights are
-dequantised to float; the arithmetic is unchanged). The batch dimension stays dynamic.
-
-Every export is checked before it is kept: the exported model is run on random images at two
-batch sizes and must agree with the eager model (``max_abs_diff`` in the report); the file is
-written atomically. ONNX needs the ``onnx`` extra (``pip install 'repnet[onnx]'``: onnx,
-onnxscript, and onnxruntime for the check).
-
-    repnet export --adapter runs/my-run/adapter --format onnx --out model.onnx
+The exported file holds the whole inference model (frozen backbone, the method's trained modules, the
+head; eval mode), made from a copy with the memory engine removed (8-bit frozen weights dequantised;
+the arithmetic is unchanged), with a dynamic batch dimension. Every export is checked before it is
+kept: the exported model runs on random images at two batch sizes and must agree with the eager model
+(``max_abs_diff`` in the report); the file is written atomically. ONNX needs the ``onnx`` extra
+(onnx, onnxscript, onnxruntime for the check). docs/export.md.
 """
 from __future__ import annotations
 

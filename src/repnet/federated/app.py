@@ -1,17 +1,11 @@
 """The Flower app: ``server_app`` and ``client_app`` (components for ``flwr run``), the simulation.
 
-Deployment (a SuperLink, SuperNodes on the devices; see the README's recipe):
-
-    repnet federated --flower-app fl_app --dataset digits --clients 2 --rounds 3   # writes fl_app/pyproject.toml
-    flwr run fl_app my-superlink --stream
-
-``fl_app/pyproject.toml`` names ``repnet.flower_app:server_app`` / ``:client_app`` as the app's
-components and holds the run config (:meth:`repnet.federated.core.Settings.run_config`); each SuperNode
-is started with ``--node-config "partition-id=K num-partitions=N"`` and needs repnet installed.
-The ServerApp writes the run folder (``out``) on the SuperLink's machine.
-
-``repnet federated`` runs the same two apps in Flower's simulation runtime (Ray actors, one CPU
-each) via :func:`simulate`.
+The ServerApp runs the rounds of :class:`repnet.federated.core.Server` with a Flower strategy and writes
+the run folder on the SuperLink's machine; the ClientApp trains the local adapter of
+:class:`repnet.federated.core.LocalClient` (each SuperNode started with ``--node-config
+"partition-id=K num-partitions=N"``). ``repnet.flower_app:server_app`` / ``:client_app`` are the names
+an app folder's ``pyproject.toml`` uses; :func:`simulate` runs the same two apps in Flower's
+simulation runtime (Ray actors, one CPU each). docs/federated.md, "On a real fleet".
 """
 from __future__ import annotations
 

@@ -1,30 +1,12 @@
 """Federated learning of adapters on Flower: what the ServerApp and the ClientApp do.
 
-The frozen backbone never travels: every client builds the same model (same config, same
-seed), and a message carries only the method's trainable state (``trainable_state_dict()``:
-Rep-Net modules, head, trained biases) as a Flower ``ArrayRecord`` - NumPy arrays serialised
-without pickle. The aggregation is a Flower strategy (``FedAvg`` by default; ``FedProx``,
-``FedAdam``, ``FedYogi``); this module adds only what is ours:
-
-* :class:`Settings`: one run's settings, carried as Flower's run config (flat scalars, so the
-  same keys work in ``[tool.flwr.app.config]``, ``flwr run --run-config`` and the simulation).
-* :class:`LocalClient`: a client's shard (:func:`partition`, computed identically on every node)
-  and its local training through :func:`repnet.training.loop.fit`. Client ``k``'s round ``r`` is a pure
-  function of (global state, seed, r, k): it re-seeds every RNG from ``(seed, r, k)`` and starts
-  from the pristine model, so a run gives the same adapter whichever process serves a client, and
-  ``--resume`` is bit-identical.
-* :class:`Server`: the round loop over a Flower ``Grid``: each round the strategy configures the
-  messages, the grid sends them and waits (``timeout``), and every reply is *screened* before the
-  strategy sees it - an error reply (a client that died: the SuperLink reports it once its
-  heartbeats stop), a message whose arrays do not decode, miss or add a key, change a shape or
-  dtype, or hold a non-finite number is dropped and reported. Accepted replies are aggregated in
-  client order (deterministic sums); a round with fewer usable replies than ``min_clients`` is an
-  error, and nothing is written from it. After each round: test accuracy of the global adapter,
-  bytes counted from the messages, an atomic checkpoint (with the strategy's own state for
-  FedAdam / FedYogi).
-* ``int8=true`` with ``int8_master=int8``: the clients' INT8-trained weights lie on their int8
-  grids and travel as int8 codes + one scale (:func:`repnet.memory.int8.pack_on_grid`); the server
-  decodes them before averaging and puts the average back on its grid (nearest) before sending it.
+The frozen backbone never travels: a message carries only the method's trainable state as a Flower
+``ArrayRecord`` (NumPy arrays, no pickle), and the aggregation is a Flower strategy (FedAvg, FedProx,
+FedAdam, FedYogi). What is ours: :class:`Settings` (one run's settings as Flower run config),
+:class:`LocalClient` (a client's shard and its local round through the one loop, a pure function of
+global state, seed, round and client, so ``--resume`` is bit-identical), :class:`Server` (the rounds
+over a Flower ``Grid``, every reply screened before the strategy sees it, an atomic checkpoint per
+round) and INT8 weights travelling as int8 codes. docs/federated.md, "How a round works".
 """
 from __future__ import annotations
 
@@ -283,7 +265,7 @@ def aggregate(strategy, server_round: int, accepted: list[dict]) -> dict[str, to
 
 # ----------------------------------------------------------------------------- client
 class LocalClient:
-    """One client's shard and model; ``train`` is one local round (see the module docstring)."""
+    """One client's shard and model; ``train`` is one local round (docs/federated.md)."""
 
     def __init__(self, settings: Settings, partition_id: int, num_partitions: int):
         from repnet.config.build import build_data, build_model
@@ -366,7 +348,7 @@ def _project_on_grid(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
 
 class Server:
     """The ServerApp's work: rounds of a Flower strategy over a Grid, screened replies, per-round
-    evaluation, bytes, checkpoint and results (see the module docstring)."""
+    evaluation, bytes, checkpoint and results (docs/federated.md)."""
 
     def __init__(self, settings: Settings, progress: bool = False, on_round=None):
         from repnet.config.build import build_data, build_model

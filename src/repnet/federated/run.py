@@ -1,11 +1,10 @@
 """Federated learning of adapters, the front end: a Flower federation in one call.
 
 The frozen backbone stays on every device; only the method's trainable state travels (Rep-Net
-modules, head, trained biases), as Flower ``ArrayRecord``\\ s. The work is Flower's apps
-(:mod:`repnet.flower_app`: ``ServerApp`` with Flower's strategies, ``ClientApp`` training through
-:func:`repnet.training.loop.fit`) and :mod:`repnet.federated.core` (partition, screening, checkpoint, bytes).
-:func:`run_federated` runs them in Flower's simulation runtime on this machine; the same apps run
-on a real fleet with ``flwr run`` (:func:`write_app` writes the app folder).
+modules, head, trained biases), as Flower ``ArrayRecord`` objects. :func:`run_federated` runs the apps
+(:mod:`repnet.federated.app`) in Flower's simulation runtime on this machine; the same apps run on a
+real fleet with ``flwr run``, and :func:`write_app` writes that app folder (its ``pyproject.toml``
+replaced only when this package wrote it and nobody edited it). docs/federated.md.
 
     repnet federated --dataset digits --clients 4 --rounds 5 --partition dirichlet:0.5
 """

@@ -2,9 +2,9 @@
 
 * :mod:`.engine` - frozen layers that keep (almost) nothing for backward (``apply_engine``;
   the default execution mode of :func:`repnet.get_model`),
-* :mod:`.quant` - frozen weights stored in 8 bits,
+* :mod:`.quant` - frozen weights stored in 8 bits; :mod:`.int8` - INT8 training of the side network,
 * :mod:`.measure` - what autograd really keeps, and the exact peak of a training step's live tensors,
-* :mod:`.analytic` - SPEC §7's per-layer rules (the papers' MB figures),
+* :mod:`.analytic` - the papers' per-layer rules (their MB figures; docs/memory.md),
 * :func:`profile` - all three side by side for one model.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
 
     Returned keys (MB = 1e6 bytes; per ``batch_size``):
 
-    * analytic (SPEC §7): ``analytic_mb`` (the papers' figure: peak activation x batch + params,
+    * analytic (docs/memory.md): ``analytic_mb`` (the papers' figure: peak activation x batch + params,
       1 B per frozen and 4 B per trainable parameter); ``analytic_peak_activation_mb``;
       ``analytic_param_mb``; ``analytic_saved_mb`` (kept for backward);
       ``analytic_frozen_bn_extra_mb`` (kept by frozen norms using batch statistics, which the
@@ -121,7 +121,7 @@ def profile(model: nn.Module, *, batch_size: int = 8, image_size: int | None = N
 
 
 def breakdown(model: nn.Module, image_size: int | None = None, batch_size: int = 8, top: int | None = None) -> str:
-    """The per-layer table of the analytic model (SPEC §7) for ``model``, scaled to ``batch_size``.
+    """The per-layer table of the papers' analytic model (docs/memory.md) for ``model``, scaled to ``batch_size``.
 
     ``top``: only the ``top`` layers that keep the most. Example::
 

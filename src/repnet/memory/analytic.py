@@ -1,61 +1,13 @@
-"""The papers' analytic training-memory model (SPEC §7), evaluated on the actual model.
+"""The papers' analytic training-memory model (docs/memory.md, "The papers' analytic model"), evaluated
+on the actual model.
 
-One forward at batch 1 with hooks on every leaf layer (and on norm / conv modules that
-have children, e.g. timm ``BatchNormAct2d``), in the order the layers run. Per layer, with
-``|x|`` / ``|y|`` the input / output element counts and 4-byte activations:
-
-=====================================  ==========================  ======================
-layer                                  kept for backward           transient while it runs
-=====================================  ==========================  ======================
-conv / linear                          4|x| if its weight trains   4(|x| + |y| / groups)
-BN / GN / LN                           4|x| if gamma trains        4|x|
-ReLU / ReLU6 / LeakyReLU / Hardtanh    |x| / 8 if its input        4|x|
-                                       requires grad (1-bit mask)
-sigmoid, tanh, h-swish, h-sigmoid,     4|x| if its input requires  0
-SiLU, GELU                             grad (|x| / 8 under
-                                       MobileTL's step backward)
-pooling, interpolation, add, dropout   0                           0
-=====================================  ==========================  ======================
-
-An INT8-trained conv / linear (``repnet.memory.int8``, int8 activations) keeps its input's 8-bit
-codes: ``|x|`` bytes instead of ``4|x|``.
-
-Beyond the papers' rules (their networks have none of these), so that every backbone's figure
-is what the engine really keeps: GroupNorm / LayerNorm normalise with each sample's own
-statistics, so they keep ``4|x|`` whenever a gradient passes (not only when gamma trains; the
-papers' rule is kept under ``masks="always"``, TinyTL's convention); a squeeze-excitation module
-(``x * gate(x)``) keeps ``4|x|`` + its gate; max pooling keeps 1 byte per output (the engine's
-window arg-max).
-
-A module may state its own rule with ``analytic_rule(args, out) -> (kept, transient)`` bytes
-(e.g. DA3's gate product, which keeps each factor for the other's gradient).
-
-A block with an identity shortcut holds ``4|x_in|`` while it runs (backbone blocks with
-``residual=True``; for a plain module, any module with a shortcut attribute).
-``peak = max over layers of (transient + kept by the layers before it + residual held)``,
-``total(batch) = peak * batch + params`` with 4 B per trainable and 1 B per frozen
-parameter; MB = 1e6 bytes. This is TinyTL's profiler (mit-han-lab/tinyml), which these
-rules reproduce to the published 37.1 / 64.7 MB for TinyTL-L+B on ProxylessNAS-Mobile
-(224 / 320 px, batch 8, 102 classes). TinyTL's other rows (FT-Last 30.8, B 31.7, L 37.1,
-Norm+Last 192.4, Full 390.8) are reproduced too, to 0.05 MB, once the network TinyTL's
-script actually profiled is rebuilt (lite residuals inserted for every method, and every
-mask counted, ``masks="always"``): see :mod:`repnet.reproduce.tinytl_memory`. Our own
-models give less for those methods (29.0 / 29.9 / 36.3 / 183.0 / 367.0 MB).
-
-**Execution order** (``order``): the rules are summed in the order the layers run. ``"run"``
-(default) is this package's forward, where Rep-Net's first module runs inside block 1's hook,
-after the stem and block 0 - so what it keeps is not yet alive at the early, high-resolution
-layers where the peak usually falls. ``"paper"`` is the released code's order
-(``side = M1(avgpool2(img)); x = stem(img)``): a method's ``analytic_prelude(img)`` modules
-are counted before the backbone's first layer, so their kept tensors add to every backbone
-layer's running total (Rep-Net on ProxylessNAS-Mobile, 224 px, batch 8: about 1.3 MB more).
-
-Only modules are seen: a functional op inside a ``forward`` (``torch.sigmoid``, an
-elementwise product such as a gate) is not counted, although autograd may keep its inputs.
-
-Not in the papers' count, reported separately: a norm layer with a frozen scale that uses
-*batch* statistics (``bn="batch"``) must keep its input for backward whenever a gradient
-reaches it (``frozen_bn_extra_bytes``); the engine keeps exactly that, plain PyTorch too.
+One forward at batch 1 with hooks on every leaf layer, in the order the layers run; each layer's
+bytes - kept for backward and transient while it runs - come from its op's ``RULE``
+(:mod:`repnet.memory.ops`), so the engine and this model cannot drift. ``peak`` is the largest
+transient + kept-so-far + residual held; ``total(batch) = peak * batch + params`` (4 B per trainable,
+1 B per frozen parameter). It reproduces TinyTL's published figures (``masks="always"`` is TinyTL's
+mask rule), and ``order="paper"`` counts Rep-Net's first module before the stem, as the released code
+runs it.
 """
 from __future__ import annotations
 
@@ -156,7 +108,7 @@ ORDERS = ("run", "paper")
 
 def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None = None,
             in_chans: int = 3, masks: str = "gradient", order: str = "run") -> AnalyticReport:
-    """Evaluate the SPEC §7 rules on ``model`` with one forward at batch 1.
+    """Evaluate the papers' analytic rules on ``model`` with one forward at batch 1.
 
     Which norms use batch statistics is read from ``model.train()`` (the training
     configuration); the forward itself runs in eval mode, so no running statistic changes.
@@ -167,7 +119,7 @@ def analyze(model: nn.Module, image_size: int = 224, inputs: torch.Tensor | None
     first trainable tensor where no gradient ever arrives.
 
     ``order``: ``"run"`` (this package's forward) or ``"paper"`` (a method's prelude modules
-    counted before the backbone; module docstring).
+    counted before the backbone; docs/memory.md, "Execution order").
     """
     if masks not in MASK_RULES:
         raise ValueError(f"masks must be one of {MASK_RULES}, got {masks!r}")

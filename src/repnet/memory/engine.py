@@ -1,82 +1,13 @@
 """The training-memory engine: frozen layers that keep (almost) nothing for backward.
 
-Why this file exists
---------------------
-Training memory on an edge device is dominated by the activations autograd keeps for the
-backward pass. Training few parameters (biases, a side network, the classifier) does not by
-itself shrink them, because in plain PyTorch
-
-* a convolution with a *frozen* weight still saves its input (it only needs its weight to
-  compute the input gradient),
-* a BatchNorm with frozen statistics and a frozen scale still saves its input (it is just a
-  fixed per-channel affine map ``y = x * scale + shift``, whose input gradient is
-  ``g * scale``),
-* ReLU / ReLU6 save a float tensor where one bit per element (``x`` inside the linear
-  range or not) is all the backward needs.
-
-The papers' analytic memory figures (SPEC §7) assume those savings; this engine makes them
-real. Each rule is a small :class:`torch.autograd.Function`:
-
-==========================  =========================================================
-layer (frozen weight)       kept for backward
-==========================  =========================================================
-Conv2d / Linear             nothing but the weight (a parameter, resident anyway);
-                            grad_input = transposed conv / ``g @ W``; a trainable bias
-                            gets ``sum(g)``
-BatchNorm2d, eval stats     nothing but its buffers: ``grad = g * gamma / sqrt(var+eps)``;
-                            a trainable shift gets ``sum(g)`` per channel
-BatchNorm2d, batch stats    its input + per-channel mean / invstd, and only when a
-                            gradient must reach the input (exactly PyTorch's gradient
-                            and running-statistics update)
-ReLU / ReLU6 / Hardtanh     a 1-bit mask, bit-packed into ``uint8`` (numel / 8 bytes)
-AvgPool2d (no weight)       nothing (PyTorch keeps the input, of which it reads the shape)
-==========================  =========================================================
-
-Hardswish / SiLU / Sigmoid keep their input exactly as PyTorch does, unless a module opts
-into MobileTL's step approximation (:func:`set_step_backward`: backward ``g * 1[x >= 0]``,
-so a 1-bit mask is kept instead). A *trainable* weight-standardised conv (timm
-``StdConv2d``, used by the Rep-Net / TinyTL side modules) keeps its input, as it must, but
-recomputes the standardised weight in backward instead of keeping a copy of it.
-
-Where a layer needs a statistic of its input to compute the input gradient (BatchNorm with
-batch statistics, a conv whose weight trains) the engine keeps exactly what PyTorch keeps.
-
-How it is applied
------------------
-:func:`apply_engine` swaps the *class* of every exact-type leaf module it knows
-(``m.__class__ = MemConv2d`` where ``MemConv2d`` subclasses ``nn.Conv2d``). Parameters,
-buffers, ``state_dict`` keys and ``isinstance`` checks are unchanged; only ``forward``
-differs. Each engine module decides per call: if its own weight trains (or autograd is off,
-or autocast is on, or nothing upstream or in the layer needs a gradient) it runs the
-ordinary PyTorch path; otherwise the memory-saving Function. :func:`remove_engine` restores
-the original classes. The backward kernels are PyTorch's own (transposed convolution,
-``native_batch_norm_backward``), so gradients equal plain PyTorch's (tested in float64 on every
-method x backbone against plain PyTorch in the same layout, to 1e-6 of each tensor's scale - plain
-PyTorch NCHW against NHWC differs by up to 2.3e-7 of it - and with 8-bit frozen weights against
-plain PyTorch holding the same dequantised weights).
-
-Beyond what is kept, the step's *peak* (``repnet.memory.profile``'s ``peak_mb``) is also the
-layers' transient buffers, so the engine also:
-
-* runs the network channels-last (NHWC): oneDNN's CPU convolutions then read and write the
-  tensors as they are (on NCHW each one reorders its input or output into a blocked copy);
-* normalises a frozen conv's output in place when the norm follows it in an ``nn.Sequential``
-  (ops.norm ``CONSUMABLE``), makes the 1-bit masks slice by slice, and applies a mask or a frozen
-  norm's scale to the incoming gradient in place when no one else holds that gradient
-  (ops.base ``owned``);
-* runs each frozen inverted-residual core ([1x1 expansion ->] depthwise -> 1x1 projection) in
-  channel slices, so its wide maps are never whole (ops.fused).
-
-Functional calls (``F.relu``, ``F.avg_pool2d``, ...) inside ``forward`` methods are not seen
-by the class swap: use modules, or the ops' functional forms (:func:`avg_pool2d`,
-:func:`masked_activation`, :func:`frozen_conv2d`, :func:`frozen_linear`).
-
-Where it lives
---------------
-One family of layers per module of :mod:`repnet.memory.ops` (``conv``, ``norm``,
-``activations``, ``pooling``, ``fused``; ``masks`` packs the 1-bit masks), each with its engine classes,
-its autograd Function and its analytic rule. This file is the one swap table built from them,
-and the functions that apply it.
+In plain PyTorch a frozen conv still saves its input, a frozen batch norm too, and ReLU a float
+tensor where one bit per element would do; the papers' figures assume those savings, and the engine
+makes them real: :func:`apply_engine` swaps the class of every leaf module it knows for one whose
+autograd Function keeps nothing (conv / linear / frozen BN) or a bit-packed mask, with PyTorch's own
+backward kernels (gradients unchanged, tested in float64), and also lowers the step's peak (NHWC,
+in-place norms, fused inverted-residual cores). This file is the one swap table, collected from the op
+modules of :mod:`repnet.memory.ops`, and the functions that apply it. Why, rule by rule, and how:
+docs/memory.md, "The engine".
 """
 from __future__ import annotations
 

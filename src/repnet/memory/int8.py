@@ -1,77 +1,11 @@
-"""INT8 training of the side network (SPEC §8, "INT8 Rep-Net continual learning").
+"""INT8 training of the side network (docs/int8.md), after the Fan group's INT8 Rep-Net.
 
-The Fan group's SAS-MRAM design (IEEE TCAD 2024) keeps the backbone frozen in INT8 and trains
-the small parallel Rep-Net with 8-bit integer weights, activations and errors, so every
-multiply-accumulate (MAC) of training - forward, input gradient, weight gradient - is an
-int8 x int8 MAC. The paper leaves open which tensors and which rounding; this module makes
-these choices (each one switchable, measured in ``benchmarks/int8_bench.py``):
-
-``enable_int8_training(model, weights=True, activations=True, errors=True,
-rounding="stochastic", frozen="linear", head=True)``
-
-* **Frozen backbone: 1 byte per weight.** Every frozen ``Conv2d`` / ``Linear`` weight is
-  stored as 8-bit codes by :func:`repnet.memory.quant.quantize_frozen_weights` (``frozen``:
-  ``"linear"`` = per-output-channel symmetric int8, the default because it is what an integer
-  MAC array consumes; ``"kmeans"`` = the paper's 256-entry codebook). The backbone's
-  activations and errors stay float: it computes as an 8-bit-weight network dequantised on the
-  fly (the memory engine, which this applies). Trained backbone *biases* (Rep-Net's ``+bias``
-  mode) stay fp32, as int32/float biases do in integer inference.
-* **Which layers are INT8-trained.** Every trainable ``Conv2d`` / ``Linear`` of the method's
-  side modules (Rep-Net: the two weight-standardised convs of each module) and, with
-  ``head=True`` (default), the new classifier: it is trained on the same device by the same
-  MAC array, and in continual learning each task brings its own head. Norm layers and
-  ReLUs of the side network stay fp32: they are per-channel / element-wise (no MACs), and a
-  BatchNorm's statistics need more than 8 bits.
-* **Quantiser: symmetric, per tensor, no clipping.** ``q = round(t / s)``, ``s = max|t| / 127``,
-  codes in [-127, 127] (-128 unused, so the grid is symmetric and the largest product is
-  127^2). One scale per tensor - for weights as well - makes each of the three MACs a pure
-  integer sum followed by *one* scalar multiply: with per-output-channel weight scales the
-  input gradient ``sum_c g_c w_c`` would mix scales inside the sum. Rep-Net's convs are
-  weight-standardised (every output channel has zero mean and unit variance), so their
-  channels share a range and a per-tensor scale loses little. Scales are dynamic: computed
-  from each batch's tensor, so nothing is calibrated or stored.
-* **Rounding.** Forward (weights, activations): round to nearest (deterministic, so the
-  weight codes are recomputed in backward instead of kept). Errors (``grad_output``):
-  stochastic rounding by default, ``q = floor(t / s + u)``, ``u ~ U[0, 1)``, which is unbiased
-  (``E[q s] = t``). Round-to-nearest is biased towards 0 for the many errors much smaller
-  than the batch's largest: in Rep-Net on ImageNet MobileNetV2 at 64 px, 2-45 % of a layer's
-  error elements round to 0 (most at the high-resolution modules). ``benchmarks/int8_bench.py``
-  trains both (rows ``int8`` and ``int8-nearest``; at its reduced CPU scale they tie).
-  The random draws use the global torch generator of the tensor's device, so a run is
-  reproducible from its seed, and that generator's state is what training checkpoints save
-  (resuming an INT8 run bit for bit is not separately tested).
-* **Gradients.** Straight-through: the gradient of ``round`` is taken as 1 (there is no
-  clipping, so no mask is needed). ``grad_input = conv_T(q(g), q(W)) * s_g s_W`` and
-  ``grad_W = conv_w(q(x), q(g)) * s_x s_g``; a weight-standardised conv then maps ``grad_W``
-  back through the standardisation in fp32 (a per-channel statistic of the master weights,
-  not a MAC). The bias gradient (head) is ``sum(q(g)) * s_g``.
-* **Exact integer arithmetic, emulated in float.** Each MAC runs as a float convolution /
-  matmul on the integer codes. A sum of K products of codes is an integer of magnitude at most
-  ``K * 127^2``; float32 represents every integer up to 2^24 exactly, and every partial sum in
-  any summation order is such an integer, so the float32 result *is* the integer accumulator
-  when ``K * 127^2 <= 2^24`` (K <= 1040). Where K is larger (the weight gradient sums over
-  batch x pixels; wide kxk convs) the MAC runs in float64 (exact up to 2^53, K <= 5.6e11).
-  The accumulator is then converted to float32 and multiplied by the product of the two
-  scales - exactly what an int32 accumulator followed by a float rescale gives (tested against
-  an int64 reference, bit for bit).
-* **Memory.** A conv / linear layer whose weight trains must keep its input for the weight
-  gradient: here it keeps the int8 *codes* of its input (1 byte per element instead of 4) and
-  one scale; the weight codes are recomputed from the master weights in backward.
-* **Master weights: fp32 (default) or int8.** ``master="fp32"``: the optimizer updates an
-  fp32 copy of the trainable weights (the usual mixed-precision practice; it is what the
-  forward quantises). ``master="int8"`` (the on-device setting, where the weights live in
-  8-bit memory): after every optimizer step each INT8-trained weight is put back on its int8
-  grid, ``w <- s * SR(w / s)`` with ``s = max|w| / 127`` and the *errors'* rounding (stochastic
-  by default, so that updates much smaller than one step of the grid still move the weight in
-  expectation); the weights are then exactly ``codes * scale`` at all times, 1 byte each plus
-  one scale per tensor. :func:`attach_int8_master` registers this on an optimizer (the
-  training loops do it). The optimizer's own state (Adam's moments) stays fp32; use SGD
-  without momentum for a stateless update.
-
-``state_dict`` keys are unchanged (the layers' classes are swapped, as the memory engine
-does), so ``save_pretrained`` writes the fp32 master weights and records the INT8 settings in
-``config.json`` (``"int8"``); ``from_pretrained`` re-applies them. :func:`disable_int8_training`
-restores float training (the 8-bit frozen weights stay 8-bit).
+``enable_int8_training(model, weights=True, activations=True, errors=True, rounding="stochastic",
+frozen="linear", head=True)``: the frozen backbone held as 8-bit codes, and every trainable conv /
+linear of the side modules (and the head) trained with int8 x int8 MACs in forward, input gradient and
+weight gradient - symmetric per-tensor scales, forward rounded to nearest, errors stochastically
+rounded, straight-through gradients, exact integer sums emulated in float, inputs kept as int8 codes,
+fp32 or int8 master weights. Every choice and its reason: docs/int8.md, "Every choice, and why".
 """
 from __future__ import annotations
 
@@ -104,7 +38,7 @@ _EXACT_F32 = 2 ** 24  # every integer of magnitude <= 2^24 is a float32
 
 @dataclass(frozen=True)
 class Int8Config:
-    """What is quantised (see the module docstring for the reasons)."""
+    """What is quantised (docs/int8.md gives the reasons)."""
 
     weights: bool = True  # trainable weights -> int8 in forward and backward MACs
     activations: bool = True  # inputs of the trainable layers -> int8 (kept for backward as int8)
@@ -358,7 +292,7 @@ def enable_int8_training(model: nn.Module, weights: bool = True, activations: bo
 
     Stores the frozen backbone's conv / linear weights in 8 bits (``frozen`` scheme) and makes
     every trainable conv / linear layer of the side modules (and the head when ``head``)
-    compute forward, input gradient and weight gradient as int8 MACs (module docstring).
+    compute forward, input gradient and weight gradient as int8 MACs (docs/int8.md).
     The backbone must be frozen: a method that trains backbone weights is refused.
     """
     cfg = Int8Config(bool(weights), bool(activations), bool(errors), rounding, frozen, bool(head), master)

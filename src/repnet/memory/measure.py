@@ -1,43 +1,13 @@
 """Measured training memory: what autograd really keeps, and the real peak of a step.
 
-``measure_saved_bytes``  counts every tensor autograd saves for backward during one
-forward (``torch.autograd.graph.saved_tensors_hooks``), de-duplicated by storage, in
-bytes. Excluded, because they are resident whether or not one trains:
+* :func:`measure_saved_bytes` - every tensor autograd saves for backward during one forward
+  (saved-tensor hooks), de-duplicated by storage; parameters, buffers and the input excluded.
+* :func:`measure_tensor_peak` - the exact peak of live tensor bytes over one steady-state training
+  step (PyTorch's memory profiler and its timeline), with what was alive at that moment by kind.
+* :func:`measure_peak_bytes` - the step's peak over what was resident: CUDA's allocator peak, or on
+  CPU the RSS high-water mark of a fresh subprocess (coarse, secondary).
 
-* the model's parameters and buffers (and any view of them; 8-bit weight codes included),
-* the input batch (the papers do not count the image either; a tensor derived from it,
-  e.g. ``img + delta``, *is* counted).
-
-Everything else counts at its storage's full size (a saved view of a larger tensor keeps
-the whole storage alive). A backward follows, so the graph is known to be real.
-
-``measure_peak_bytes``  the peak memory of one full training step (forward, loss,
-backward, Adam ``step``), minus what was resident before the step:
-
-* CUDA: ``torch.cuda.max_memory_allocated`` during the step minus ``memory_allocated``
-  just before it. Included: activations and everything kept for backward, temporaries and
-  workspaces, the gradients of the trainable parameters, and Adam's two state tensors
-  (created by this first step). Excluded: the CUDA context, the model's weights and
-  buffers and the input batch (resident before the step), cached-but-free allocator blocks.
-* CPU: the step runs in a fresh subprocess; the model reaches it pickled over the child's stdin
-  pipe (bytes from this process's memory, never a file anyone else could write).
-  After one warm-up forward/backward on 2 samples (library initialisation, kernel caches),
-  gradients are cleared, the kernel's peak-RSS counter is reset
-  (``/proc/self/clear_refs``) and ``VmRSS`` read as the baseline; after the step,
-  ``VmHWM - baseline`` is reported. glibc is told to return large blocks to the OS
-  (``MALLOC_MMAP_THRESHOLD_``), but this remains a coarse whole-process figure (allocator
-  slack, thread stacks, page granularity), to be read next to the exact CUDA figure.
-
-``measure_tensor_peak``  the exact peak of live tensor bytes over one training step on any
-device, everything included (weights, input, gradients, optimizer state), with what was alive
-at that moment by kind. PyTorch's profiler records every allocation and free
-(``profile_memory=True``) and its memory timeline (``torch.profiler._memory_profiler``, the
-code behind ``export_memory_timeline``) classifies each tensor: parameter, optimizer state,
-input, activation (made in the forward, alive into the backward), gradient, autograd detail
-(buffers the backward creates and frees, e.g. the gradients flowing back through the frozen
-layers), temporary, unknown. One warm-up step first creates the optimizer state, so the
-profiled step is a steady-state step. No allocator slack, no process overhead: a figure to set
-beside the analytic one; RSS stays the secondary, whole-process figure.
+What each one includes and excludes: docs/memory.md, "How each figure is measured".
 """
 from __future__ import annotations
 

@@ -1,19 +1,12 @@
 """Frozen weights stored in 8 bits (the papers' setting: frozen parameters cost 1 byte).
 
-``quantize_frozen_weights(model, scheme)`` replaces the float ``weight`` parameter of every
-frozen ``Conv2d`` / ``Linear`` by 8-bit codes plus a tiny table, dequantised on the fly in
-forward and backward (a transient float copy, never kept):
-
-* ``"kmeans"`` (paper / TinyTL / Rep-Net): per tensor, a 256-entry k-means codebook
-  (1-D Lloyd iterations from quantile initialisation); buffers ``weight_codes`` (uint8,
-  same shape as the weight) and ``weight_codebook`` (256 floats).
-* ``"linear"``: per-output-channel symmetric int8; buffers ``weight_codes`` (int8) and
-  ``weight_scale`` (one float per output channel): ``w = codes * scale``.
-
-The module keeps a read-only ``weight`` property (the dequantised tensor) so code that reads
-``m.weight`` keeps working; ``state_dict`` has ``weight_codes`` + table instead of ``weight``.
-Trainable weights are never quantised. The engine is applied first (the quantised classes are
-engine classes); :func:`~repnet.memory.engine.remove_engine` dequantises back to float.
+``quantize_frozen_weights(model, scheme)`` replaces the float ``weight`` of every frozen ``Conv2d`` /
+``Linear`` by 8-bit codes plus a tiny table, dequantised on the fly in forward and backward (a transient
+float copy, never kept): ``"kmeans"`` (the papers': a 256-entry codebook per tensor) or ``"linear"``
+(per-output-channel symmetric int8, ``w = codes * scale``). A read-only ``weight`` property keeps code
+that reads ``m.weight`` working; trainable weights are never quantised; the quantised classes are
+engine classes, and :func:`~repnet.memory.engine.remove_engine` dequantises back to float.
+docs/memory.md, "Frozen weights in 8 bits".
 """
 from __future__ import annotations
 

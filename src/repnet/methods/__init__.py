@@ -1,4 +1,10 @@
-"""Method registry: one file per method, each registers itself with ``@METHODS.register``."""
+"""Method registry: one file per method, each registers itself with ``@METHODS.register``.
+
+Importing the package imports every module of its folder, so a new method is one file
+(docs/extending.md). ``base.py`` is what every method shares (:class:`TransferModel`,
+:class:`MethodOptions`); ``repnet.py`` is the paper's idea, the other files its baselines
+(docs/methods.md).
+"""
 from __future__ import annotations
 
 import importlib

@@ -1,16 +1,13 @@
 """What every transfer-learning method shares.
 
-A :class:`TransferModel` is a frozen :class:`~repnet.backbones.Backbone`, a new classifier
-head, and whatever small trainable modules a method adds. Methods differ in four
-places only, each a method to override:
-
-* ``build()`` - create the method's own modules and attach them to backbone blocks with
-  ``self.attach(block_index, fn)`` (a forward hook: ``fn(x_in, out) -> new out``),
-* ``trainable_backbone_parameters()`` - which backbone tensors train (biases, norms, ...),
-* ``prepare_input(img)`` - anything done to the image before the backbone,
-* ``join_pre_logits(feats)`` - anything joined to the pre-logit features before the head.
-
-Data flows image -> backbone blocks (hooks add the side outputs) -> pre-logits -> head.
+A :class:`TransferModel` is a frozen :class:`~repnet.backbones.Backbone`, a new classifier head, and
+whatever small trainable modules a method adds. Methods differ in four places only, each a method to
+override: ``build()`` (create the method's modules and attach them to blocks with
+``self.attach(block_index, fn)``, a forward hook ``fn(x_in, out) -> new out``),
+``trainable_backbone_parameters()``, ``prepare_input(img)`` and ``join_pre_logits(feats)``. Data flows
+image -> backbone blocks (hooks add the side outputs) -> pre-logits -> head; ``side_modules()`` train
+at ``lr_side``, the head and backbone tensors at ``lr``. Options are a :class:`MethodOptions` dataclass
+of :func:`opt` fields. docs/architecture.md, "Backbones and methods".
 """
 from __future__ import annotations
 

@@ -1,31 +1,11 @@
 """DA3 (Yang, Rakin, Fan, CVPR-W 2022): dynamic additive attention adaptors on a frozen backbone.
 
-The paper's equations were not available when this was written; this is a design from its
-description (SPEC §8: a per-domain additive attention adaptor whose output is *added* to the
-frozen feature, so the backward keeps nothing large, and which doubles as a gate that can skip
-compute at inference). The choices, all ours:
-
-* **Where**: one adaptor per stage start (``Backbone.stage_starts``; ProxylessNAS-Mobile blocks
-  1, 5, 9, 13, 17, 21), reading the block's input ``x`` and added to the block's output.
-* **What**: ``out + resize(g * a)`` with
-
-  - attention branch ``a = BN_2(PW(ReLU(BN_1(DW_k(AvgPool2(x))))))``: depthwise k x k conv on the
-    input pooled to half size, then a pointwise conv to the block's output width; ``BN_2`` starts
-    with gamma = 0, so at initialisation the model computes exactly the frozen backbone (with the
-    new head);
-  - channel gate ``g = sigmoid(FC_2(ReLU(FC_1(GAP(x)))))`` (hidden width round8(C_in / 4)),
-    an SE-style attention over the adaptor's output channels.
-
-  Gating at the pooled resolution, before the bilinear resize, keeps the backward cheap: it
-  stores ``a`` at a quarter of the block's area and the per-channel ``g``; the addition to the
-  frozen feature stores nothing, and GAP's backward needs no input.
-* **Skipping** (option ``skip_threshold``, default 0 = never): in eval mode the gate is computed
-  first, and when its mean over the batch and channels is below the threshold the branch is not
-  run at all (the block output is the frozen feature). One decision per batch, not per sample;
-  training never skips, so the gate always gets its gradient.
-* **Trainable**: adaptors, classifier and (``train_bias``, default on) the backbone's biases.
-* **Per domain**: one model = one domain's adaptors + head over the shared frozen backbone; for
-  multi-domain learning save one adapter per domain (``save_pretrained``) and swap them.
+The paper's equations were not available; this is a design from its description (a per-domain
+additive attention adaptor whose output is *added* to the frozen feature, and which doubles as a gate
+that can skip compute at inference). One adaptor per stage start reads the block's input and adds
+``resize(g * a)`` to its output: an attention branch ``a`` (depthwise conv on the input pooled by 2, a
+pointwise conv, last norm's gamma 0) times an SE-style channel gate ``g``; ``skip_threshold`` skips the
+branch at eval when the mean gate is low. Every choice: docs/methods.md, "DA3".
 """
 from __future__ import annotations
 
@@ -54,7 +34,7 @@ class GateProduct(nn.Module):
 
     @staticmethod
     def analytic_rule(args, out) -> tuple[float, float]:
-        """(kept for backward, transient) bytes for the SPEC §7 model: each factor keeps the other."""
+        """(kept for backward, transient) bytes for the papers' analytic model: each factor keeps the other."""
         g, a = args[0], args[1]
         kept = 4.0 * ((a.numel() if g.requires_grad else 0) + (g.numel() if a.requires_grad else 0))
         return kept, 4.0 * (a.numel() + out.numel())

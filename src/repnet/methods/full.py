@@ -1,4 +1,9 @@
-"""FT-Full: fine-tune every backbone weight (the accuracy / memory upper bound)."""
+"""FT-Full: fine-tune every backbone weight (the accuracy / memory upper bound).
+
+Every backbone parameter trains at the head's learning rate and the norms use batch statistics
+(``bn=batch``), as full fine-tuning does; every layer then keeps its input for backward, which is what
+the memory-efficient methods are measured against (docs/methods.md, docs/results.md).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

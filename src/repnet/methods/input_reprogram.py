@@ -1,18 +1,10 @@
 """Adversarial (input) reprogramming (Elsayed et al., ICLR 2019), as in the Rep-Net paper's Table 2.
 
-A learnable additive perturbation ``delta`` (3 x R x R, zero at initialisation) is added to the
-(normalised) input image; the backbone stays frozen. Gradients must travel back through the
-whole frozen backbone to the image, so this method trains very few parameters but saves no
-backward memory: it is the memory counter-example the paper compares against.
-
-* ``input_reprogram``: only ``delta`` trains. Adversarial reprogramming needs a fixed mapping
-  from the network's outputs to the new labels; here that mapping is the new classifier, kept
-  **frozen as a fixed random projection** (pre-logits -> classes, N(0, 1/num_features) from a
-  fixed seed, so that ``from_pretrained`` rebuilds exactly the same projection without saving it).
-* ``input_reprogram_last`` ("Adv Rep + Last"): ``delta`` and the classifier train.
-
-``R`` = the model's ``image_size``; an image of another size gets ``delta`` resized bilinearly.
-The perturbation covers the whole image (no centre mask) and is unbounded (no tanh).
+A learnable additive perturbation ``delta`` (3 x R x R, zero at initialisation, unbounded, the whole
+image) is added to the normalised input; the backbone stays frozen, but gradients must travel back
+through all of it to the image, so it saves no backward memory: the paper's memory counter-example.
+``input_reprogram`` trains only ``delta`` (the classifier is a fixed random projection from a fixed
+seed); ``input_reprogram_last`` trains the classifier too. docs/methods.md.
 """
 from __future__ import annotations
 

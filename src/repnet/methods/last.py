@@ -1,4 +1,9 @@
-"""FT-Last: only the new classifier trains (a linear probe on frozen features + dropout)."""
+"""FT-Last: only the new classifier trains (a linear probe on frozen features + dropout).
+
+No backbone tensor trains and nothing is attached to the blocks: the backbone runs without keeping
+anything for backward, and only the head's input is kept. The demo's ``linear_probe`` is the same
+classifier fitted by L-BFGS (docs/methods.md).
+"""
 from __future__ import annotations
 
 from repnet.methods import METHODS

@@ -1,28 +1,11 @@
 """MobileTL (Chiang et al., AAAI 2023): fine-tune only the top blocks, cheaply.
 
-The rule, applied to the top ``k`` non-identity blocks (and, with ``train_top``, to the layers
-that run between the last block and the classifier, e.g. ProxylessNAS's feature-mix 1x1 conv):
-
-* every conv / linear weight (and bias) in them trains;
-* a norm **followed by an activation** trains only its shift (beta): with fixed statistics its
-  backward then needs no stored input; every other norm (e.g. a block's last, linear one)
-  trains fully;
-* ReLU / ReLU6 / h-swish / SiLU / GELU backward is approximated by the step ``1[x >= 0]``:
-  only a mask is kept (:class:`StepBackward`), not the float input;
-* nothing below them gets gradients: the input of block ``N - k`` is detached.
-
-The classifier trains. Which norm is "followed by an activation" is read from the order in which
-modules run (one probe forward): the next leaf module called after the norm, skipping identity /
-dropout / drop-path, is a ReLU-like activation (this also covers timm's ``BatchNormAct2d``, whose
-activation is its own child). No per-backbone code.
-
-Implementation: each activation of the fine-tuned region gets the memory engine's
-``step_backward`` switch (``repnet.memory.engine``: ReLU / ReLU6 / Hardtanh / Hardswish keep a
-bit-packed step mask once the engine is applied, ``memory="engine"``) and a pair of hooks that do
-the same wherever the engine does not (``memory="vanilla"``, SiLU / GELU / ...), active only
-inside ``TransferModel.forward``: the pre-hook keeps the mask ``x >= 0`` (one byte per element)
-and lets the activation run on ``x.detach()`` (so it records no graph); the forward hook
-reconnects its output to ``x`` through :class:`StepBackward`.
+In the top ``k`` non-identity blocks (and, with ``train_top``, the layers after them) every conv /
+linear weight trains, a norm followed by an activation trains only its shift, ReLU-like backward is
+approximated by the step ``1[x >= 0]`` (a mask is kept, not the input), and nothing below gets
+gradients. Which norm is followed by an activation is read from one probe forward, so there is no
+per-backbone code; the step backward is the engine's ``step_backward`` switch, or a pair of hooks where
+the engine does not reach. docs/methods.md, "MobileTL".
 """
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""FT-Norm+Last: every normalisation layer's affine parameters and the classifier train."""
+"""FT-Norm+Last: every normalisation layer's affine parameters and the classifier train.
+
+The norms use batch statistics (``bn=batch``), as TinyTL's FT-Norm+Last does, so every norm keeps its
+input for backward: the memory-hungry baseline of TinyTL's table that bias-only training improves on
+(docs/methods.md, docs/memory.md).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,27 +1,12 @@
 """Rep-Net (Yang, Rakin, Fan, CVPR 2022): a tiny Reprogramming Network beside a frozen backbone.
 
-The idea in one screen:
-
-* Q small modules (``RepNetModule``) sit where the backbone changes resolution or width
-  (``Backbone.stage_starts``; ProxylessNAS-Mobile: blocks 1, 5, 9, 13, 17, 21).
-* Module 1 reads the input image pooled to half size; module j > 1 reads, depending on the
-  connector, the backbone feature entering its block and/or the previous module's output.
-* Features are exchanged through **additive** activation connectors: out = x + p. Addition
-  needs no stored tensor in its backward, so the frozen backbone keeps nothing for the
-  Rep-Net path except what the modules themselves need.
-* Each module's last BatchNorm starts with gamma = 0: at initialisation the model computes
-  exactly the frozen backbone (with the new head).
-
-Connector variants (paper Table 1 / Fig. 3):
-
-=========  ============================  ==================================
-connector  backbone's next block gets    Rep-Net's next module gets
-=========  ============================  ==================================
-none       x                             p (joins the backbone only at the head)
-down       x + p                         p
-up         x                             x + p
-dual       x + p                         x + p (the merged feature; default)
-=========  ============================  ==================================
+Q small modules (:class:`RepNetModule`: AvgPool -> WS-conv k x k -> norm -> ReLU -> WS-conv 1x1 ->
+norm with gamma 0 -> resize) sit where the backbone changes resolution or width
+(``Backbone.stage_starts``); module 1 reads the image pooled by 2, module j > 1 the backbone feature
+entering its block and/or the previous module's output. Features are exchanged through additive
+connectors (``none``, ``down``, ``up``, ``dual``), whose backward keeps nothing, and the zero gamma
+makes the model start as the frozen backbone. The module, the connectors and the recipe:
+docs/methods.md, "Rep-Net".
 """
 from __future__ import annotations
 
@@ -86,7 +71,7 @@ class RepNetOptions(MethodOptions):
     connector: str = opt("dual", "feature exchange with the backbone", ("none", "down", "up", "dual"))
     placement: str = opt("stages", "connectors at stage starts (paper) or at every block", ("stages", "all"))
     train_bias: bool = opt(True, "also train the backbone's biases (the paper's '+bias' mode)")
-    kernel: int = opt(0, "module kernel size; 0 = SPEC rule (5, or 3 where the connector map is <= 7 px)",
+    kernel: int = opt(0, "module kernel size; 0 = the paper's rule (5, or 3 where the connector map is <= 7 px)",
                       check=KERNEL_OR_RULE)
     groups: int = opt(2, "groups of the kxk conv (module 1 always uses 1)", check=AT_LEAST_ONE)
     width: float = opt(1.0, "module width = round8(input channels x width)", check=POSITIVE)

@@ -1,30 +1,11 @@
 """LST-style detached side network (after Sung et al., "Ladder Side-Tuning", NeurIPS 2022).
 
-Nothing in the backbone requires grad and the taps read detached features, so autograd records
-no graph through the backbone: nothing of it is kept for backward and no gradient ever enters it. A light side network reads its features one-way at the taps (the stage starts,
-``Backbone.stage_starts``), and its output joins the backbone's pre-logits before the head::
-
-    h_0 = Down_0(f_0) + M_0(AvgPool2(image))          f_j = backbone feature after tap j (detached)
-    h_j = Down_j(f_j) + M_j(h_{j-1})                  (resized to f_j's size)
-    logits = head(pre_logits + Up(GAP(h_last)))
-
-* ``Down_j``: 1x1 conv ``C_j -> w_j`` + BatchNorm, ``w_j = round8(C_j x width)`` (``width``
-  = 1/4 by default: LST's reduction factor, applied per tap);
-* ``M_j``: the Rep-Net module (:class:`~repnet.methods.repnet.RepNetModule`: AvgPool 2, WS-conv
-  k x k groups 2, BN, ReLU, WS-conv 1x1, BN with gamma 0, bilinear resize) from ``w_{j-1}`` to
-  ``w_j``; ``M_0`` reads the image pooled to half size, as Rep-Net's first module does; their
-  last gamma starts at 1 (not 0 as in Rep-Net): a zero there would block the gradient along
-  the chain, which would then open only one link per optimiser step;
-* ``Up``: a linear map ``w_last -> num_features``, zero-initialised, so that at initialisation
-  the model computes exactly the frozen backbone with the new head (LST instead mixes the side
-  and backbone states with learned gates at every layer; a single additive join at the
-  pre-logits keeps the backbone's forward untouched and the design one-way).
-
-Trainable: the side network and the head, except the norm biases that shape ``h_j`` for
-``j < last`` (``h_j`` only feeds ``M_{j+1}``, whose batch-normalised conv removes any
-per-channel constant, so those biases would get no gradient; they stay 0). No backbone tensor
-trains (backbone norms use their frozen statistics unless ``bn=batch``, which updates running
-statistics without gradients).
+Nothing in the backbone requires grad and the taps (the stage starts) read detached features, so no
+graph is recorded through the backbone: nothing of it is kept for backward. A light side network -
+per tap a 1x1 down-projection plus a Rep-Net module on the previous side state, the first reading the
+image pooled by 2 - ends in a zero-initialised linear map added to the backbone's pre-logits, so the
+model starts as the frozen backbone with the new head. The design and its choices: docs/methods.md,
+"Side tuning".
 """
 from __future__ import annotations
 

@@ -1,29 +1,11 @@
 """TinyTL (Cai et al., NeurIPS 2020): lite residual modules beside a frozen backbone.
 
-* ``tinytl_l``: a lite residual module beside every non-identity block from the first
-  stage start on (ProxylessNAS-Mobile: blocks 1..21 minus the zero blocks 3, 4 -> 19
-  modules) + the classifier train; the backbone is completely frozen.
-* ``tinytl_lb`` (L+B): the same, and every backbone bias trains too; the lite residual's
-  last-norm bias stays frozen (the block's own trainable bias already covers it).
-
-A lite residual reads the block's *input* and is added to the block's output::
-
-    AvgPool 2 -> WS-conv k x k (groups 2, width round8(C_in), stride = the block's stride)
-    -> norm -> ReLU -> WS-conv 1x1 to C_out -> norm (gamma = 0) -> bilinear resize
-
-This is :class:`~repnet.methods.repnet.RepNetModule` with the block's stride, so both
-methods share one building block.
-
-Kernel rule (TinyTL's released code): a nominal resolution starts at 128 and halves at each
-stride-2 block; a module sees half of it (after its AvgPool 2), and its kernel shrinks by 2
-from 5 while that half is below the kernel (a half of 1 gives a 1x1 kernel and no pooling).
-On ProxylessNAS-Mobile this gives k = 5 on blocks 1..17 and k = 3 on blocks 18..21.
-
-Departures from TinyTL, documented: TinyTL used GroupNorm with weight standardisation and
-lite residuals *pretrained on ImageNet*. No such weights exist here, so, as Rep-Net does, the
-norms are BatchNorm (eps 1e-3) with weight-standardised convs and the last norm's gamma
-starts at 0 (TinyTL's "RandomL" variant): at initialisation the model computes exactly the
-frozen backbone with the new head.
+``tinytl_l`` puts a lite residual module (Rep-Net's module with the block's stride, reading the
+block's input, added to its output) beside every non-identity block from the first stage start on,
+and trains them with the classifier; ``tinytl_lb`` also trains every backbone bias. The kernel follows
+TinyTL's nominal-resolution rule. Unlike TinyTL's, the lite residuals are not ImageNet-pretrained (no
+such weights here): BatchNorm with weight-standardised convs and a zero last gamma (TinyTL's
+"RandomL"). docs/methods.md, "TinyTL-L and TinyTL-L+B".
 """
 from __future__ import annotations
 

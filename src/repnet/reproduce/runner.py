@@ -1,6 +1,10 @@
 """``repnet reproduce``: a table's cells as training runs under ``<root>/<table>/<run>/`` - trained,
 resumed from their checkpoint, skipped when finished, a run that cannot start reported in one line - and
 the finished ones collected into ``summary.json`` / ``summary.md`` beside the paper's figures.
+
+:func:`plan` turns the selected cells into runs, :func:`train_command` into the equivalent ``repnet
+train`` command (``--dry-run``), :func:`run_table` trains them, :func:`collect` gathers the results.
+docs/reproduce.md.
 """
 from __future__ import annotations
 

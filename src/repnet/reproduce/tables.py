@@ -1,5 +1,10 @@
 """The paper's tables as data: each published figure (accuracy, and memory where the paper gives it)
 with the configuration that produced it, and the filters ``repnet reproduce`` selects cells with.
+
+A :class:`Cell` is one published number and its dataset, backbone, method + options and image size
+(batch 8 and the dataset's recipe); a :class:`Table` is the paper's table as cells (``TABLES``:
+table1, the connector ablation; table2, other backbones and input reprogramming; table3, Rep-Net
+against TinyTL).
 """
 from __future__ import annotations
 

@@ -1,30 +1,12 @@
 """Where TinyTL's published memory figures come from, reproduced row by row.
 
-TinyTL (Cai et al., NeurIPS 2020) reports, for ProxylessNAS-Mobile at batch 8 and 224 px:
-FT-Last 30.8, TinyTL-B 31.7, TinyTL-L 37.1, TinyTL-L+B 37.1 (64.7 at 320 px),
-FT-Norm+Last 192.4, FT-Full 390.8 MB. Our own methods give the same figure only for L+B
-(``repnet profile``: last 29.0, bias 29.9, tinytl_l 36.3, norm_last 183.0, full 367.0). Two
-properties of TinyTL's released training script (``tinytl_fgvc_train.py``) explain every
-other difference exactly:
-
-1. **One network for every method.** The script always builds ProxylessNAS-Mobile *with the
-   19 lite residual modules inserted*, then sets ``requires_grad`` per method. So FT-Last,
-   TinyTL-B, FT-Norm+Last and FT-Full are all measured on a network that carries 1.82 M
-   lite-residual parameters the method does not need: frozen (1 byte each, +1.8 MB) in Last
-   and B (where the lite residuals' own biases train too); in Norm+Last their norms train,
-   so their inputs are kept; in Full they train entirely (4 bytes each, all inputs kept).
-2. **Every mask counted once anything trains.** Its profiler counts each ReLU's 1-bit mask
-   (and each smooth activation's input) whenever the method trains anything
-   (``require_backward``), also before the first trainable tensor, where no gradient ever
-   arrives. For TinyTL-L that adds the masks of the stem's and block 0's ReLUs (0.8 MB at
-   batch 8). Our default rule (``masks="gradient"``) counts a mask only where a gradient
-   passes; :func:`~repnet.memory.analytic.analyze` takes ``masks="always"`` for TinyTL's.
-
-:func:`tinytl_configuration` builds exactly that configuration from our own modules
-(``tinytl_l``'s lite residuals on our ProxylessNAS-Mobile, the script's ``requires_grad``
-settings) and :func:`reproduce` evaluates it: every published row comes out within 0.05 MB.
-GroupNorm (TinyTL) versus BatchNorm (ours) in the lite residuals does not matter here: the
-rules treat both norms alike. Weights do not matter either (only shapes and flags do).
+TinyTL's table (ProxylessNAS-Mobile, batch 8, 224 px: FT-Last 30.8, TinyTL-B 31.7, TinyTL-L 37.1,
+TinyTL-L+B 37.1, FT-Norm+Last 192.4, FT-Full 390.8 MB) matches our own methods only for L+B. Two
+properties of TinyTL's released training script explain every other row: it profiles *one* network
+for every method (ProxylessNAS-Mobile with the 19 lite residual modules always inserted), and its
+profiler counts every activation mask once anything trains. :func:`tinytl_configuration` rebuilds
+that configuration from our modules and :func:`reproduce` evaluates it: every row within 0.05 MB.
+docs/memory.md, "Where TinyTL's published figures come from".
 """
 from __future__ import annotations
 

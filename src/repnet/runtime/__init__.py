@@ -3,7 +3,7 @@
 A runtime is one registered :class:`Runtime` subclass: how a model is built for it, which settings it
 refuses, its trainer (``None``: the eager loop's own PyTorch step), its recipe changes and its figures
 in ``repnet profile``. ``eager`` (PyTorch with the memory engine) is the default; ``executorch`` trains
-ExecuTorch training programs. A new runtime is one module or package in this folder that registers an
+ExecuTorch training programs. A new runtime is one module or package in this folder that registers a
 subclass with ``@RUNTIMES.register`` (docs/architecture.md); nothing else changes. Registration
 imports nothing heavy: a runtime imports torch or its own library when it is used.
 """

@@ -1,4 +1,10 @@
-"""The default runtime: training steps in PyTorch, frozen layers on the memory engine (``repnet.memory``)."""
+"""The default runtime: training steps in PyTorch, frozen layers on the memory engine (``repnet.memory``).
+
+It overrides nothing of :class:`repnet.runtime.Runtime`: the model is built as ``get_model`` builds it
+(memory mode, method options, frozen bits from the config), it refuses nothing, and it has no trainer
+of its own, so the loop (:func:`repnet.training.loop.fit`) takes the steps with its own optimizer and
+schedule.
+"""
 from __future__ import annotations
 
 from repnet.runtime import RUNTIMES, Runtime, refuse

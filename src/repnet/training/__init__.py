@@ -1,6 +1,10 @@
 """Training: the one loop every workflow trains through (:mod:`.loop`), ``repnet train``'s run with its
 folder, checkpoints and resume (:mod:`.run`), ``repnet plan``'s search for what fits a memory budget
-(:mod:`.planner`), and the memory profile of a configuration (:mod:`.profile`)."""
+(:mod:`.planner`), and the memory profile of a configuration (:mod:`.profile`).
+
+:mod:`.tune` chooses a learning rate on the validation split (``--tune``). docs/training.md is the
+guide; docs/plan.md the planner's.
+"""
 from repnet.registry import lazy_exports
 
 _EXPORTS = {"fit": "loop", "evaluate": "loop", "make_optimizer": "loop", "CosineSchedule": "loop",

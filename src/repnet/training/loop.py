@@ -1,32 +1,12 @@
 """The one training loop: :func:`fit`, and the pieces every workflow trains with.
 
-``repnet train``, continual learning (one task at a time), federated clients (one round of
-local training), the demo and the reproduction harness all train through :func:`fit`; they
-differ only in what they hand it: the model, the data, the optimizer and schedule, the seed of
-the data order, and callbacks (``checkpoint``, ``on_step``, ``on_epoch``).
-
-What :func:`fit` guarantees, for every caller:
-
-* **Deterministic order.** Epoch ``e``'s order and each image's augmentation are drawn from
-  ``(seed, e, index)`` by :class:`EpochSampler` / :class:`SeededItems`, independent of worker
-  processes, so a run resumed from ``state`` (and the RNG state the caller checkpointed) takes
-  exactly the steps an uninterrupted run takes.
-* **Non-finite stop.** A NaN / inf loss stops training with one line; ``checkpoint`` refuses
-  non-finite weights, so the last good checkpoint is never overwritten by a diverged one.
-* **Ctrl-C** (SIGINT) finishes the current step, calls ``checkpoint`` (the state is consistent
-  between steps) and raises :class:`~repnet.errors.Interrupted` with ``resume_hint``.
-* **Gradient accumulation** (``cfg.accum_steps`` = k > 1): each optimizer step is k batches of
-  ``cfg.batch_size`` (micro-batches), each backward on the loss scaled by 1/k, so the step's
-  gradient is the mean over the k x ``batch_size`` images, as one batch of that size gives (up
-  to float summation order; exactly so only where nothing normalises with batch statistics:
-  a train-mode BatchNorm sees each micro-batch alone). "Step" means optimizer step throughout:
-  ``steps_per_epoch``, ``max_steps``, the schedule, ``checkpoint_every``, ``on_step`` and the
-  state's ``step`` / ``batch`` counters. The sampler hands out the same images in the same order
-  as at batch k x ``batch_size``: an epoch is ``n // (k x batch_size)`` full steps and the last
-  partial group is dropped, as ``drop_last`` drops a partial batch (a different remainder each
-  epoch, as the order is redrawn). Checkpoints fall between steps only (no partial gradient is
-  ever saved), and Ctrl-C finishes the step's remaining micro-batches first.
-* **Progress** (tqdm) per epoch, with loss, accuracy and images/s.
+``repnet train``, continual learning, federated clients, the demo and the reproduction harness all
+train through :func:`fit`; they differ only in what they hand it (model, data, optimizer and schedule,
+the seed of the data order, callbacks). It guarantees, for every caller: a deterministic data order
+drawn from ``(seed, epoch, index)`` (:class:`EpochSampler`), so resumed runs take exactly the same
+steps; a one-line stop on a non-finite loss; Ctrl-C checkpointing between steps; exact gradient
+accumulation (``accum_steps``, steps counted as optimizer steps); and a runtime's whole step
+(``step=``). Each guarantee in full: docs/training.md, "What the loop guarantees".
 """
 from __future__ import annotations
 

@@ -1,31 +1,11 @@
 """Fit training into a memory budget: the search behind ``repnet plan``.
 
-A configuration is what ``repnet train`` needs to run within ``budget_mb``: a method (for Rep-Net
-also its connector placement), a precision, a resolution and a micro-batch x gradient
-accumulation (``--batch-size b --accum-steps k``, b x k = the recipe's effective batch, so the
-recipe's optimisation is kept). Three rules:
-
-* **Measured, never estimated.** A configuration is listed only if its peak, measured by
-  :func:`measure_peak_mb` on the model :func:`repnet.config.build_model` makes from the very
-  config its printed command makes (``pretrained=False``: memory does not depend on the
-  weights), is within the budget. The papers' analytic figure (SPEC §7, cheap) only decides what
-  is worth measuring: a step's real peak holds at least the analytic figure plus, per trainable
-  parameter, a gradient and Adam's two moments (12 B), plus the 3 B by which an fp32 frozen
-  weight exceeds the analytic model's 1 B, and is normally above that sum; below
-  :data:`LOWER_BOUND` x the sum a configuration is not measured.
-* **Ranked by committed results.** ``expected_accuracy.json`` (generated from
-  ``benchmarks/results`` by ``python benchmarks/expected_accuracy.py``, which states its rules)
-  gives a method's accuracy at 224 px and offsets for the resolution, the precision and method
-  options. Every configuration names what its figure was taken from (``expected_from``). The
-  figures were measured on MobileNetV2 at a reduced scale: they rank configurations; they are
-  not a promise for another backbone or dataset.
-* **Few measurements** (each is a profiled training step, seconds on a CPU): the combinations
-  are visited in expected-accuracy order, and the search stops at ``top`` fitting ones; per
-  method x precision x placement only its best-expected resolution that fits is listed (the
-  other resolutions of the same combination would crowd out the alternatives). Within one
-  resolution the largest fitting micro-batch is found by bisection (peak grows with the batch),
-  and a measured non-fit rules out every larger batch and resolution of that combination
-  without measuring them.
+A configuration (method and Rep-Net's placement, precision, resolution, micro-batch x gradient
+accumulation keeping the recipe's effective batch) is listed only if its peak, *measured* by
+:func:`measure_peak_mb` on the model ``repnet train`` builds from its printed command, is within the
+budget; the analytic figure only decides what is worth measuring (:data:`LOWER_BOUND`). Configurations
+are ranked by expected accuracy from the committed results (``expected_accuracy.json``), visited in
+that order, with bisection on the batch, so few are measured. docs/plan.md, "How the search works".
 """
 from __future__ import annotations
 
@@ -108,7 +88,7 @@ def _interpolate(size: int, offsets: dict) -> float:
 def expected_accuracy(method: str, options: dict, precision: str, image_size: int,
                       table: dict | None = None) -> tuple[float | None, str]:
     """``(expected test accuracy or None, where it comes from)`` of one configuration: the
-    method's committed figure + resolution + option + precision offsets (module docstring)."""
+    method's committed figure + resolution + option + precision offsets (docs/plan.md)."""
     t = table if table is not None else load_expectations()
     m = t["methods"].get(method)
     if m is None:
@@ -412,7 +392,7 @@ def plan(budget_mb: float, backbone: str, dataset: str, *, methods=None, image_s
         "effective_batch": eff, "methods": methods, "image_sizes": sizes, "precisions": precisions, "top": top,
         "peak": "measured: the live-tensor peak of one steady-state Adam training step at the micro-batch, less "
                 "the input batch (repnet.memory.profile peak_mb, PyTorch's memory profiler, CPU); analytic: the "
-                "papers' model (SPEC §7: peak activation x batch + parameters, frozen at 1 B)",
+                "papers' model (docs/memory.md: peak activation x batch + parameters, frozen at 1 B)",
         "configurations": [dataclasses.asdict(c) for c in listed],
         "expectation_source": {
             "file": f"src/repnet/training/{EXPECTATIONS.name}", "generated_by": table["command"], "what": table["what"],

@@ -2,6 +2,9 @@
 ``repnet train`` builds it for the chosen runtime, :func:`repnet.memory.profile`'s figures (analytic,
 kept for backward, exact peak, RSS), the runtime's own figures beside them, and the bar chart of a set of
 profiles.
+
+:func:`profile_one` is one row of ``repnet profile`` (library code: the command only prints it).
+docs/memory.md.
 """
 from __future__ import annotations
 

@@ -1,27 +1,11 @@
-"""Training behind ``repnet train``: the paper's recipe (SPEC §5), resumable to the bit.
+"""Training behind ``repnet train``: the paper's recipe (docs/recipes.md), resumable to the bit.
 
-The recipe: Adam with two parameter groups (the method's side modules at ``lr_side``, the
-head and trained backbone tensors at ``lr``), no weight decay, cosine decay per iteration
-without warm-up, 50 epochs, batch 8, label smoothing per dataset, the data layer's
-augmentations. Per-dataset values live in ``recipes/<dataset>.yaml``; every value can be
-overridden (``TrainConfig`` field = command-line flag = ``--set key=value``).
-
-Honest evaluation: the validation split is held out from the *training* data; the test set
-is evaluated once, at the end, and the final epoch is what is reported. The released code's
-"best epoch on the test set" is available as ``select_best_on=test`` and labelled as such.
-
-The steps themselves run in :func:`repnet.training.loop.fit`, the one training loop.
-
-Resuming: everything random is a function of the seed or saved in the checkpoint. The
-per-epoch order and each image's augmentation are drawn from ``(seed, epoch, index)`` by
-:class:`~repnet.training.loop.EpochSampler`, independent of worker processes; dropout uses the global RNG,
-whose state (torch, CUDA, numpy, python) is checkpointed with the model, optimizer and scheduler.
-A run killed at any moment and resumed from its last checkpoint reaches the same weights,
-bit for bit on CPU, as one that was never interrupted.
-
-Outputs in the run folder: ``config.yaml`` (the merged config), ``log.jsonl`` (one record per
-epoch), ``checkpoint.pt`` (latest; written atomically, checksummed), ``results.json`` and ``adapter/``
-(``save_pretrained``: only the trained tensors).
+:func:`train` asks the runtime to refuse what it cannot do before the run folder is touched, claims
+the folder, builds data and model from the config, trains through :func:`repnet.training.loop.fit` and
+writes ``config.yaml``, ``log.jsonl``, ``checkpoint.pt`` (atomic, checksummed), ``results.json`` and
+``adapter/``. The test set is evaluated once, at the end, and the final epoch is reported. Everything
+random is a function of the seed or saved in the checkpoint, so a run killed at any moment and resumed
+reaches the same weights, bit for bit on CPU. docs/training.md.
 """
 from __future__ import annotations
 

@@ -1,52 +1,13 @@
 """Hyb-Learn: per task, freeze the backbone tiles most correlated with earlier tasks; retrain the rest.
 
-Hyb-Learn (Zhang, Yang, Fan, DAC 2024) does continual learning on a hybrid in-memory-computing
-chip: a processing element (PE, a crossbar tile) whose weights are strongly correlated with the
-prior tasks stays frozen in RRAM (writes there cost energy and wear the cells), the rest is
-mapped to SRAM and retrained; self-supervised learning from the pretrained model initialises
-each new task. Its correlation comes from the same group's progressive task-correlated layer
-freezing (arXiv 2303.07477). Neither full text was available to us, only the abstracts; what
-they state is followed, the rest is chosen here after the group's gradient-projection work
-(GPM / TRGP, whose public code the correlation below restates), and each choice is named.
-
-**Tiles (PEs).** A tile is a block of ``tile`` output channels of one backbone convolution: its
-weight rows and the affine scale / shift of the norm right after it (on an IMC array the norm
-is folded into the column's scale and bias). Norm statistics stay fixed (``bn=frozen``).
-Backbone tensors in no tile stay frozen.
-
-**Score (the correlation ratio of a tile).** After each task *t* (and, for the first task, for
-the pretrained model on the first task's images - *the pretraining is the prior task*; no
-ImageNet images are at hand), every convolution's *input representation* on that task is
-summarised per conv group as the patch covariance ``C_t = E[x x^T]`` (``x`` = one receptive
-field, ``(Cin / groups) * k * k`` values, ``score_batches`` batches of the task's training
-images through the model as it is after the task). The old tasks' subspace of a layer is the
-span ``U`` of the top eigenvectors of ``sum_t C_t / tr(C_t)`` that hold ``energy`` of its trace
-(GPM's threshold; choice: one summed covariance rather than GPM's incremental bases). For a new
-task, the gradient ``G`` of the supervised loss (its new head as initialised) on
-``score_batches`` batches is taken for every weight row, and a tile's score is
-
-    r(tile) = sum_batches sum_rows ||G_row U U^T||^2  /  sum_batches sum_rows ||G_row||^2
-
-the fraction of the update the new task asks of this tile that falls in the input directions
-the old tasks use (TRGP's per-layer test ``||proj|| > 0.5 ||g||``, here per tile and as a
-ranking). A high ratio means the new task's inputs to this tile are the old tasks' inputs:
-the tile's features are shared, and rewriting it would move the old tasks' outputs - so it is
-frozen. A low ratio means the update lands where the old tasks put no energy: retraining the
-tile costs them little. Tiles are frozen in decreasing score until ``freeze_ratio`` of the tiled
-weights is frozen; the rest is retrained. ``select=random`` freezes random tiles
-at the same ratio instead (the ablation).
-
-**Forgetting.** Old tasks keep their heads; retrained tiles are shared (one copy in SRAM, as
-the hardware has), so what keeps forgetting down is the choice of tiles above - no replay, no
-per-task copies. Reported: the accuracy matrix, BWT, forgetting, the freeze ratio, and the
-weights *written* per task (backbone elements whose value changed, measured) against the
-backbone's size.
-
-**Self-supervised warm-up** (``ssl_epochs > 0``): before supervised training, SimSiam (negative
-cosine between a predictor's output and the stop-gradient projection of another view) on the
-new task's training images, labels unused, through the same training loop and the same
-frozen tiles; two views of each batch are made on the tensors (random resized crop, brightness
-/ contrast jitter; no flips: digits). The projector and predictor are dropped afterwards.
+Hyb-Learn (Zhang, Yang, Fan, DAC 2024) does continual learning on a hybrid in-memory-computing chip:
+a tile (a processing element: ``tile`` output channels of a backbone conv, with its norm's scale and
+shift) whose weights the earlier tasks rely on stays frozen in RRAM, the rest is retrained in SRAM.
+Before each task every tile is scored by the share of the new task's gradient that falls in the old
+tasks' input subspace (GPM-style patch covariances); the most correlated tiles are frozen up to
+``freeze_ratio``, ``select=random`` is the ablation, ``ssl_epochs`` adds a SimSiam warm-up. The score
+exactly, and every choice made where the papers' abstracts are silent: docs/continual.md, "How
+Hyb-Learn scores and freezes tiles".
 """
 from __future__ import annotations
 
@@ -180,7 +141,7 @@ def old_subspaces(total: dict[str, torch.Tensor], energy: float) -> dict[str, to
 
 def tile_scores(model: nn.Module, backbone: nn.Module, batches, subspaces: dict[str, torch.Tensor],
                 tiles: list[Tile]) -> list[float]:
-    """The correlation ratio of every tile (module docstring) from the gradients of ``batches``
+    """The correlation ratio of every tile (docs/continual.md) from the gradients of ``batches``
     (``(x, y)`` pairs) of the supervised loss through ``model``."""
     layers = tiled_layers(backbone)
     weights = {n: conv.weight for n, (conv, _) in layers.items()}

@@ -1,6 +1,9 @@
-"""The memory-saving ops, one family per module (conv, norm, activations, pooling; ``masks`` and
+"""The memory-saving ops, one family per module (conv, norm, activations, pooling, fused; ``masks`` and
 ``base`` are shared helpers). Each op module's ``SWAP`` (plain class -> engine class) and
 ``RULE`` (its analytic rule) are collected here by discovery: a new op is one new file.
+
+:mod:`repnet.memory.engine` swaps with :data:`SWAP`, :mod:`repnet.memory.analytic` counts with
+:data:`RULES`, so the two cannot disagree about an op (docs/memory.md).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each op module of this package holds one family of layers: the engine's class for it (a
 subclass that keeps less for backward, registered in the module's ``SWAP``), its autograd
-Function, and its rule in the papers' analytic model (SPEC §7), ``RULE = (claims, rule)``:
+Function, and its rule in the papers' analytic model (docs/memory.md), ``RULE = (claims, rule)``:
 ``claims(m)`` says whether the rule covers module ``m``; ``rule(m, x, out, ctx)`` returns the
 bytes ``(kept for backward, transient while it runs, kept only because norms use batch
 statistics)`` per sample. ``ctx`` (:class:`RuleContext`) says whether a gradient reaches the

@@ -2,7 +2,7 @@
 standardised conv keeps its raw weight, not a standardised copy.
 
 A frozen weight's layer needs only that weight for the input gradient (a transposed conv /
-``g @ W``), so its input is not kept; a trainable bias gets ``sum(g)``. Analytic rule (SPEC §7):
+``g @ W``), so its input is not kept; a trainable bias gets ``sum(g)``. Analytic rule (docs/memory.md):
 kept ``|x|`` (x 4 B, or 1 B for int8 codes) only if the weight trains; transient ``4 (|x| + |y| /
 groups)`` while it runs.
 """

@@ -1,31 +1,13 @@
 """A frozen inverted-residual core - [1x1 expansion ->] depthwise -> 1x1 projection - run channel
 slice by channel slice: the wide maps are never whole.
 
-In an inverted-residual block (MobileNetV2, ProxylessNAS, MCUNet) a 1x1 conv expands the block's
-input t-fold (t = 3-6), a depthwise conv filters the expanded map, a 1x1 conv projects it back.
-Run layer by layer, the wide maps sit side by side with the block's input, which the calling
-frames hold until the block returns: at 224 px that is a step's largest moment (MobileNetV2's
-second block: 6.4 + 38.5 + 9.6 MB at batch 8; ProxylessNAS' first block, which has no expansion:
-12.8 + 12.8 + 6.4 MB). But each wide channel feeds exactly one depthwise channel, and the
-projection is a sum over channels, so the core can run ``k`` channel slices at a time: expand a
-slice, normalise, activate, filter, normalise, activate, and add its projection into the output
-(a matrix product in NHWC, in place). Only a slice of a wide map exists at a time. The backward
-runs the same slices: the ReLU masks (bit-packed, as the engine keeps them anyway) and the frozen
-weights are all it needs - nothing is recomputed - and trainable norm shifts (bias-only training,
-TinyTL) get their ``sum(g)``. The projection's own norm runs after it as a layer of its own.
-
-Where (``mark_fusable``, from :func:`repnet.memory.engine.apply_engine`): inside an
-``nn.Sequential`` or a module that declares ``engine_chain = True`` (its children run in order,
-each output read only by the next), an optional ``conv 1x1 -> batch norm -> ReLU/ReLU6``
-Sequential, then a depthwise one, then a frozen 1x1 conv (a child, or the first layer of the next
-child Sequential). At each call it runs only if every conv is frozen and bias-free, the norms use
-eval statistics with a frozen scale, no hook is registered on any of these modules or inside
-them, and autocast is off; otherwise the layers run one by one. The fused output is tagged with
-the modules that then pass it through (the depthwise unit, the projection conv).
-
-``k`` is chosen so that a slice of the widest map is at most a quarter of the core's input or
-output, and no smaller than ``MIN_SLICE_BYTES`` (2 MB): small maps run unfused (``k = 1``), as
-slicing them only costs time. Gradients equal the layer-by-layer engine's (tested in float64 on every method x backbone).
+Each wide channel feeds exactly one depthwise channel and the projection is a sum over channels, so
+the core runs ``k`` channel slices at a time (expand, normalise, activate, filter, normalise,
+activate, add the slice's projection into the output), forward and backward, with the ReLU masks and
+frozen weights as all the backward needs. :func:`mark_fusable` (from ``apply_engine``) finds the cores;
+each call runs fused only when every conv is frozen and bias-free, the norms use eval statistics and
+no hook is registered, and ``k`` keeps a slice at most a quarter of the core's input or output and at
+least ``MIN_SLICE_BYTES``. Why and where: docs/memory.md, "Fused inverted-residual cores".
 """
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Bit-packed 1-bit masks: what a ReLU-like activation keeps for backward (numel / 8 bytes)."""
+"""Bit-packed 1-bit masks: what a ReLU-like activation keeps for backward (numel / 8 bytes).
+
+:func:`pack_mask` makes the mask of where an activation's input lies inside its linear range and packs
+it eight elements to a byte, slice by slice (``MASK_SLICE``) so that no full-size boolean tensor
+exists; :func:`apply_mask` unpacks it into the incoming gradient, in place when the gradient is owned.
+:func:`pack_bits` / :func:`unpack_bits` are the packing itself.
+"""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,9 @@
 """The ``executorch`` runtime: training steps in an ExecuTorch training program (``.pte``) on ExecuTorch's
 own runtime, with its SGD. :mod:`.program` builds and exports the program, :mod:`.passes` and
-:mod:`.planning` make it keep what the memory engine keeps, :mod:`.trainer` runs it from Python;
+:mod:`.planning` make it keep what the memory engine keeps, :mod:`.trainer` runs it from Python.
+
+The runtime refuses in one line what a program cannot do (``--resume``, ``--int8``, gradient
+accumulation, codebook weights, optimizers but SGD), and ``recipe.yaml`` gives SGD learning rates.
 docs/runtime-executorch.md explains each part.
 """
 from __future__ import annotations

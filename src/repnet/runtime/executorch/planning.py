@@ -1,6 +1,10 @@
 """Memory planning of a training program: elementwise outputs written over inputs that die there
 (ExecuTorch's ``TensorSpec.storage_base``), and a largest-first offset planner tried beside ExecuTorch's
 greedy one (the smaller plan is kept).
+
+:func:`share_inplace` does the first on the out-variant graph ``to_executorch`` plans (eval batch norm,
+ReLU6, adds, ``where``, 1-byte casts, ...), as eager PyTorch's in-place ops do; :func:`offsets_by_size`
+is the second; :func:`InPlacePlanning` is the pass object that applies both. docs/runtime-executorch.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,11 @@
 """ExecuTorch training programs: the model a program is built from, the export of model + loss to one
 joint forward + backward graph, rewritten by the passes before memory planning, and what a program
-weighs. Ops the runtime cannot run backward are refused at export in one line (:data:`UNSUPPORTED`).
+weighs.
+
+:func:`program_build` is the model's construction (plain layers, int8 frozen weights, GroupNorm
+modules: a program normalises with fixed statistics); :func:`export_training_program` exports and
+lowers it; :func:`program_memory` reports its planned arena. Ops the runtime cannot run backward are
+refused at export in one line (:data:`UNSUPPORTED`). docs/runtime-executorch.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Training a program on the ExecuTorch runtime from Python: one ``step(x, y)`` is the program's
 ``forward_backward`` and an SGD step per parameter group (ExecuTorch's SGD), the trained tensors copied
 back into the model so evaluation, checkpoints and adapters work on it.
+
+:class:`RuntimeTrainer` is what the runtime hands :func:`repnet.training.loop.fit` (``step=``): one
+ExecuTorch SGD optimizer per parameter group (momentum 0.9), the recipe's cosine schedule scaling the
+gradients it is handed, and ``results()`` adding the runtime's figures to ``results.json``.
 """
 from __future__ import annotations
 
