@@ -9,7 +9,7 @@ tasks seen so far on their test splits:
 * ``naive:bias`` / ``naive:full``: sequential fine-tuning on the same shared backbone, a head
   per task, the backbone's biases / all its weights trained in place task after task (the
   forgetting baseline).
-* ``hyblearn@freeze_ratio=0.8``: Hyb-Learn (``repnet.hyblearn``): per task, the backbone tiles most
+* ``hyblearn@freeze_ratio=0.8``: Hyb-Learn (``repnet.continual.methods.hyblearn``): per task, the backbone tiles most
   correlated with the earlier tasks frozen, the rest retrained in place; weights written per task
   and training memory (what autograd keeps, batch 8) reported per task.
 * ``int8:repnet``: as ``repnet``, with the backbone stored in 8 bits and every task's Rep-Net

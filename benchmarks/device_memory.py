@@ -2,7 +2,7 @@
 training in eager PyTorch (memory engine and plain) and on the Python ExecuTorch runtime.
 
 For each backbone x method (default 224 px, batch 8, 102 classes, random weights: memory does not
-depend on them), built as `repnet train --runtime device` builds them (executorch_training.program_build):
+depend on them), built as `repnet train --runtime device` builds them (repnet.runtime.executorch.program.program_build):
 the training program is exported once (with its metadata, and 16 random images packed), then every
 measurement runs in a fresh process of its own:
 
@@ -11,7 +11,7 @@ measurement runs in a fresh process of its own:
 * ``eager_engine_peak_rss_mb`` / ``eager_plain_peak_rss_mb``: 3 Adam steps of the same model in eager
   PyTorch, with repnet's memory engine / plain PyTorch (``memory="vanilla"``);
 * ``python_runtime_peak_rss_mb``: 3 steps of the same .pte on ExecuTorch's Python runtime
-  (repnet.executorch_training.RuntimeTrainer: its SGD), the program read from the file (no export in the
+  (repnet.runtime.executorch.trainer.RuntimeTrainer: its SGD), the program read from the file (no export in the
   process).
 
 The bar (issue #22): ``cpp_peak_rss_mb <= arena_mb + weights_mb + input_batch_mb + 12`` on every row

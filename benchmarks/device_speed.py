@@ -2,7 +2,7 @@
 
 For each backbone x method (default: MobileNetV2 and ProxylessNAS-Mobile x repnet, bias, last, at
 224 px, batch 8, 102 classes, random weights: speed does not depend on them), the model as
-``repnet train --runtime executorch`` builds it (executorch_training.program_build: frozen weights
+``repnet train --runtime executorch`` builds it (repnet.runtime.executorch.program.program_build: frozen weights
 in 8 bits, Rep-Net's modules with GroupNorm), three ways of running one training step:
 
 * ``kernels``: the training program on repnet's kernels (repnet.runtime.executorch.kernels), on ExecuTorch's

@@ -2,11 +2,11 @@
 
 For each backbone x method (224 px, batch 8, 102 classes, random weights: memory does not depend
 on them): the program's planned memory (its arena less the trained weights in it: activations,
-saved tensors, gradients, outputs) with repnet's passes (repnet.executorch_passes.PASSES) and as
+saved tensors, gradients, outputs) with repnet's passes (repnet.runtime.executorch.passes.PASSES) and as
 ExecuTorch exports it (stock), against its analytic counterpart: the papers' peak activation x
 batch + 4 bytes per trainable parameter (its gradient), from repnet's analytic model of the same
 model. Methods are built as `repnet train --runtime executorch` builds them
-(executorch_training.program_build: frozen weights in 8 bits, Rep-Net's modules with GroupNorm).
+(repnet.runtime.executorch.program.program_build: frozen weights in 8 bits, Rep-Net's modules with GroupNorm).
 
     python benchmarks/executorch_memory.py --out benchmarks/results/executorch_memory.json
 """

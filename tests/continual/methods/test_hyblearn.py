@@ -1,4 +1,4 @@
-"""Hyb-Learn (repnet.hyblearn): tile scores, tile freezing, the continual run."""
+"""Hyb-Learn (repnet.continual.methods.hyblearn): tile scores, tile freezing, the continual run."""
 import json
 
 import pytest

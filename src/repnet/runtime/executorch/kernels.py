@@ -21,7 +21,7 @@ operator registry (in ``libexecutorch.so``, shared by the Python bindings and th
     ``conv2d`` that also writes its result's 1-bit mask (a ReLU6's) in the epilogue;
 ``repnet::mask_outside`` / ``repnet::mask_fill``
     a ReLU / ReLU6's 1-bit mask made in one pass (``(x <= lo) | (x >= hi)``, 8 per byte: the
-    layout of :func:`repnet.executorch_passes.pack_masks`) and its backward (``where``);
+    layout of :func:`repnet.runtime.executorch.passes.pack_masks`) and its backward (``where``);
 ``repnet::channel_sum``
     a bias gradient (sum over N, H, W);
 ``repnet::resize_bilinear`` / ``repnet::resize_bilinear_backward``
@@ -31,7 +31,7 @@ operator registry (in ``libexecutorch.so``, shared by the Python bindings and th
 Each op has a functional schema and an out variant (``torch.library``: what ``torch.export``,
 ``to_edge`` and ExecuTorch's memory planning read), a reference implementation in PyTorch (eager
 checks) and a fake kernel. The passes below (:data:`KERNEL_PASSES`, one per rewrite) move the
-joint graph onto them after :data:`repnet.executorch_passes.PASSES` and before memory planning,
+joint graph onto them after :data:`repnet.runtime.executorch.passes.PASSES` and before memory planning,
 so the planner plans every tensor of the rewritten graph; :func:`load_kernels` loads the library
 into the process before a program that uses them runs.
 """
@@ -705,7 +705,7 @@ def kernel_sums(graph: torch.fx.Graph) -> int:
     return done
 
 
-#: the rewrites onto our kernels, in the order they run (after executorch_passes.PASSES);
+#: the rewrites onto our kernels, in the order they run (after passes.PASSES);
 #: ``kernel_resize`` works while the model is traced (:func:`export_substitutions`)
 KERNEL_PASSES = ("kernel_resize", "kernel_avg_pool", "kernel_conv", "kernel_bn_act", "kernel_masks",
                  "kernel_conv_mask", "kernel_grad_scale", "kernel_sums")
