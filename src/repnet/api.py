@@ -1,12 +1,12 @@
 """The public entry points (PEFT-like): ``get_model``, ``from_pretrained``."""
 from __future__ import annotations
 
-import numbers
 import os
 
 
 from repnet.backbones import Backbone, create_backbone
 from repnet.errors import RepnetError
+from repnet.limits import MAX_IMAGE_SIZE, MAX_NUM_CLASSES, check_int
 from repnet.storage import read_json, read_safetensors
 from repnet.methods import METHODS, TransferModel, parse_options
 
@@ -44,12 +44,8 @@ def get_model(
     cls = METHODS.get(method)
     if memory not in MEMORY_MODES:
         raise RepnetError(f"unknown memory mode '{memory}'; choose from: {', '.join(MEMORY_MODES)}")
-    for name, value, low in (("num_classes", num_classes, 1), ("image_size", image_size, 32)):
-        if isinstance(value, bool) or not (isinstance(value, numbers.Integral)
-                                           or isinstance(value, float) and value.is_integer()):
-            raise RepnetError(f"{name} must be a whole number, got {value!r}")
-        if int(value) < low:
-            raise RepnetError(f"{name} must be >= {low}, got {value}")
+    check_int("num_classes", num_classes, 1, MAX_NUM_CLASSES)
+    check_int("image_size", image_size, 32, MAX_IMAGE_SIZE)
     opts = parse_options(cls.Options, options, method)
     net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, pretrained)
     model = cls(net, int(num_classes), int(image_size), opts)

@@ -86,7 +86,7 @@ CLI_CASES = [
     (["--config", "{tmp}/bad.yaml"], "is not valid YAML"),
     (["--out", "{tmp}/mine"], "is not empty"),
     (["--out", "{tmp}/afile"], "is a file, not a folder"),
-    (["--out", "{tmp}/afile/run"], "cannot create"),
+    (["--out", "{tmp}/afile/run"], "afile is a file, not a folder"),
     (["--weights", "{tmp}/nowhere.pth", "--set", "random_init=false"], "weights file not found"),
     (["--weights", "{tmp}/garbage.pth", "--set", "random_init=false"], "damaged or not a PyTorch file"),
     (["--weights", "{tmp}/evil.pth", "--set", "random_init=false"], "refused"),

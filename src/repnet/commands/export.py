@@ -8,6 +8,8 @@ import os
 from repnet.errors import RepnetError
 
 HELP = "export a trained model for inference (.pt2 / ONNX), or an ExecuTorch training program (--training)"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"out": "file"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:

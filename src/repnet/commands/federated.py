@@ -9,6 +9,13 @@ from repnet.keyvalue import parse_pairs
 from repnet.commands.flags import add_overwrite_flag, check_resume_overwrite
 
 HELP = "federated learning of the method's trainable state on Flower (backbone stays home)"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"out": "run", "flower_app": "folder"}
+
+
+def outputs(args: argparse.Namespace) -> dict[str, str]:
+    """With --flower-app, --out is the folder the ServerApp writes on the deployment's machine (not here)."""
+    return {"flower_app": "folder"} if args.flower_app else {"out": "run"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 HELP = "backbones, methods (with -v: their options), runtimes, datasets"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
