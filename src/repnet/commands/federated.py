@@ -49,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     ov = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method}
     ov.update(parse_pairs(args.set, "--set"))
+    if "out_dir" in ov:
+        raise RepnetError("--set out_dir: a federated run's folder is --out")
+    if args.flower_app and (args.resume or args.overwrite):
+        raise RepnetError(f"--{'resume' if args.resume else 'overwrite'} applies to a simulation's --out; "
+                          "--flower-app writes a new app (the ServerApp claims --out on the deployment)")
     opts = parse_pairs(args.opt, "--opt")
     if opts:
         ov["options"] = opts
