@@ -45,12 +45,12 @@ from repnet.limits import WARN_LR
 from repnet.training.loop import (CosineSchedule, all_finite, evaluate, make_loader, make_optimizer, plan_steps,
                                   resolve_device)
 from repnet.training.loop import rng_state, seed_everything, set_rng_state
-from repnet.storage import (RunKind, Spec, atomic_append_text, atomic_write_text, check_resumable, claim_folder,
-                            clean_temps, load_checkpoint, read_safetensors, save_checkpoint, save_tensors,
-                            set_run_state)
+from repnet.storage import (RunKind, Spec, atomic_append_text, atomic_write_text, check_fields, check_resumable,
+                            claim_folder, clean_temps, load_checkpoint, read_json, read_safetensors, save_checkpoint,
+                            save_tensors, set_run_state)
 from repnet.runtime import get_runtime
 
-__all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
+__all__ = ["train", "resume_config", "read_results", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
 
 
 #: What a ``repnet train`` checkpoint holds (checked after its checksum: :func:`repnet.storage.check_fields`).
@@ -260,6 +260,18 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         + (f", best val {st['best_val']:.4f} at epoch {st['best_val_epoch']}" if st["best_val"] is not None else "")
         + f"); wrote {run_dir / 'results.json'} and {run_dir / 'adapter'}")
     return results
+
+
+#: What a run's ``results.json`` holds that other commands read back (``repnet reproduce --collect``).
+RESULTS_FIELDS = {"test_accuracy": Spec(float, low=0, high=1), "final_test_accuracy": Spec(float, low=0, high=1),
+                  "method": str, "backbone": str, "dataset": str, "config": dict,
+                  "analytic_mb": Spec(float, None, required=False)}
+
+
+def read_results(run_dir: str | Path) -> dict:
+    """The ``results.json`` of a finished run, its structure checked (one line if it is not a run's results)."""
+    path = Path(run_dir) / "results.json"
+    return check_fields(read_json(path, "results"), RESULTS_FIELDS, f"results {path}")
 
 
 def resume_config(run_dir: str | Path, overrides: dict | None = None) -> TrainConfig:
