@@ -28,12 +28,26 @@ UNSUPPORTED = {
 
 
 def require_executorch():
+    """Import ExecuTorch (one line if it is missing), quietly: its import registers torchao's enums with
+    torch's pytree, which logs a deprecation warning through the ``torch.utils._pytree`` logger (a
+    ``W... _pytree.py:630 ... KernelPreference`` line); that logger is raised to ERROR for the import."""
+    import logging
+    import warnings
+
+    log = logging.getLogger("torch.utils._pytree")
+    level = log.level
     try:
-        import executorch  # noqa: F401
-        from executorch.exir import to_edge  # noqa: F401
+        log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import executorch  # noqa: F401
+            from executorch.exir import to_edge  # noqa: F401
+            from executorch.extension.training import get_sgd_optimizer  # noqa: F401
     except ImportError:
         raise RepnetError("training on the ExecuTorch runtime needs the executorch package: bash scripts/setup.sh "
                           "installs it (pip install --no-deps executorch==1.5.1 torchao==0.18.0)") from None
+    finally:
+        log.setLevel(level)
 
 
 class TrainStep(nn.Module):
