@@ -215,3 +215,107 @@ def test_save_pretrained_refuses_another_models_adapter_folder(tmp_path):
 
 def test_the_matrix_is_large_enough():
     assert len(CLI_CASES) + len(OTHER_CASES) + len(API_CASES) >= 60
+
+
+# ----------------------------------------------------------------------------- output paths, every command
+# Generated from the commands: each command module declares its output arguments in OUTPUTS (dest -> file /
+# folder / run); every one of them is tried as a missing parent, a path under a file, read-only locations
+# and the wrong kind of existing entry (a folder for a file, a file for a folder). Each must be one
+# `error:` line and exit 2 before the command's work starts (its `run` is replaced by a marker that fails
+# the test if reached), with nothing changed in the test's folder. A new command, or a new output flag,
+# is covered as soon as it is declared (and a command without an entry in BASE fails the test).
+import importlib
+import os
+import subprocess
+
+from repnet.commands import COMMANDS
+from repnet.config.flags import cli_flag
+
+#: the least arguments each command parses with (the work never starts: `run` is the marker)
+BASE = {"list": [], "profile": ["--no-measure"], "plan": ["--budget", "40MB"], "train": [], "demo": [],
+        "reproduce": ["table3"], "continual": ["--tasks", "digits"], "federated": [],
+        "export": ["--adapter", "an-adapter"]}
+#: a file name each file output accepts (the suffix is the format)
+NAMES = {("profile", "plot"): "p.png", ("export", "out"): "m.onnx"}
+OUTPUT_CASES = [(cmd, dest, kind) for cmd in COMMANDS
+                for dest, kind in importlib.import_module(f"repnet.commands.{cmd}").OUTPUTS.items()]
+
+
+class WorkStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def marker(monkeypatch):
+    """Every command's work replaced by a marker: reaching it means the paths were accepted."""
+    for cmd in COMMANDS:
+        def reached(args, cmd=cmd):
+            raise WorkStarted(cmd)
+        monkeypatch.setattr(importlib.import_module(f"repnet.commands.{cmd}"), "run", reached)
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def read_only_tmpfs(tmp_path_factory):
+    """A real read-only file system where this machine lets us mount one (root with CAP_SYS_ADMIN), else None."""
+    d = tmp_path_factory.mktemp("ro-mount")
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)], capture_output=True).returncode == 0
+    yield d if ok else None
+    if ok:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def _paths(tmp, cmd, dest, kind, ro_mount):
+    """(case, path, refused) for one output argument."""
+    name = NAMES.get((cmd, dest), "x.json" if kind == "file" else "out")
+    (tmp / "afile").write_text("a file")
+    (tmp / "adir").mkdir(exist_ok=True)
+    cases = [("missing parent", tmp / "nowhere" / "deeper" / name, kind != "run"),  # run folders: parents created
+             ("under a file", tmp / "afile" / name, True),
+             ("read-only: /proc", "/proc/" + name, True),  # root too cannot create files in /proc
+             ("wrong kind", tmp / ("adir" if kind == "file" else "afile"), True)]
+    if ro_mount is not None:
+        cases.append(("read-only: tmpfs mount", ro_mount / name, True))
+    if os.geteuid() != 0:  # (root writes in a 0o500 folder: it is not read-only for root)
+        locked = tmp / "locked"
+        locked.mkdir(mode=0o500, exist_ok=True)
+        cases.append(("read-only: mode 0o500", locked / name, True))
+    return cases
+
+
+@pytest.mark.parametrize("cmd,dest,kind", OUTPUT_CASES, ids=[f"{c}-{d}" for c, d, _ in OUTPUT_CASES])
+def test_every_output_path_is_checked_before_any_work(cmd, dest, kind, tmp_path, capsys, marker, read_only_tmpfs):
+    for case, path, refused in _paths(tmp_path, cmd, dest, kind, read_only_tmpfs):
+        before = _tree(tmp_path)
+        argv = [cmd, *BASE[cmd], cli_flag(dest), str(path)]
+        if refused:
+            code = main(argv)
+            err = capsys.readouterr().err.strip()
+            assert code == 2, (case, err)
+            assert err.startswith("error: ") and len(err.splitlines()) == 1, (case, err)
+            assert cli_flag(dest) in err, (case, err)
+        else:  # a run folder's missing parents are created by the run: accepted, and nothing made before the work
+            with pytest.raises(WorkStarted):
+                main(argv)
+        assert _tree(tmp_path) == before, case
+    with pytest.raises(WorkStarted):  # a good path reaches the work: the marker can tell
+        main([cmd, *BASE[cmd], cli_flag(dest), str(tmp_path / "adir" / NAMES.get((cmd, dest), "ok.json"))])
+
+
+def test_every_command_is_covered_and_every_output_flag_is_declared():
+    """A new command needs an entry in BASE; an option that writes (by its help text) must be in OUTPUTS."""
+    import re
+
+    from repnet.cli import build_parser
+
+    assert set(BASE) == set(COMMANDS)
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for cmd, parser in sub.choices.items():
+        declared = set(importlib.import_module(f"repnet.commands.{cmd}").OUTPUTS)
+        writes = {a.dest for a in parser._actions if a.option_strings and a.help and a.nargs != 0
+                  and re.search(r"\b(write|output|summaries go|folder for)|^run folder", a.help)
+                  and not a.help.startswith("turn off")}
+        assert writes == declared, (cmd, writes ^ declared)

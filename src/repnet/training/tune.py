@@ -43,7 +43,7 @@ def trial_steps(total_steps: int, fraction: float) -> int:
     return max(1, round(fraction * total_steps))
 
 
-def _load_state(path: Path, key: str, steps: int) -> list[dict]:
+def read_state(path: Path, key: str, steps: int) -> list[dict]:
     """Trials an earlier session of this run finished (same rate, same trial length)."""
     if not path.is_file():
         return []
@@ -86,7 +86,7 @@ def tune(cfg, train_ds, val_ds, num_classes: int, device: torch.device, run_dir:
     default = getattr(cfg, key)
     grid = GRIDS[key]
     path = Path(run_dir) / STATE_FILE if run_dir is not None else None
-    trials = _load_state(path, key, steps) if path is not None else []
+    trials = read_state(path, key, steps) if path is not None else []
     done = {t["value"] for t in trials}
     trial_cfg = dataclasses.replace(cfg, max_steps=steps, checkpoint_every=0, progress=False)
     val_loader = loop.make_loader(val_ds, cfg, device)
