@@ -168,13 +168,15 @@ class RunKind:
     """What a workflow's run folder holds: ``marker`` (the file that says the run got somewhere, e.g.
     its checkpoint), ``files`` (glob patterns of everything it writes) and ``verify(folder)`` (raises
     ``RepnetError`` unless the marker is really ours; used for folders written before
-    :data:`RUN_FILE` existed). ``command`` names the workflow in messages."""
+    :data:`RUN_FILE` existed). ``command`` names the workflow in messages; ``early``: what it writes
+    between its claim and its marker (:func:`release_claim`)."""
 
     name: str
     marker: str
     files: tuple[str, ...]
     verify: Callable[[Path], Any]
     command: str = "repnet"
+    early: tuple[str, ...] = ()  # files written after the claim and before the marker (e.g. config.yaml)
 
 
 def read_run_file(folder: str | os.PathLike) -> dict | None:
@@ -252,6 +254,50 @@ def claim_folder(folder: str | os.PathLike, what: str = "--out", kind: RunKind |
     if kind is not None:
         set_run_state(folder, kind, "started")
     return folder
+
+
+def missing_root(folder: str | os.PathLike) -> Path | None:
+    """The topmost of ``folder`` and its parents that does not exist yet (what creating it creates), or None."""
+    folder, top = Path(os.path.abspath(folder)), None
+    while not folder.exists() and folder != folder.parent:
+        top, folder = folder, folder.parent
+    return top
+
+
+def release_claim(folder: str | os.PathLike, kind: RunKind, created: Path | None = None,
+                  untrained_marker: bool = False) -> bool:
+    """Undo :func:`claim_folder` for a run refused (bad input found while building it) before its marker:
+    remove :data:`RUN_FILE` and the kind's ``early`` files, and the folders the claim created (``created``:
+    :func:`missing_root` before the claim), so the same command works again once the input is fixed. A folder
+    holding anything else (a run's other files; the marker, unless the caller knows it records no progress:
+    ``untrained_marker``) is left as it is. Whether it was released."""
+    import shutil
+
+    folder = Path(folder)
+    early = set(kind.early) | ({kind.marker} if untrained_marker else set())
+    if not folder.is_dir() or ((folder / kind.marker).exists() and not untrained_marker):
+        return False
+    try:
+        record = read_run_file(folder)
+    except RepnetError:
+        return False
+    entries = list(folder.iterdir())
+    if record is None or record["kind"] != kind.name or any(
+            p.name != RUN_FILE and p.name not in early and not p.name.startswith(TMP_PREFIX) for p in entries):
+        return False
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if created is not None:
+        d = Path(os.path.abspath(folder))
+        while d != d.parent:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            if d == Path(created):
+                break
+            d = d.parent
+    return True
 
 
 def check_resumable(folder: str | os.PathLike, kind: RunKind) -> Path:

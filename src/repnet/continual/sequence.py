@@ -15,7 +15,7 @@ from repnet.training import loop
 from repnet.errors import RepnetError
 from repnet.methods import METHODS, parse_options
 from repnet.storage import (RunKind, Spec, atomic_write_text, check_fields, check_resumable, claim_folder,
-                            read_json, read_safetensors, set_run_state, save_tensors)
+                            missing_root, read_json, read_safetensors, release_claim, set_run_state, save_tensors)
 from repnet.continual.methods import CONTINUAL_METHODS
 from repnet.continual.metrics import continual_metrics, format_matrix
 from repnet.continual.model import FORMAT, MultiTaskModel, tensor_bytes
@@ -49,6 +49,18 @@ def parse_tasks(tasks) -> list[tuple[str, str]]:
 def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet", naive: bool = False,
                    out_dir: str | os.PathLike | None = None, options: dict | None = None, resume: bool = False,
                    overwrite: bool = False, **overrides) -> dict:
+    claims: list = []
+    try:
+        return _train_sequence(tasks, backbone, method, naive, out_dir, options, resume, overwrite, claims,
+                               **overrides)
+    except RepnetError:  # bad input found before the first task finished: no run folder is left behind
+        for folder, created in claims:
+            release_claim(folder, RUN, created)
+        raise
+
+
+def _train_sequence(tasks, backbone: str, method: str, naive: bool, out_dir, options: dict | None, resume: bool,
+                    overwrite: bool, claims: list, **overrides) -> dict:
     """Train ``tasks`` (datasets, or ``name=dataset``) one after another on one shared backbone.
 
     Each task gets ``method`` (its own side modules + head; ``naive``: in-place sequential
@@ -95,6 +107,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     if resume:
         previous = _resumable(out, pairs, cfgs, backbone, method, naive)
     else:
+        claims.append((out, missing_root(out)))
         claim_folder(out, kind=RUN, overwrite=overwrite)
 
     pretrained = False if base.random_init else (base.weights or True)

@@ -95,6 +95,9 @@ def check_methods(cfg: DemoConfig) -> None:
     for m in names:
         if m != LINEAR_PROBE:
             METHODS.get(m)
+    for m in cfg.methods:  # every row's settings (sizes, rates) are valid before the folder is claimed
+        if parse_method(m)[0] != LINEAR_PROBE:
+            method_config(cfg, m)
     taken = {k for m in names for k in shared_options(cfg, m)}
     unknown = sorted(set(cfg.options) - taken)
     if unknown:

@@ -44,7 +44,8 @@ from repnet.training import loop
 from repnet.errors import NonFinite, RepnetError
 from repnet.limits import check_number
 from repnet.storage import (RunKind, Spec, atomic_write_text, check_fields, check_resumable, claim_folder,
-                            clean_temps, load_checkpoint, non_finite, save_checkpoint, set_run_state)
+                            clean_temps, load_checkpoint, missing_root, non_finite, release_claim, save_checkpoint,
+                            set_run_state)
 from repnet.config.schema import SESSION_KEYS
 
 __all__ = ["Settings", "STRATEGIES", "partition", "state_bytes", "LocalClient", "Server", "screen_reply",
@@ -380,7 +381,6 @@ class Server:
     evaluation, bytes, checkpoint and results (see the module docstring)."""
 
     def __init__(self, settings: Settings, progress: bool = False, on_round=None):
-        from repnet.config.build import build_data, build_model
         from repnet.config.recipes import make_config
 
         self.s = settings
@@ -402,7 +402,21 @@ class Server:
                 raise RepnetError(f"cannot resume {settings.out}: its settings differ ({', '.join(changed)}); only "
                                   "--rounds may change")
         elif self.out is not None:
+            created = missing_root(self.out)
             claim_folder(self.out, kind=RUN, overwrite=settings.overwrite)
+            try:
+                self._build()
+            except RepnetError:  # bad input found while building: no run folder is left behind
+                release_claim(self.out, RUN, created)
+                raise
+            return
+        self._build()
+
+    def _build(self) -> None:
+        """The data, partition, model and test loader of the run (and the resumed checkpoint's checks)."""
+        from repnet.config.build import build_data, build_model
+
+        settings = self.s
         self.device = loop.resolve_device(self.cfg.device)
         train_ds, _val, test_ds, self.num_classes, _ = build_data(self.cfg)
         self.client_images = [len(p) for p in partition(train_ds.targets, settings.clients, settings.partition,

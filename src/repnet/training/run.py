@@ -40,14 +40,14 @@ from repnet.training import loop
 from repnet.config.schema import SESSION_KEYS, TrainConfig, coerce
 from repnet.config.recipes import make_config, read_yaml
 from repnet.config.build import build_data, build_model
-from repnet.errors import NonFinite, RepnetError
+from repnet.errors import Interrupted, NonFinite, RepnetError
 from repnet.limits import WARN_LR
 from repnet.training.loop import (CosineSchedule, all_finite, evaluate, make_loader, make_optimizer, plan_steps,
                                   resolve_device)
 from repnet.training.loop import rng_state, seed_everything, set_rng_state
 from repnet.storage import (RunKind, Spec, atomic_append_text, atomic_write_text, check_fields, check_resumable,
-                            claim_folder, clean_temps, load_checkpoint, read_json, read_safetensors, save_checkpoint,
-                            save_tensors, set_run_state)
+                            claim_folder, clean_temps, load_checkpoint, missing_root, read_json, read_safetensors,
+                            release_claim, save_checkpoint, save_tensors, set_run_state)
 from repnet.runtime import get_runtime
 
 __all__ = ["train", "resume_config", "read_results", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
@@ -77,7 +77,8 @@ def _verify_run(folder: Path) -> None:
 
 
 RUN = RunKind("run", "checkpoint.pt", ("config.yaml", "checkpoint.pt", "log.jsonl", "best.safetensors",
-                                                "adapter", "results.json", "tune.json"), _verify_run, "repnet train")
+                                                "adapter", "results.json", "tune.json"), _verify_run, "repnet train",
+              early=("config.yaml",))
 
 
 def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None,
@@ -87,7 +88,21 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
 
     ``on_step(info)`` is called after every optimizer step with ``{"step", "epoch", "loss",
     "model"}`` (a hook for tests and notebooks; raising from it stops the run).
+
+    Bad input found while the run is built (data, weights, options), before its first checkpoint,
+    leaves no run folder behind (:func:`repnet.storage.release_claim`): the same command works once fixed.
     """
+    claims: list = []  # (folder, what its creation created, the run's state once it trains)
+    try:
+        return _train(config, resume, on_step, overwrite, claims)
+    except RepnetError as e:
+        for folder, created, state in claims:  # (not after a step, a non-finite stop or Ctrl-C: those resume)
+            untrained = not isinstance(e, (NonFinite, Interrupted)) and (state or {}).get("step", 0) == 0
+            release_claim(folder, RUN, created, untrained_marker=untrained)
+        raise
+
+
+def _train(config: TrainConfig, resume: str | None, on_step, overwrite: bool, claims: list) -> dict:
     from repnet.backbones import BACKBONES
     from repnet.methods import METHODS
 
@@ -111,6 +126,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
             ckpt = load_checkpoint(ckpt_path, fields=CHECKPOINT_FIELDS)
         # else: stopped while tuning (tune.json holds the finished trials): tuning goes on, then the run starts
     else:
+        claims.append((run_dir, missing_root(run_dir), None))
         claim_folder(run_dir, kind=RUN, overwrite=overwrite)
         cfg.out_dir = str(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -138,6 +154,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     if trainer is not None:
         scheduler = None
     st = loop.new_state()  # (``elapsed`` = wall time of earlier sessions; this session's is added when saving)
+    claims[:] = [(folder, created, st) for folder, created, _ in claims]
 
     def checkpoint(state: dict) -> None:
         if not all_finite(model):
