@@ -111,6 +111,10 @@ def disk_full(folder: str | os.PathLike) -> bool:
     return st.f_bavail * st.f_frsize < 64 * 1024
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # (read once: os.umask can only be read by setting it)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, then move ``tmp_path`` onto ``path`` atomically (same folder, fsynced).
 
@@ -124,6 +128,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise RepnetError(f"cannot write {path}: it is not a regular file (a device, pipe or socket)")
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix="-" + path.name)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0o600 files; a result has the user's usual mode
         os.close(fd)
     except OSError as e:
         raise RepnetError(f"cannot write {path}: {e.strerror or e}") from None

@@ -321,7 +321,7 @@ def read_only_tmpfs(tmp_path_factory):
     ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)], capture_output=True).returncode == 0
     yield d if ok else None
     if ok:
-        subprocess.run(["umount", str(d)], capture_output=True)
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def _paths(tmp, cmd, dest, kind, ro_mount):

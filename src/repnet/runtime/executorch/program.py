@@ -5,6 +5,8 @@ weighs. Ops the runtime cannot run backward are refused at export in one line (:
 from __future__ import annotations
 
 import dataclasses
+import warnings
+
 import torch
 from torch import nn
 from repnet.errors import RepnetError
@@ -32,7 +34,6 @@ def require_executorch():
     torch's pytree, which logs a deprecation warning through the ``torch.utils._pytree`` logger (a
     ``W... _pytree.py:630 ... KernelPreference`` line); that logger is raised to ERROR for the import."""
     import logging
-    import warnings
 
     log = logging.getLogger("torch.utils._pytree")
     level = log.level
@@ -144,7 +145,9 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
     rewrites = run_passes(ep, passes)
     _check_supported(graph)
     planning = InPlacePlanning() if "inplace" in passes else None
-    et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
+    with warnings.catch_warnings():  # ExecuTorch's memory planning warns per backward op with an unused output
+        warnings.simplefilter("ignore")  # ("Function aten.convolution_backward.out's out2 kwarg value is None")
+        et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
     if planning:
         rewrites["inplace"] = planning.shared
     arena = int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
