@@ -28,10 +28,11 @@ def check_int(name: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not (isinstance(value, numbers.Integral)
                                        or isinstance(value, float) and value.is_integer()):
         raise RepnetError(f"{name} must be a whole number, got {value!r}")
-    if not low <= int(value) <= high:
-        raise RepnetError(f"{name} must be >= {low}, got {value}" if int(value) < low else
+    value = int(value)
+    if not low <= value <= high:
+        raise RepnetError(f"{name} must be >= {low}, got {value}" if value < low else
                           f"{name} must be <= {high:,d}, got {value:,d}")
-    return int(value)
+    return value
 
 
 def check_number(name: str, value, low: float | None = None, high: float | None = None,
