@@ -80,6 +80,8 @@ def run_one(args, spec: str, seed: int, size: int) -> dict:
             raise SystemExit(f"{run_dir} ran another config ({stale}); move it away to rerun")
         if done.is_file():
             return json.loads(done.read_text())
+        if not (run_dir / "checkpoint.pt").is_file():  # stopped before its first checkpoint: start it again
+            return train(cfg, overwrite=True)
         return train(cfg, resume=str(run_dir))
     return train(cfg)
 

@@ -73,8 +73,9 @@ def child(args) -> None:
         meta = json.loads(Path(args.meta).read_text())
         model = repnet.get_model(args.backbone, args.method, args.num_classes, image_size=args.image_size,
                                  pretrained=False, **build).eval()
-        prog = TrainingProgram(Path(args.pte).read_bytes(), 0, 0, {}, [t["name"] for t in meta["trainable"]],
-                               args.batch_size, args.image_size)
+        buffer = Path(args.pte).read_bytes()
+        prog = TrainingProgram(buffer, 0, 0, {}, [t["name"] for t in meta["trainable"]], args.batch_size,
+                               args.image_size, kernels=b"repnet::" in buffer)  # (its operator names: our kernels)
         trainer = RuntimeTrainer(model, prog, lr=3e-4, lr_side=1e-3)
         for _ in range(STEPS):
             trainer.step(x, y)

@@ -27,7 +27,7 @@ CLIENT_TREES = ("tests", "benchmarks", "scripts")
 
 #: Floors, bottom to top: the top-level entries of src/repnet (modules and packages) on each.
 FLOORS = [
-    ("foundations", ("errors", "registry", "keyvalue", "storage", "optim")),
+    ("foundations", ("errors", "registry", "keyvalue", "limits", "storage", "optim")),
     ("models: backbones and data", ("backbones", "data")),
     ("memory engine", ("memory",)),
     ("methods", ("methods",)),

@@ -15,6 +15,7 @@ import torch
 import repnet
 from repnet import RepnetError
 from repnet.cli import main
+from repnet.config.recipes import make_config
 from repnet.storage import (content_digest, load_checkpoint, read_safetensors, save_checkpoint,
                             save_tensors)
 from tests.helpers import evil_pickle, flip_bytes, one_line
@@ -209,3 +210,90 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_overwrite(tmp_pa
     assert (run / "results.json").is_file()
 
 
+
+
+# ----------------------------------------------------------------------------- a full disk during a checkpoint
+def _no_temps(folder):
+    return [p.name for p in folder.rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, capsys, monkeypatch,
+                                                                                 tiny_train_args):
+    """The disk fills up while the second checkpoint is written (simulated: the write stops half-way with
+    ENOSPC): one `error:` line, the step-1 checkpoint intact and resumable, no temporary file left."""
+    import errno
+    from pathlib import Path
+
+    from repnet.storage import load_checkpoint
+
+    real_write, calls = Path.write_bytes, {"n": 0}
+
+    def full_disk(self, data):
+        if self.name.endswith("-checkpoint.pt"):
+            calls["n"] += 1
+            if calls["n"] == 3:  # step 0, step 1, then the disk is full at step 2
+                real_write(self, data[: len(data) // 3])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    run = tmp_path / "run"
+    args = [*tiny_train_args[:tiny_train_args.index("--steps-per-epoch")], "--steps-per-epoch", "3",
+            *tiny_train_args[tiny_train_args.index("--steps-per-epoch") + 2:], "--checkpoint-every", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", full_disk)
+        code = main([*args, "--out", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot write") and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err and "the previous file is kept" in err
+    assert load_checkpoint(run / "checkpoint.pt")["state"]["step"] == 1
+    assert _no_temps(run) == []
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0 and (run / "results.json").is_file()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 1 MB file system (tmpfs) where this machine lets us mount one (root with CAP_SYS_ADMIN)."""
+    import subprocess
+
+    d = tmp_path / "small"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _fill(folder):
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_really_full_disk_during_a_checkpoint(tiny_tmpfs, tiny):
+    """On a real full file system: the training checkpoint (our writer) and a library's own writer (torch.save
+    into the atomic writer's file, which fails with torch's own RuntimeError) are one line each."""
+    from repnet.storage import atomic_write, load_checkpoint
+    from repnet.training.run import train
+
+    run = tiny_tmpfs / "run"
+
+    def fill_after_first_step(info):
+        if info["step"] == 1:
+            _fill(tiny_tmpfs)
+
+    cfg = make_config({**tiny, "method": "last", "memory": "vanilla", "epochs": 1, "steps_per_epoch": 3,
+                       "checkpoint_every": 1, "out_dir": str(run)})
+    with pytest.raises(RepnetError) as e:
+        train(cfg, on_step=fill_after_first_step)
+    msg = one_line(e)
+    assert "cannot write" in msg and ("No space left" in msg or "no space left" in msg), msg
+    assert load_checkpoint(run / "checkpoint.pt")["state"]["step"] == 0 and _no_temps(run) == []
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(RepnetError) as e:
+        atomic_write(run / "checkpoint.pt", lambda p: torch.save({"x": torch.zeros(1 << 20)}, p))
+    assert "no space left on device" in one_line(e)
+    assert (run / "checkpoint.pt").read_bytes() == before and _no_temps(run) == []

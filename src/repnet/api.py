@@ -8,13 +8,14 @@ and refuses other backbone weights in one line.
 """
 from __future__ import annotations
 
-import numbers
+import dataclasses
 import os
 
 
 from repnet.backbones import Backbone, create_backbone
 from repnet.errors import RepnetError
-from repnet.storage import read_json, read_safetensors
+from repnet.limits import MAX_IMAGE_SIZE, MAX_NUM_CLASSES, check_int
+from repnet.storage import Spec, check_fields, non_finite, read_json, read_safetensors
 from repnet.methods import METHODS, TransferModel, parse_options
 
 MEMORY_MODES = ("engine", "vanilla")
@@ -51,12 +52,8 @@ def get_model(
     cls = METHODS.get(method)
     if memory not in MEMORY_MODES:
         raise RepnetError(f"unknown memory mode '{memory}'; choose from: {', '.join(MEMORY_MODES)}")
-    for name, value, low in (("num_classes", num_classes, 1), ("image_size", image_size, 32)):
-        if isinstance(value, bool) or not (isinstance(value, numbers.Integral)
-                                           or isinstance(value, float) and value.is_integer()):
-            raise RepnetError(f"{name} must be a whole number, got {value!r}")
-        if int(value) < low:
-            raise RepnetError(f"{name} must be >= {low}, got {value}")
+    check_int("num_classes", num_classes, 1, MAX_NUM_CLASSES)
+    check_int("image_size", image_size, 32, MAX_IMAGE_SIZE)
     opts = parse_options(cls.Options, options, method)
     net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, pretrained)
     model = cls(net, int(num_classes), int(image_size), opts)
@@ -74,10 +71,25 @@ def get_model(
         quantize_frozen_weights(model, frozen_bits, engine=memory == "engine")
         model.frozen_bits = frozen_bits
     if int8:
-        from repnet.memory.int8 import enable_int8_training
+        from repnet.memory.int8 import Int8Config, enable_int8_training
 
-        enable_int8_training(model, **({} if int8 is True else dict(int8)))
+        settings = {} if int8 is True else dict(int8) if isinstance(int8, dict) else None
+        known = {f.name: f.type for f in dataclasses.fields(Int8Config)}
+        if settings is None or set(settings) - set(known) or any(
+                not isinstance(v, bool if known[k] in (bool, "bool") else str) for k, v in settings.items()):
+            raise RepnetError(f"int8={int8!r}: expected true or a mapping of {', '.join(known)} (bools / names)")
+        enable_int8_training(model, **settings)
     return model
+
+
+#: What an adapter's ``config.json`` holds (``TransferModel.config()``), field by field: checked on load.
+ADAPTER_FIELDS = {
+    "backbone": str, "method": str, "backbone_fingerprint": str, "options": dict,
+    "num_classes": Spec(int, low=1, high=MAX_NUM_CLASSES), "image_size": Spec(int, low=32, high=MAX_IMAGE_SIZE),
+    "backbone_weights": Spec(str, None, required=False), "repnet_version": Spec(str, None, required=False),
+    "memory": Spec(str, choices=MEMORY_MODES, required=False),
+    "int8": Spec(dict, None, required=False), "frozen_bits": Spec(str, None, required=False),
+}
 
 
 def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str | None = None) -> TransferModel:
@@ -90,14 +102,11 @@ def from_pretrained(directory: str, backbone=None, pretrained=True, memory: str 
     st_path = os.path.join(directory, "adapter.safetensors")
     if not os.path.isfile(cfg_path) or not os.path.isfile(st_path):
         raise RepnetError(f"{directory} is not a saved repnet adapter (expected config.json and adapter.safetensors)")
-    cfg = read_json(cfg_path, "adapter config")
-    required = {"backbone": str, "method": str, "num_classes": int, "image_size": int, "options": dict,
-                "backbone_fingerprint": str}
-    bad = [k for k, t in required.items() if not isinstance(cfg.get(k) if isinstance(cfg, dict) else None, t)
-           or isinstance(cfg.get(k), bool)]
-    if bad:
-        raise RepnetError(f"adapter config {cfg_path} is malformed: {', '.join(bad)} missing or of the wrong type")
+    cfg = check_fields(read_json(cfg_path, "adapter config"), ADAPTER_FIELDS, f"adapter config {cfg_path}")
     stored = read_safetensors(st_path, "adapter", require_digest=True)  # damaged: refused before any build
+    bad = non_finite(stored)
+    if bad is not None:
+        raise RepnetError(f"adapter {st_path} holds non-finite values ({bad}: NaN / inf): not a usable model")
     if backbone is not None and backbone != cfg["backbone"]:
         raise RepnetError(
             f"adapter in {directory} was trained on backbone '{cfg['backbone']}', not '{backbone}'"

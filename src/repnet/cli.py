@@ -36,8 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(f".commands.{name}", __package__)
         sp = sub.add_parser(name, help=mod.HELP)
         mod.configure(sp)
-        sp.set_defaults(func=mod.run)
+        sp.set_defaults(func=mod.run, command_module=mod)
     return p
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path the command was given (its module's ``OUTPUTS``: dest -> file / folder / run,
+    or its ``outputs(args)``), checked by :func:`repnet.storage.check_output` before any work."""
+    from repnet.commands.flags import outputs_of
+
+    given = {dest: kind for dest, kind in outputs_of(args.command_module, args).items()
+             if getattr(args, dest, None) is not None}
+    if given:
+        from repnet.config.flags import cli_flag
+        from repnet.storage import check_output
+
+        for dest, kind in given.items():
+            check_output(getattr(args, dest), kind, cli_flag(dest))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_outputs(args)
         if args.threads is not None:
-            if args.threads < 1:
-                raise RepnetError(f"--threads must be >= 1, got {args.threads}")
+            from repnet.limits import MAX_THREADS, check_int
+
+            check_int("--threads", args.threads, 1, MAX_THREADS)
             import torch
 
             torch.set_num_threads(args.threads)

@@ -10,43 +10,135 @@
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import math
 import os
 import pickle
+import stat
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from repnet.errors import RepnetError
+from repnet.errors import NonFinite, RepnetError
 
 TMP_PREFIX = ".tmp-"
 DIGEST_KEY = "__sha256__"
 
 
+# ----------------------------------------------------------------------------- output paths
+#: What an output path names: ``file`` (its folder must exist), ``folder`` (its parent must exist) or
+#: ``run`` (a run folder: it and its missing parents are created, as ``runs/<name>`` on a fresh checkout).
+OUTPUT_KINDS = ("file", "folder", "run")
+
+
+def probe_writable(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (None: it can). It creates and removes a temporary
+    file there, the only test that tells the truth for root (``os.access`` says yes to root for a
+    0o500 folder, and to every user for ``/proc``, where nothing can be created)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + "probe-")
+    except OSError as e:  # (/proc answers ENOENT for a folder that exists)
+        return "no file can be created there" if e.errno == errno.ENOENT and folder.is_dir() else e.strerror or str(e)
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
+def check_output(path: str | os.PathLike, kind: str = "file", what: str = "output") -> Path:
+    """Refuse, in one line and before any work, an output path repnet could not write.
+
+    ``kind`` (:data:`OUTPUT_KINDS`): a ``file`` must not be a folder or a device / pipe, and its folder
+    must exist and be writable; a ``folder`` must not be a file, and its parent must exist and be
+    writable (it may exist: the command decides what may be in it); a ``run`` folder likewise, except
+    that missing parents are fine (they are created) as long as the nearest existing one is a
+    writable folder. Nothing is written (a probe file is created and removed: :func:`probe_writable`).
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise RepnetError(f"{what}: an empty path")
+    p = Path(text)
+    label = f"{what} {text}"
+    if p.exists():
+        if kind == "file":
+            if p.is_dir():
+                raise RepnetError(f"{label} is a folder: give a file name")
+            if not stat.S_ISREG(p.stat().st_mode):
+                raise RepnetError(f"{label} is not a regular file (a device, pipe or socket): it is never replaced")
+        elif not p.is_dir():
+            raise RepnetError(f"{label} is a file, not a folder")
+    parent = p.parent if p.parent != Path("") else Path(".")
+    if kind == "run" or (kind == "folder" and p.is_dir()):
+        target = p if p.is_dir() else None
+        if target is None:  # the nearest existing ancestor receives the new folders
+            target = parent
+            while not target.exists() and target != target.parent:
+                target = target.parent
+    else:
+        target = parent
+        if not target.exists():
+            above = next((a for a in target.parents if a.exists()), None)
+            if above is not None and not above.is_dir():
+                raise RepnetError(f"{label}: {above} is a file, not a folder")
+            raise RepnetError(f"{label}: folder {target} does not exist (create it first)")
+    if not target.is_dir():
+        raise RepnetError(f"{label}: {target} is a file, not a folder")
+    why = probe_writable(target)
+    if why is not None:
+        raise RepnetError(f"{label}: cannot write in {target} ({why})")
+    return p
+
+
 # ----------------------------------------------------------------------------- writing
+def disk_full(folder: str | os.PathLike) -> bool:
+    """Whether the file system of ``folder`` has (almost) no space left (less than 64 KiB)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # (read once: os.umask can only be read by setting it)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, then move ``tmp_path`` onto ``path`` atomically (same folder, fsynced).
 
     An OS error (missing parent, read-only folder, full disk) is one :class:`RepnetError`; the
-    previous ``path``, if any, is untouched.
+    previous ``path``, if any, is untouched and no temporary file is left.
     """
     path = Path(path)
+    if path.is_dir():
+        raise RepnetError(f"cannot write {path}: it is a folder")
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise RepnetError(f"cannot write {path}: it is not a regular file (a device, pipe or socket)")
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix="-" + path.name)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0o600 files; a result has the user's usual mode
         os.close(fd)
     except OSError as e:
         raise RepnetError(f"cannot write {path}: {e.strerror or e}") from None
+    kept = " (the previous file is kept)" if path.exists() else ""
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise RepnetError(f"cannot write {path}: {e.strerror or e}") from None
+        raise RepnetError(f"cannot write {path}: {e.strerror or e}{kept}") from None
+    except (RuntimeError, ValueError):  # a library's own writer (torch, matplotlib) on a full disk
+        if not disk_full(path.parent):
+            raise
+        raise RepnetError(f"cannot write {path}: no space left on device{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -60,6 +152,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_append_text(path: str | os.PathLike, text: str) -> None:
+    """``path``'s text with ``text`` added at its end, written atomically (for small logs)."""
+    path = Path(path)
+    old = path.read_bytes() if path.is_file() else b""
+    atomic_write_bytes(path, old + text.encode("utf-8"))
+
+
 #: The file that names a run folder's kind and state (written first, before any work).
 RUN_FILE = "repnet-run.json"
 
@@ -69,25 +168,25 @@ class RunKind:
     """What a workflow's run folder holds: ``marker`` (the file that says the run got somewhere, e.g.
     its checkpoint), ``files`` (glob patterns of everything it writes) and ``verify(folder)`` (raises
     ``RepnetError`` unless the marker is really ours; used for folders written before
-    :data:`RUN_FILE` existed). ``command`` names the workflow in messages."""
+    :data:`RUN_FILE` existed). ``command`` names the workflow in messages; ``early``: what it writes
+    between its claim and its marker (:func:`release_claim`)."""
 
     name: str
     marker: str
     files: tuple[str, ...]
     verify: Callable[[Path], Any]
     command: str = "repnet"
+    early: tuple[str, ...] = ()  # files written after the claim and before the marker (e.g. config.yaml)
 
 
 def read_run_file(folder: str | os.PathLike) -> dict | None:
     """The kind and state recorded in ``folder/repnet-run.json`` (None: no such file); one line if damaged."""
-    import json
-
     path = Path(folder) / RUN_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        rec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        rec = read_json(path, "run record", max_bytes=1 << 16)
+    except RepnetError:
         rec = None
     if not (isinstance(rec, dict) and isinstance(rec.get("kind"), str) and isinstance(rec.get("state"), str)):
         raise RepnetError(f"{path} is damaged (not a repnet run record): the folder is left as it is; give another "
@@ -116,9 +215,7 @@ def claim_folder(folder: str | os.PathLike, what: str = "--out", kind: RunKind |
     import fnmatch
     import shutil
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise RepnetError(f"{what} {folder} is a file, not a folder")
+    folder = check_output(folder, "run", what)
     if not folder.is_dir():
         try:
             folder.mkdir(parents=True)
@@ -157,6 +254,50 @@ def claim_folder(folder: str | os.PathLike, what: str = "--out", kind: RunKind |
     if kind is not None:
         set_run_state(folder, kind, "started")
     return folder
+
+
+def missing_root(folder: str | os.PathLike) -> Path | None:
+    """The topmost of ``folder`` and its parents that does not exist yet (what creating it creates), or None."""
+    folder, top = Path(os.path.abspath(folder)), None
+    while not folder.exists() and folder != folder.parent:
+        top, folder = folder, folder.parent
+    return top
+
+
+def release_claim(folder: str | os.PathLike, kind: RunKind, created: Path | None = None,
+                  untrained_marker: bool = False) -> bool:
+    """Undo :func:`claim_folder` for a run refused (bad input found while building it) before its marker:
+    remove :data:`RUN_FILE` and the kind's ``early`` files, and the folders the claim created (``created``:
+    :func:`missing_root` before the claim), so the same command works again once the input is fixed. A folder
+    holding anything else (a run's other files; the marker, unless the caller knows it records no progress:
+    ``untrained_marker``) is left as it is. Whether it was released."""
+    import shutil
+
+    folder = Path(folder)
+    early = set(kind.early) | ({kind.marker} if untrained_marker else set())
+    if not folder.is_dir() or ((folder / kind.marker).exists() and not untrained_marker):
+        return False
+    try:
+        record = read_run_file(folder)
+    except RepnetError:
+        return False
+    entries = list(folder.iterdir())
+    if record is None or record["kind"] != kind.name or any(
+            p.name != RUN_FILE and p.name not in early and not p.name.startswith(TMP_PREFIX) for p in entries):
+        return False
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if created is not None:
+        d = Path(os.path.abspath(folder))
+        while d != d.parent:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            if d == Path(created):
+                break
+            d = d.parent
+    return True
 
 
 def check_resumable(folder: str | os.PathLike, kind: RunKind) -> Path:
@@ -232,71 +373,223 @@ def content_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def non_finite(obj: Any, where: str = "") -> str | None:
+    """The key path of the first floating tensor in ``obj`` (nested dicts / lists) holding a NaN or an
+    infinity, or None when every one is finite."""
+    if isinstance(obj, torch.Tensor):
+        return None if not obj.is_floating_point() or bool(torch.isfinite(obj).all()) else (where or "tensor")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        bad = non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def check_finite(obj: Any, what: str) -> None:
+    """Raise :class:`~repnet.errors.NonFinite` (one line) if a floating tensor in ``obj`` is not finite:
+    no NaN or infinity is ever written as a result, a checkpoint or an export."""
+    bad = non_finite(obj)
+    if bad is not None:
+        raise NonFinite(f"refusing to write {what}: {bad} holds non-finite values (NaN / inf; training diverged: "
+                        "lower the learning rate); nothing was written")
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` ``obj`` (a dict) atomically, with its content digest inside."""
+    """``torch.save`` ``obj`` (a dict) atomically, with its content digest inside; refuses non-finite tensors.
+
+    The file is serialised in memory first, so a full disk is one ``OSError`` from the atomic writer
+    (one line, the previous checkpoint kept, no temporary file), never torch's two chained errors."""
+    check_finite(obj, f"checkpoint {path}")
     payload = {**obj, DIGEST_KEY: content_digest(obj)}
-    atomic_write(path, lambda p: torch.save(payload, p))
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint", verify: bool = True) -> dict:
-    """Read a file written by :func:`save_checkpoint`: weights only, digest checked, one-line errors."""
+def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint", verify: bool = True,
+                    fields: dict | None = None) -> dict:
+    """Read a file written by :func:`save_checkpoint`: weights only, digest checked, then its structure
+    (``fields``: :func:`check_fields`, e.g. the keys of one kind of run's checkpoint); one-line errors."""
     obj = load_torch_file(path, what)
     if not isinstance(obj, dict):
         raise RepnetError(f"{what} {path} does not hold a repnet checkpoint")
     digest = obj.pop(DIGEST_KEY, None)
-    if verify and (digest is None or digest != content_digest(obj)):
+    try:
+        actual = content_digest(obj) if verify else None
+    except RecursionError:
+        raise RepnetError(f"{what} {path} is nested too deeply to be a repnet checkpoint: damaged or crafted") from None
+    if verify and (digest is None or digest != actual):
         raise RepnetError(f"{what} {path} is damaged (its checksum does not match its content)"
                           if digest is not None else f"{what} {path} carries no checksum: not written by repnet")
+    if fields is not None:
+        check_fields(obj, fields, f"{what} {path}")
     return obj
 
 
 def load_torch_file(path: str | os.PathLike, what: str = "file") -> Any:
-    """``torch.load(..., weights_only=True)``, every failure as one line (never PyTorch's advice to unpickle anyway)."""
+    """``torch.load(..., weights_only=True)``, every failure as one line: torch's warnings are silenced
+    and its advice to re-run with weights-only loading off is never passed on."""
     path = Path(path)
     if not path.is_file():
         raise RepnetError(f"{what} {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ..., please file an issue"
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise RepnetError(f"could not read {what} {path}: refused, it holds objects other than tensors and "
                               "plain values (a pickle that could run code)") from None
-        raise RepnetError(f"could not read {what} {path}: damaged or not a PyTorch file ({first[:200]})") from None
+        raise RepnetError(f"could not read {what} {path}: damaged or not a PyTorch file ({_torch_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 - zip / EOF / runtime errors from a damaged file come in many types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RepnetError(f"could not read {what} {path}: damaged or not a PyTorch file "
-                          f"({type(e).__name__}: {first[:200]})") from None
+                          f"({type(e).__name__}: {_torch_reason(e)})") from None
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """``json.load`` with one-line errors (missing, unreadable, not JSON)."""
+def _torch_reason(e: Exception) -> str:
+    """The one line of a torch.load error that names the problem (never its advice on weights_only)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+#: The largest JSON file :func:`read_json` reads (records, configs, results: kilobytes).
+JSON_MAX_BYTES = 64 << 20
+
+
+def read_json(path: str | os.PathLike, what: str = "file", max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """``json.load`` with one-line errors: missing, not a regular file (a device, a pipe), larger than
+    ``max_bytes``, not UTF-8, not JSON, nested too deeply."""
     import json
 
     path = Path(path)
+    if not os.path.lexists(path):
+        raise RepnetError(f"{what} {path} not found")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RepnetError(f"{what} {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RepnetError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise RepnetError(f"{what} {path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise RepnetError(f"{what} {path} is {st.st_size:,d} bytes: too large to be one ({max_bytes:,d} at most)")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RepnetError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RepnetError(f"{what} {path} is not UTF-8 text (byte {e.start}): damaged or another kind of file") from None
+    except RecursionError:
+        raise RepnetError(f"{what} {path} is nested too deeply to be one: damaged or crafted") from None
     except ValueError as e:
         raise RepnetError(f"{what} {path} is not valid JSON ({e})") from None
 
 
+# ----------------------------------------------------------------------------- structure of what is read
+class Spec:
+    """What one field of a file must be (:func:`check_fields`): ``types`` (``int`` excludes bools, ``float``
+    takes ints and must be finite, ``None`` allows null), bounds ``low`` / ``high``, ``choices``, the nested
+    ``fields`` of a mapping, the spec of each of its values (``values``) or of each item of a list (``items``),
+    ``required`` (False: may be absent)."""
+
+    def __init__(self, *types, low=None, high=None, choices=None, fields: dict | None = None, items=None,
+                 values=None, required: bool = True):
+        self.types = tuple(type(None) if t is None else t for t in types)
+        self.low, self.high, self.choices = low, high, choices
+        self.fields, self.items, self.values, self.required = fields, items, values, required
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true / false", dict: "a mapping",
+               list: "a list", type(None): "null"}
+
+
+def _problem(value: Any, spec: Any, where: str, depth: int = 0) -> str | None:
+    if not isinstance(spec, Spec):
+        spec = Spec(*spec) if isinstance(spec, tuple) else Spec(spec)
+    if depth > 32:
+        return f"{where} is nested too deeply"
+    ok = False
+    for t in spec.types:
+        if t is type(None):
+            ok = value is None
+        elif t is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif t is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, t)
+        if ok:
+            break
+    if not ok:
+        want = " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in spec.types)
+        shown = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+        return f"{where} is {shown[:60]}, expected {want}"
+    if value is None:
+        return None
+    if spec.choices is not None and value not in spec.choices:
+        return f"{where} is {value!r}, expected one of {', '.join(map(str, spec.choices))}"
+    if spec.low is not None and isinstance(value, (int, float)) and value < spec.low:
+        return f"{where} is {value!r}, expected >= {spec.low}"
+    if spec.high is not None and isinstance(value, (int, float)) and value > spec.high:
+        return f"{where} is {value!r}, expected <= {spec.high:,}"
+    if spec.fields is not None and isinstance(value, dict):
+        for key, sub in spec.fields.items():
+            if key not in value:
+                if not isinstance(sub, Spec) or sub.required:
+                    return f"{where}.{key} is missing" if where else f"{key} is missing"
+                continue
+            bad = _problem(value[key], sub, f"{where}.{key}" if where else key, depth + 1)
+            if bad:
+                return bad
+    if spec.values is not None and isinstance(value, dict):
+        for key, item in value.items():
+            bad = _problem(item, spec.values, f"{where}.{key}" if where else str(key), depth + 1)
+            if bad:
+                return bad
+    if spec.items is not None and isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            bad = _problem(item, spec.items, f"{where}[{i}]", depth + 1)
+            if bad:
+                return bad
+    return None
+
+
+def check_fields(obj: Any, fields: dict, what: str) -> dict:
+    """``obj`` must be a mapping whose keys match ``fields`` (key -> a type, a tuple of types or a
+    :class:`Spec`; other keys are allowed); else one line ``{what} is malformed: <the first problem>``.
+    Used after a checksum: a file can be intact and still not be what it claims (another kind of run's
+    checkpoint, a hand-edited config)."""
+    if not isinstance(obj, dict):
+        raise RepnetError(f"{what} is malformed: it holds {type(obj).__name__}, not a mapping")
+    bad = _problem(obj, Spec(dict, fields=fields), "")
+    if bad:
+        raise RepnetError(f"{what} is malformed: {bad}")
+    return obj
+
+
 # ----------------------------------------------------------------------------- safetensors
-def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
-    """Safetensors bytes of ``tensors`` with their digest in the file's metadata."""
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None, what: str = "tensors") -> bytes:
+    """Safetensors bytes of ``tensors`` with their digest in the file's metadata; non-finite tensors are
+    refused (:func:`check_finite`, ``what`` names them)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    check_finite(tensors, what)
     meta = {**(metadata or {}), DIGEST_KEY: content_digest(dict(sorted(tensors.items())))}
     return save(tensors, metadata=meta)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write ``tensors`` as safetensors, atomically, with their digest in the file's metadata."""
-    atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
+    """Write ``tensors`` as safetensors, atomically, with their digest in the file's metadata (never a
+    non-finite tensor: :func:`check_finite`)."""
+    atomic_write_bytes(path, tensors_to_bytes(tensors, metadata, what=str(path)))
 
 
 def read_safetensors(path: str | os.PathLike, what: str = "file", require_digest: bool = False) -> dict:
@@ -386,5 +679,8 @@ def restricted_unpickle(path: str | os.PathLike, what: str = "file", encoding: s
             for v in o:
                 check(v)
 
-    check(obj)
+    try:
+        check(obj)
+    except RecursionError:
+        raise RepnetError(f"{what} '{path}' is nested too deeply: damaged or crafted") from None
     return obj

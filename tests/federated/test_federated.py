@@ -271,3 +271,43 @@ def test_int8_clients_send_int8_codes(tmp_path):
     assert all(b < 0.5 * fp32 for b in got.values()), (got, fp32)  # weights as 1-byte codes + a scale
     model = from_pretrained(str(tmp_path / "q" / "adapter"))
     assert len(int8_layers(model)) > 0  # the saved adapter records and re-applies int8 training
+
+
+@pytest.mark.parametrize("option", ["eta=nan", "eta=inf", "eta_l=nan", "beta_1=1", "beta_2=-0.1", "tau=0"])
+def test_a_nan_strategy_option_is_refused_before_anything_runs(option, tmp_path):
+    key, value = option.split("=")
+    with pytest.raises(RepnetError, match=f"strategy option {key} must be a finite number"):
+        Settings(TINY, clients=2, rounds=1, strategy="fedadam", strategy_options={key: value},
+                 out=str(tmp_path / "run"))
+    with pytest.raises(RepnetError, match="proximal_mu must be a finite number >= 0"):
+        Settings(TINY, clients=2, strategy="fedprox", strategy_options={"proximal_mu": "-1"})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_aggregate_is_never_written(tmp_path, in_app, monkeypatch):
+    """Should a strategy's own arithmetic give NaN (here FedAdam's eta set to NaN after round 1, past the
+    settings' check), the round stops in one line: no checkpoint of it, no adapter, no results."""
+    from repnet.storage import load_checkpoint, non_finite
+
+    built = {}
+    real_strategy = Server._strategy
+
+    def strategy(self):
+        built["s"] = real_strategy(self)
+        return built["s"]
+
+    monkeypatch.setattr(Server, "_strategy", strategy)
+    s = Settings(TINY, clients=2, rounds=2, strategy="fedadam", out=str(tmp_path / "run"))
+    server = Server(s, on_round=lambda r: setattr(built["s"], "eta", float("nan")))
+
+    def answer(node, rnd, msg):
+        g = decode_arrays(msg.content["arrays"])
+        return _reply(msg, {k: v + 0.01 * (node + 1) if v.is_floating_point() else v for k, v in g.items()}, 10,
+                      pid=node)
+
+    with pytest.raises(RepnetError, match="round 2: the fedadam aggregate is non-finite") as e:
+        server.run(FakeGrid([0, 1], answer))
+    assert "\n" not in str(e.value)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["round"] == 1 and non_finite(ckpt) is None
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "results.json").exists()

@@ -134,22 +134,23 @@ def test_worker_processes_change_nothing(tmp_path, reference):
 
 def test_kill_during_checkpoint_write_then_resume_from_cli(tmp_path, reference, monkeypatch):
     """A kill while a checkpoint is being written leaves the previous one intact (atomic)."""
-    import repnet.training.run as T
+    from pathlib import Path
 
-    real_save, calls = torch.save, {"n": 0}
+    real_write, calls = Path.write_bytes, {"n": 0}
 
-    def dying_save(obj, path, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # saves: step 0, step 3, then die while writing the end of epoch 1
-            with open(path, "wb") as f:
-                f.write(b"partial")
-            raise Killed
-        return real_save(obj, path, *a, **k)
+    def dying_write(self, data):  # the checkpoint's bytes go to the atomic writer's temporary file
+        if self.name.endswith("-checkpoint.pt"):
+            calls["n"] += 1
+            if calls["n"] == 3:  # saves: step 0, step 3, then die while writing the end of epoch 1
+                real_write(self, data[: len(data) // 2])
+                raise Killed
+        return real_write(self, data)
 
-    monkeypatch.setattr(T.torch, "save", dying_save)
+    monkeypatch.setattr(Path, "write_bytes", dying_write)
     with pytest.raises(Killed):
         train(_cfg(tmp_path, "killed", **RESUME_KW))
-    monkeypatch.setattr(T.torch, "save", real_save)
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    assert calls["n"] == 3
     assert _final_state(tmp_path / "killed")["state"]["step"] == 3
     assert not [p for p in (tmp_path / "killed").iterdir() if p.name.startswith(".tmp-")]
     assert main(["train", "--resume", str(tmp_path / "killed"), "--quiet"]) == 0
@@ -182,14 +183,38 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
-def test_absurd_lr_stops_with_one_line(tmp_path, capsys):
-    code = main(["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init",
-                 "--memory", "vanilla", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-                 "--steps-per-epoch", "30", "--workers", "0", "--lr", "1e30", "--set", "lr_side=1e30",
-                 "--quiet", "--no-profile", "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1
-    assert "became" in err and "last good checkpoint:" in err
+def test_absurd_lr_is_refused_before_anything_is_written(tmp_path, capsys):
+    for lr in ("1e30", "1e9", "2"):
+        code = main(["train", "--dataset", "digits", "--backbone", "proxylessnas_mobile", "--random-init",
+                     "--memory", "vanilla", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+                     "--steps-per-epoch", "30", "--workers", "0", "--lr", lr, "--quiet", "--no-profile",
+                     "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "is absurd" in err, err
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_writes_no_non_finite_tensor(tmp_path, capsys):
+    """Weights that become NaN mid-run (a divergence within the accepted rates): one line, the last good
+    checkpoint kept and finite, no adapter and no results written."""
+    from repnet.storage import load_checkpoint, non_finite
+
+    def diverge(info):
+        if info["step"] == 2:
+            with torch.no_grad():
+                next(p for p in info["model"].parameters() if p.requires_grad).fill_(float("nan"))
+
+    cfg = _cfg(tmp_path, epochs=2, steps_per_epoch=3, checkpoint_every=1)
+    with pytest.raises(RepnetError) as e:
+        train(cfg, on_step=diverge)
+    msg = str(e.value)
+    assert "\n" not in msg and ("non-finite" in msg or "became nan" in msg), msg
+    run = tmp_path / "run"
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["state"]["step"] == 1 and non_finite(ckpt) is None
+    assert not (run / "adapter").exists() and not (run / "results.json").exists()
+    code = main(["train", "--resume", str(run), "--quiet"])  # the last good checkpoint resumes
+    assert code == 0 and (run / "results.json").is_file()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from repnet.errors import RepnetError
-from repnet.storage import load_torch_file, read_safetensors
+from repnet.storage import load_torch_file, non_finite, read_safetensors
 
 
 def package_file(package: str, relpath: str) -> str | None:
@@ -51,6 +51,11 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
             sd = sd[key]
     if not isinstance(sd, dict):
         raise RepnetError(f"{source} does not hold a state dict")
+    bad = next((k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if bad is not None:
+        raise RepnetError(f"{source} does not hold a state dict: entry {str(bad)[:60]!r} is not a named tensor")
+    if non_finite(sd) is not None:
+        raise RepnetError(f"weights file {source} holds non-finite values ({non_finite(sd)}): damaged weights")
     return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 

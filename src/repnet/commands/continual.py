@@ -12,6 +12,8 @@ import argparse
 from repnet.commands.flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
 
 HELP = "tasks in sequence on one frozen backbone, each with its own adapter"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"out_dir": "run"}
 
 #: The training config keys with a flag here (the rest: --set key=value).
 KEYS = ("out_dir", "random_init", "int8", "progress", "backbone", "method", "weights", "memory", "image_size",

@@ -14,6 +14,8 @@ from repnet.errors import RepnetError
 from repnet.keyvalue import parse_pairs
 
 HELP = "offline demo: MobileNetV2 -> Fashion-MNIST, repnet vs baselines"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"out": "run"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,13 @@ from repnet.keyvalue import parse_pairs
 from repnet.commands.flags import add_overwrite_flag, check_resume_overwrite
 
 HELP = "federated learning of the method's trainable state on Flower (backbone stays home)"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"out": "run", "flower_app": "folder"}
+
+
+def outputs(args: argparse.Namespace) -> dict[str, str]:
+    """With --flower-app, --out is the folder the ServerApp writes on the deployment's machine (not here)."""
+    return {"flower_app": "folder"} if args.flower_app else {"out": "run"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -48,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
     ov = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method}
     ov.update(parse_pairs(args.set, "--set"))
+    if "out_dir" in ov:
+        raise RepnetError("--set out_dir: a federated run's folder is --out")
+    if args.flower_app and (args.resume or args.overwrite):
+        raise RepnetError(f"--{'resume' if args.resume else 'overwrite'} applies to a simulation's --out; "
+                          "--flower-app writes a new app (the ServerApp claims --out on the deployment)")
     opts = parse_pairs(args.opt, "--opt")
     if opts:
         ov["options"] = opts

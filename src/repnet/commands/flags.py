@@ -62,3 +62,11 @@ def check_resume_overwrite(args: argparse.Namespace) -> None:
 
         raise RepnetError("--resume continues a run and --overwrite replaces it: give one of them")
 
+
+
+def outputs_of(module, args: argparse.Namespace) -> dict[str, str]:
+    """The output arguments of a command (dest -> ``file`` / ``folder`` / ``run``, see
+    :func:`repnet.storage.check_output`) for these ``args``: its module's ``outputs(args)`` where the set
+    depends on other flags, else its ``OUTPUTS``."""
+    pick = getattr(module, "outputs", None)
+    return dict(pick(args)) if pick is not None else dict(getattr(module, "OUTPUTS"))

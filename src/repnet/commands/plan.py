@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from repnet.config.schema import TrainConfig
 from repnet.errors import RepnetError
 
 HELP = "fit training into a memory budget: measured configurations, best expected accuracy first"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"json": "file"}
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -63,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
                   weights=args.weights, progress=not args.quiet)
     print(format_plan(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

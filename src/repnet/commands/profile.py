@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+from pathlib import Path
 from repnet.errors import RepnetError
 from repnet.keyvalue import parse_pairs
 from repnet.training.profile import profile_one
@@ -18,7 +18,11 @@ from repnet.config.schema import choices_of
 from repnet.runtime import get_runtime, runtime_names
 
 
+#: The --plot file formats (matplotlib's, by suffix).
+PLOT_FORMATS = (".png", ".pdf", ".svg")
 HELP = "training-memory profile: analytic, measured kept-for-backward, exact peak of a step"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"json": "file", "plot": "file"}
 
 
 def configure(pp: argparse.ArgumentParser) -> None:
@@ -85,10 +89,12 @@ BREAKDOWN = [("frozen_weights", "frozen weights"), ("trainable_state", "trained 
 def run(args) -> int:
     from repnet.storage import atomic_write_text
 
-    if args.batch_size < 1:
-        raise RepnetError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_classes < 2:
-        raise RepnetError(f"--num-classes must be >= 2, got {args.num_classes}")
+    from repnet.limits import MAX_BATCH_SIZE, MAX_NUM_CLASSES, check_int
+
+    check_int("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)
+    check_int("--num-classes", args.num_classes, 2, MAX_NUM_CLASSES)
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+        raise RepnetError(f"--plot {args.plot}: give a {', '.join(PLOT_FORMATS)} file name (the format follows it)")
     methods = args.method.split(",")
     modes = ["engine", "vanilla"] if args.memory == "both" else [args.memory]
     rows = []
@@ -115,7 +121,6 @@ def run(args) -> int:
         _print_tinytl_reference(args)
     if args.json:
         out = rows[0] if len(rows) == 1 else rows
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         atomic_write_text(args.json, json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     if args.plot:

@@ -10,6 +10,15 @@ from repnet.errors import RepnetError
 from repnet.commands.flags import add_overwrite_flag
 
 HELP = "ProvIoT: provenance anomaly detection trained on the device (collect / train / detect / federated)"
+#: Output arguments per subcommand (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+SUBCOMMAND_OUTPUTS = {"collect": {"out": "file"}, "train": {"out": "run"}, "detect": {"json": "file"},
+                      "federated": {"out": "run", "flower_app": "folder"}}
+#: Every output argument of any subcommand (what the parser declares).
+OUTPUTS = {dest: kind for outs in SUBCOMMAND_OUTPUTS.values() for dest, kind in outs.items()}
+
+
+def outputs(args: argparse.Namespace) -> dict[str, str]:
+    return SUBCOMMAND_OUTPUTS.get(getattr(args, "proviot_command", None), {})
 
 
 def _detector_flags(p: argparse.ArgumentParser) -> None:
@@ -134,11 +143,29 @@ def _collect(args) -> int:
 
 
 def _train(args) -> int:
-    from repnet.proviot.detector import save_model, train_detector
+    from repnet.proviot.detector import model_kind, save_model
+    from repnet.storage import claim_folder, missing_root, release_claim
 
     s = _settings(args)
     if bool(args.trace) == bool(args.paths):
         raise RepnetError("train: give benign --trace files or one --paths file")
+    kind, created = model_kind(), missing_root(args.out)
+    folder = claim_folder(args.out, kind=kind, overwrite=args.overwrite)  # refused before the work, not after
+    try:
+        det, info = _train_detector(args, s)
+    except BaseException:
+        release_claim(folder, kind, created)
+        raise
+    save_model(det, folder, info, claimed=True)
+    print(f"wrote {args.out}: {info.get('train_paths')} benign paths, path threshold {det.path_threshold:.5f}"
+          + (f", window threshold {det.window_threshold:.5f}" if not args.paths else "")
+          + f", autoencoder trained in {info['detector_train_time_s']:.2f} s")
+    return 0
+
+
+def _train_detector(args, s):
+    from repnet.proviot.detector import train_detector
+
     if args.paths:
         from repnet.proviot.textpaths import read_paths, train_text_detector
 
@@ -149,11 +176,7 @@ def _train(args) -> int:
 
         graphs = [g for f in args.trace for g in window_graphs(load_trace(f)) if g.label == "benign"]
         det, info = train_detector(graphs, s)
-    save_model(det, args.out, info, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {info.get('train_paths')} benign paths, path threshold {det.path_threshold:.5f}"
-          + (f", window threshold {det.window_threshold:.5f}" if not args.paths else "")
-          + f", autoencoder trained in {info['detector_train_time_s']:.2f} s")
-    return 0
+    return det, info
 
 
 def _detect(args) -> int:

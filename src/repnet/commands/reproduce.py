@@ -14,6 +14,13 @@ from repnet.errors import RepnetError
 from repnet.keyvalue import parse_pairs
 
 HELP = "run / resume / collect a paper table (table1, table2, table3)"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"root": "run"}
+
+
+def outputs(args: argparse.Namespace) -> dict[str, str]:
+    """A dry run writes nothing."""
+    return {} if args.dry_run else OUTPUTS
 TABLE_NAMES = ("table1", "table2", "table3")
 
 

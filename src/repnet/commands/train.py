@@ -12,6 +12,8 @@ import argparse
 from repnet.commands.flags import add_config_flags, add_overwrite_flag, check_resume_overwrite, overrides_from
 
 HELP = "train a method on a dataset (paper recipe by default)"
+#: Output arguments (dest -> file / folder / run: repnet.storage.check_output), checked before any work.
+OUTPUTS = {"out_dir": "run"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -57,15 +57,31 @@ def tunes(cfg: TrainConfig) -> bool:
             and get_runtime(cfg.runtime).tunes)
 
 
+#: The largest YAML config read (configs are a few kilobytes).
+YAML_MAX_BYTES = 1 << 20
+
+
 def read_yaml(path: Path) -> dict:
-    """A YAML file holding a mapping (safe loader: no tags that build objects); one-line errors."""
+    """A YAML file holding a mapping (safe loader: no tags that build objects); one-line errors: missing,
+    not a regular file, too large, not UTF-8, not YAML, nested too deeply."""
+    import stat
+
+    path = Path(path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise RepnetError(f"cannot read {path}: not a regular file")
+        if st.st_size > YAML_MAX_BYTES:
+            raise RepnetError(f"{path} is {st.st_size:,d} bytes: too large for a config ({YAML_MAX_BYTES:,d} at most)")
+        raw = path.read_bytes()
     except OSError as e:
         raise RepnetError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(raw) or {}  # (bytes: the YAML reader refuses undecodable ones in one line)
     except yaml.YAMLError as e:
         raise RepnetError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise RepnetError(f"{path} is nested too deeply to be a config: damaged or crafted") from None
     if not isinstance(data, dict):
         raise RepnetError(f"{path} must hold a mapping of config keys")
     return data

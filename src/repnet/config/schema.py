@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from repnet.errors import RepnetError
 from repnet.keyvalue import coerce_value, type_name
+from repnet.limits import (MAX_BATCH_SIZE, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_LR, MAX_STEPS,
+                           MAX_WORKERS)
 from repnet.runtime import runtime_names
 
 
@@ -106,13 +108,34 @@ class TrainConfig:
             choices = choices_of(f.name)
             if choices and getattr(self, f.name) not in choices:
                 raise RepnetError(f"{f.name}={getattr(self, f.name)!r} is not valid; choose from: {', '.join(choices)}")
-        for name in ("image_size", "epochs", "batch_size", "accum_steps"):
+        for f in dataclasses.fields(self):  # a file's config.yaml may hold any type: types first
+            v = getattr(self, f.name)
+            want = type_name(f.type).replace("| None", "").strip()
+            ok = (v is None and "None" in type_name(f.type)) or {
+                "int": isinstance(v, int) and not isinstance(v, bool), "bool": isinstance(v, bool),
+                "float": isinstance(v, (int, float)) and not isinstance(v, bool), "str": isinstance(v, str),
+                "dict": isinstance(v, dict)}.get(want, True)
+            if not ok:
+                raise RepnetError(f"{f.name}={v!r}: expected {want}")
+        for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise RepnetError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 32:
+            raise RepnetError(f"image_size must be >= 32, got {self.image_size}")
+        for name, high in (("image_size", MAX_IMAGE_SIZE), ("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH_SIZE),
+                           ("accum_steps", MAX_BATCH_SIZE), ("steps_per_epoch", MAX_STEPS), ("max_steps", MAX_STEPS),
+                           ("train_subset", MAX_STEPS), ("test_subset", MAX_STEPS), ("workers", MAX_WORKERS),
+                           ("checkpoint_every", MAX_STEPS)):
+            v = getattr(self, name)
+            if v is not None and v > high:
+                raise RepnetError(f"{name} must be <= {high:,d}, got {v:,d}")
         for name in ("lr", "lr_side"):
             v = getattr(self, name)
             if v is None or not (v > 0 and math.isfinite(v)):
                 raise RepnetError(f"{name} must be a number > 0, got {v}")
+            if v > MAX_LR:
+                raise RepnetError(f"{name}={v:g} is absurd (at most {MAX_LR:g}; the recipes use 1e-4 .. 5e-2): it "
+                                  "would diverge")
         for name in ("steps_per_epoch", "max_steps", "train_subset", "test_subset"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -121,6 +144,9 @@ class TrainConfig:
             raise RepnetError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {self.checkpoint_every}")
         if self.workers < 0:
             raise RepnetError(f"workers must be >= 0, got {self.workers}")
+        if self.int8 and self.frozen_bits == "kmeans":
+            raise RepnetError("--int8 holds the frozen weights as linear int8 codes; --frozen-bits kmeans contradicts "
+                              "it (give one of them, or --frozen-bits linear)")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise RepnetError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.weight_decay_side is not None and not (self.weight_decay_side >= 0

@@ -25,11 +25,22 @@ from repnet.errors import RepnetError
 from repnet.memory.int8 import unpack_on_grid
 from repnet.methods import METHODS, TransferModel, parse_options
 from repnet.methods.base import repnet_version
-from repnet.storage import (atomic_write_bytes, atomic_write_text, read_json,
-                            read_safetensors, tensors_to_bytes)
+from repnet.limits import MAX_IMAGE_SIZE, MAX_NUM_CLASSES
+from repnet.storage import (Spec, atomic_write_bytes, atomic_write_text, check_fields, read_json, read_safetensors,
+                            tensors_to_bytes)
 
 
 FORMAT = "repnet-multitask/1"
+#: A file named in ``config.json``: a path inside the model's folder (``tasks/<name>-<hash>.safetensors``).
+_FILE = re.compile(r"(tasks/)?[A-Za-z0-9_.-]+\.safetensors")
+#: What a multi-task model's ``config.json`` holds (:meth:`MultiTaskModel.config`), checked on load.
+CONFIG_FIELDS = {
+    "format": str, "backbone": str, "backbone_fingerprint": str, "backbone_weights": (str, None),
+    "image_size": Spec(int, low=32, high=MAX_IMAGE_SIZE), "naive": bool, "int8": Spec(dict, None, required=False),
+    "active": Spec(str, None, required=False), "backbone_file": Spec(str, None, required=False),
+    "tasks": Spec(list, items=Spec(dict, fields={"name": str, "method": str, "options": dict, "file": str,
+                                                 "num_classes": Spec(int, low=1, high=MAX_NUM_CLASSES)})),
+}
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -235,7 +246,14 @@ class MultiTaskModel(nn.Module):
             raise RepnetError(f"{directory} is not a saved multi-task model (no config.json)")
         cfg = read_json(cfg_path, "multi-task config")
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-            raise RepnetError(f"{directory} is not a saved multi-task model (format {cfg.get('format')!r})")
+            raise RepnetError(f"{directory} is not a saved multi-task model (format "
+                              f"{cfg.get('format') if isinstance(cfg, dict) else None!r})")
+        check_fields(cfg, CONFIG_FIELDS, f"multi-task config {cfg_path}")
+        files = [e["file"] for e in cfg["tasks"]] + ([cfg["backbone_file"]] if cfg.get("backbone_file") else [])
+        outside = [f for f in files if not _FILE.fullmatch(f) or ".." in f]
+        if outside:
+            raise RepnetError(f"multi-task config {cfg_path} is malformed: file {outside[0]!r} is not a file of the "
+                              "model's folder")
         if backbone is None:
             if pretrained is True:
                 recorded = cfg.get("backbone_weights")

@@ -18,8 +18,8 @@ import torch
 from repnet.training import loop
 from repnet.errors import RepnetError
 from repnet.methods import METHODS, parse_options
-from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, read_json,
-                            read_safetensors, set_run_state, save_tensors)
+from repnet.storage import (RunKind, Spec, atomic_write_text, check_fields, check_resumable, claim_folder,
+                            missing_root, read_json, read_safetensors, release_claim, set_run_state, save_tensors)
 from repnet.continual.methods import CONTINUAL_METHODS
 from repnet.continual.metrics import continual_metrics, format_matrix
 from repnet.continual.model import FORMAT, MultiTaskModel, tensor_bytes
@@ -53,6 +53,18 @@ def parse_tasks(tasks) -> list[tuple[str, str]]:
 def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet", naive: bool = False,
                    out_dir: str | os.PathLike | None = None, options: dict | None = None, resume: bool = False,
                    overwrite: bool = False, **overrides) -> dict:
+    claims: list = []
+    try:
+        return _train_sequence(tasks, backbone, method, naive, out_dir, options, resume, overwrite, claims,
+                               **overrides)
+    except RepnetError:  # bad input found before the first task finished: no run folder is left behind
+        for folder, created in claims:
+            release_claim(folder, RUN, created)
+        raise
+
+
+def _train_sequence(tasks, backbone: str, method: str, naive: bool, out_dir, options: dict | None, resume: bool,
+                    overwrite: bool, claims: list, **overrides) -> dict:
     """Train ``tasks`` (datasets, or ``name=dataset``) one after another on one shared backbone.
 
     Each task gets ``method`` (its own side modules + head; ``naive``: in-place sequential
@@ -99,6 +111,7 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     if resume:
         previous = _resumable(out, pairs, cfgs, backbone, method, naive)
     else:
+        claims.append((out, missing_root(out)))
         claim_folder(out, kind=RUN, overwrite=overwrite)
 
     pretrained = False if base.random_init else (base.weights or True)
@@ -207,12 +220,37 @@ def train_sequence(tasks, backbone: str = "mobilenet_v2", method: str = "repnet"
     return results
 
 
+#: What a continual run's ``results.json`` holds (what ``--resume`` reads back), checked field by field.
+RESULTS_FIELDS = {
+    "backbone": str, "method": str, "naive": bool, "policy": str, "complete": bool, "wall_time_s": float,
+    "tasks": Spec(list, items=str), "acc": Spec(list, items=Spec(list, items=(float, None))),
+    "per_task": Spec(list, items=Spec(dict, fields={"name": str})), "configs": Spec(list, items=dict),
+    "state_file": Spec(str, required=False),
+}
+
+
+def read_results(out: Path) -> dict:
+    """The ``results.json`` of the continual run in ``out``, its structure checked (one line if it is not one)."""
+    path = out / "results.json"
+    prev = check_fields(read_json(path, "continual results"), RESULTS_FIELDS, f"continual results {path}")
+    n = len(prev["tasks"])
+    if not (len(prev["acc"]) == len(prev["per_task"]) == len(prev["configs"]) == n) \
+            or ("state_file" in prev and Path(prev["state_file"]).name != prev["state_file"]):
+        raise RepnetError(f"continual results {path} is malformed: its tasks, accuracies, records and configs "
+                          "do not match")
+    return prev
+
+
 def _verify_run(out: Path) -> None:
     """Raise unless ``out`` holds a continual run of ours: its results and a saved multi-task model."""
-    prev = read_json(out / "results.json", "continual results")
     cfg_file = out / "model" / "config.json"
-    if not (isinstance(prev, dict) and "policy" in prev and cfg_file.is_file()
-            and read_json(cfg_file, "multi-task config").get("format") == FORMAT):
+    try:
+        read_results(out)
+        cfg = read_json(cfg_file, "multi-task config")
+    except RepnetError as e:
+        raise RepnetError(f"--overwrite: {out} does not hold a continual run ({e}); give a new or empty "
+                          "folder") from None
+    if not (isinstance(cfg, dict) and cfg.get("format") == FORMAT):
         raise RepnetError(f"--overwrite: {out} does not hold a continual run; give a new or empty folder")
 
 
@@ -223,12 +261,11 @@ RUN = RunKind("continual run", "results.json", ("results.json", "model", "*-stat
 
 def _resumable(out: Path, pairs, cfgs, backbone: str, method: str, naive: bool) -> dict:
     """The earlier results of the run in ``out``, checked against what is asked now."""
-    path = out / "results.json"
     check_resumable(out, RUN)
     if not (out / "model" / "config.json").is_file():
         raise RepnetError(f"cannot resume: {out} holds no continual run (results.json and model/)")
-    prev = read_json(path, "continual results")
-    if prev.get("complete"):
+    prev = read_results(out)
+    if prev["complete"]:
         raise RepnetError(f"{out} is complete: nothing to resume")
     names = [n for n, _ in pairs]
     same = (prev["backbone"], prev["method"], prev["naive"]) == (backbone, method, naive)

@@ -27,13 +27,22 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 # ----------------------------------------------------------------------------- sources
+def check_labels(targets, num_classes: int, where: str) -> None:
+    """Every label is a class index (0 .. num_classes - 1); else one line naming the first one that is not."""
+    targets = np.asarray(targets)
+    bad = targets[(targets < 0) | (targets >= num_classes)] if targets.size else targets
+    if bad.size:
+        raise RepnetError(f"{where}: label {int(bad[0])} is outside 0..{num_classes - 1} ({num_classes} classes): "
+                          "damaged or mislabelled data")
+
+
 class ArraySource:
     """In-memory uint8 images ``(N, H, W)`` (greyscale) or ``(N, H, W, 3)`` (RGB) with labels."""
 
     skipped = 0
     skipped_files: tuple = ()
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: Sequence[str]):
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: Sequence[str], where: str = "images"):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
             raise ValueError(f"ArraySource wants uint8 (N,H,W) or (N,H,W,3), got {images.dtype} {images.shape}")
@@ -42,6 +51,7 @@ class ArraySource:
         self.classes = list(classes)
         if len(self.targets) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.targets)} labels")
+        check_labels(self.targets, len(self.classes), where)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -75,6 +85,7 @@ class FileSource:
         self.targets = np.asarray([y for _, y in self.samples], dtype=np.int64)
         self.classes = list(classes)
         self.skipped_files = list(skipped_files)  # (path, reason) dropped when scanned
+        check_labels(self.targets, len(self.classes), f"image list ({len(self.samples)} files)")
 
     @property
     def skipped(self) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 from repnet.errors import RepnetError
 from repnet.storage import restricted_unpickle
-from repnet.data.core import ArraySource, ImageDataset, scan_files
+from repnet.data.core import ArraySource, ImageDataset, check_labels, scan_files
 
 
 class NativeFormat:
@@ -81,6 +81,7 @@ def read_cifar(root: Path, which: int) -> tuple[ImageDataset, ImageDataset]:
                 raise RepnetError(f"CIFAR file '{base / name}' is malformed ({type(e).__name__}: {e})") from e
             if len(labels) != len(data):
                 raise RepnetError(f"CIFAR file '{base / name}' has {len(data)} images but {len(labels)} labels")
+            check_labels(labels, len(classes), f"CIFAR file '{base / name}'")
             xs.append(data.transpose(0, 2, 3, 1))
             ys += labels
         return ArraySource(np.ascontiguousarray(np.concatenate(xs)), ys, classes)

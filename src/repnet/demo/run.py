@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from repnet.demo.config import LINEAR_PROBE, DemoConfig
 from repnet.errors import RepnetError
-from repnet.storage import RunKind, atomic_write_text, claim_folder, read_json, set_run_state
+from repnet.storage import RunKind, atomic_write, atomic_write_text, claim_folder, read_json, set_run_state
 from repnet.training.run import MEMORY_KEYS, train
 from repnet.demo.probe import linear_probe
 from repnet.demo.config import method_config, parse_method
@@ -83,9 +83,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- run
@@ -97,6 +98,9 @@ def check_methods(cfg: DemoConfig) -> None:
     for m in names:
         if m != LINEAR_PROBE:
             METHODS.get(m)
+    for m in cfg.methods:  # every row's settings (sizes, rates) are valid before the folder is claimed
+        if parse_method(m)[0] != LINEAR_PROBE:
+            method_config(cfg, m)
     taken = {k for m in names for k in shared_options(cfg, m)}
     unknown = sorted(set(cfg.options) - taken)
     if unknown:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repnet.errors import RepnetError
-from repnet.storage import TMP_PREFIX, atomic_write
+from repnet.errors import NonFinite, RepnetError
+from repnet.storage import TMP_PREFIX, atomic_write, check_finite
 
 __all__ = ["FORMATS", "export_model", "load_exported"]
 
@@ -73,6 +73,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str | None =
         if missing:
             raise RepnetError(f"ONNX export needs {', '.join(missing)}: pip install 'repnet[onnx]'")
     size = int(image_size or getattr(model, "image_size", 224))
+    check_finite(model.state_dict(), f"{path}: the model's weights")  # a diverged model is never exported
     net = _inference_copy(model)
     example = torch.zeros(2, 3, size, size)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
@@ -97,6 +98,10 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str | None =
                 with torch.no_grad():
                     ref = net(x)
                     got = run(x)
+                if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(got).all())):
+                    raise NonFinite(f"the {'eager' if not bool(torch.isfinite(ref).all()) else 'exported'} model's "
+                                    "outputs are non-finite (NaN / inf) on test images: it is not verified, nothing "
+                                    "was written")
                 diff = max(diff, (got.float() - ref.float()).abs().max().item())
                 scale = max(scale, ref.abs().max().item())
             limit = (tol if tol is not None else 1e-4 if fmt == "pt2" else 1e-3) * scale

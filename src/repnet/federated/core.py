@@ -23,9 +23,11 @@ from torch import nn
 from torch.utils.data import Subset
 
 from repnet.training import loop
-from repnet.errors import RepnetError
-from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, load_checkpoint,
-                            save_checkpoint, set_run_state)
+from repnet.errors import NonFinite, RepnetError
+from repnet.limits import check_number
+from repnet.storage import (RunKind, Spec, atomic_write_text, check_fields, check_resumable, claim_folder,
+                            clean_temps, load_checkpoint, missing_root, non_finite, release_claim, save_checkpoint,
+                            set_run_state)
 from repnet.config.schema import SESSION_KEYS
 
 __all__ = ["Settings", "STRATEGIES", "partition", "state_bytes", "LocalClient", "Server", "screen_reply",
@@ -38,6 +40,10 @@ STRATEGIES: dict[str, tuple[str, dict[str, float]]] = {
     "fedadam": ("FedAdam", {"eta": 1e-2, "eta_l": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
     "fedyogi": ("FedYogi", {"eta": 1e-2, "eta_l": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
 }
+#: The range of every strategy option (low, high, low excluded, high excluded): checked in :class:`Settings`.
+OPTION_RANGES: dict[str, tuple] = {"proximal_mu": (0.0, None, False, False), "eta": (0.0, None, True, False),
+                                   "eta_l": (0.0, None, True, False), "beta_1": (0.0, 1.0, False, True),
+                                   "beta_2": (0.0, 1.0, False, True), "tau": (0.0, None, True, False)}
 _WHAT = ("dataset", "backbone", "method")  # run-config keys of their own; other config keys go in "set"
 
 
@@ -125,6 +131,8 @@ class Settings:
                               f"{'; it takes: ' + ', '.join(known) if known else ' (it takes none)'}")
         if not 0 <= self.min_clients <= self.clients:
             raise RepnetError(f"min_clients must be between 1 and clients ({self.clients}), got {self.min_clients}")
+        self.strategy_kwargs()  # every option a finite number in its range
+        check_number("round timeout", self.timeout, 0.0, None, low_open=True)
 
     @property
     def needed(self) -> int:
@@ -137,6 +145,8 @@ class Settings:
                 opts[k] = float(v)
             except (TypeError, ValueError):
                 raise RepnetError(f"strategy option {k}={v!r}: expected a number") from None
+            low, high, low_open, high_open = OPTION_RANGES[k]
+            check_number(f"strategy option {k}", opts[k], low, high, low_open, high_open)
         return opts
 
     def identity(self) -> dict:
@@ -317,12 +327,27 @@ class LocalClient:
 
 # ----------------------------------------------------------------------------- server
 #: A federated run folder (``overwrite=True`` replaces exactly these files, once the checkpoint is ours).
+#: What a federated run's checkpoint holds (checked after its checksum: :func:`repnet.storage.check_fields`).
+CHECKPOINT_FIELDS = {"round": Spec(int, low=1), "global_state": Spec(dict, values=torch.Tensor),
+                     "history": Spec(list, items=Spec(dict, fields={"round": int, "test_accuracy": float})),
+                     "strategy_state": Spec(dict, values=Spec(dict, values=torch.Tensor)),
+                     "settings": Spec(dict, fields={"config": dict})}
+
+
+#: What the history records of each round (after round 0): what the results are made from.
+ROUND_FIELDS = {"clients": Spec(list, items=int), "failures": list,
+                "bytes_sent_per_client": Spec(int, low=0), "tensor_bytes_sent_per_client": Spec(int, low=0),
+                "bytes_received": Spec(dict, values=Spec(int, low=0)),
+                "tensor_bytes_received": Spec(dict, values=Spec(int, low=0))}
+
+
 def _verify_run(folder: Path) -> None:
     """Raise unless ``folder/checkpoint.pt`` is a federated run's checkpoint (checksum and keys)."""
-    ckpt = load_checkpoint(folder / "checkpoint.pt")
-    if not {"round", "global_state", "history", "settings"} <= set(ckpt):
-        raise RepnetError(f"--overwrite: {folder} does not hold a federated run (its checkpoint.pt is another kind's); "
-                          "give a new or empty folder")
+    try:
+        load_checkpoint(folder / "checkpoint.pt", fields=CHECKPOINT_FIELDS)
+    except RepnetError as e:
+        raise RepnetError(f"--overwrite: {folder} does not hold a federated run ({e}); give a new or empty "
+                          "folder") from None
 
 
 RUN = RunKind("federated run", "checkpoint.pt", ("checkpoint.pt", "adapter", "results.json"), _verify_run,
@@ -351,7 +376,6 @@ class Server:
     evaluation, bytes, checkpoint and results (docs/federated.md)."""
 
     def __init__(self, settings: Settings, progress: bool = False, on_round=None):
-        from repnet.config.build import build_data, build_model
         from repnet.config.recipes import make_config
 
         self.s = settings
@@ -367,13 +391,27 @@ class Server:
                 raise RepnetError("cannot resume: no run folder (--out)")
             check_resumable(self.out, RUN)
             clean_temps(self.ckpt_path.parent)
-            self.ckpt = load_checkpoint(self.ckpt_path)
+            self.ckpt = load_checkpoint(self.ckpt_path, fields=CHECKPOINT_FIELDS)
             if self.ckpt.get("settings") != self.identity:
                 changed = sorted(k for k in self.identity if self.identity[k] != self.ckpt.get("settings", {}).get(k))
                 raise RepnetError(f"cannot resume {settings.out}: its settings differ ({', '.join(changed)}); only "
                                   "--rounds may change")
         elif self.out is not None:
+            created = missing_root(self.out)
             claim_folder(self.out, kind=RUN, overwrite=settings.overwrite)
+            try:
+                self._build()
+            except RepnetError:  # bad input found while building: no run folder is left behind
+                release_claim(self.out, RUN, created)
+                raise
+            return
+        self._build()
+
+    def _build(self) -> None:
+        """The data, partition, model and test loader of the run (and the resumed checkpoint's checks)."""
+        from repnet.config.build import build_data, build_model
+
+        settings = self.s
         self.device = loop.resolve_device(self.cfg.device)
         train_ds, _val, test_ds, self.num_classes, _ = build_data(self.cfg)
         self.client_images = [len(p) for p in partition(train_ds.targets, settings.clients, settings.partition,
@@ -386,6 +424,20 @@ class Server:
         self.backbone_before = {k: v.clone() for k, v in self.model.backbone.state_dict().items()}
         self.expected = {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()}
         self.test_loader = loop.make_loader(test_ds, self.cfg, self.device)
+        if self.ckpt is not None:
+            self._check_checkpoint()
+
+    def _check_checkpoint(self) -> None:
+        """The resumed checkpoint fits this run: its global state is this adapter's, every round is recorded."""
+        where = f"cannot resume {self.s.out}: its checkpoint"
+        got = self.ckpt["global_state"]
+        if set(got) != set(self.expected) or any(got[k].shape != v.shape for k, v in self.expected.items()):
+            raise RepnetError(f"{where}'s global state is not this model's adapter (keys or shapes differ)")
+        rounds = [h["round"] for h in self.ckpt["history"]]
+        if rounds != list(range(self.ckpt["round"] + 1)):
+            raise RepnetError(f"{where} records rounds {rounds[:5]}, not 0..{self.ckpt['round']}")
+        for h in self.ckpt["history"][1:]:
+            check_fields(h, ROUND_FIELDS, f"{where}'s round {h['round']}")
 
     def _strategy(self):
         import flwr.serverapp.strategy as fs
@@ -454,6 +506,10 @@ class Server:
             accepted.sort(key=lambda c: c["partition_id"])
             new = aggregate(strategy, r, accepted)
             global_state = _project_on_grid(self.model, {k: new[k].to(self.expected[k].dtype) for k in self.expected})
+            bad = non_finite(global_state)
+            if bad is not None:  # (e.g. a strategy's own arithmetic); nothing of this round is written
+                raise NonFinite(f"round {r}: the {s.strategy} aggregate is non-finite ({bad}); the global adapter of "
+                                f"round {r - 1} is kept")
             acc = self._evaluate(global_state)
             sizes = [c["num_examples"] for c in accepted]
             history.append({

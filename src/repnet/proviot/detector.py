@@ -261,21 +261,26 @@ def train_detector(benign: list[ProvGraph], s: DetectorSettings | None = None) -
 
 
 # ----------------------------------------------------------------------------- model folders
-def _run_kind():
+def _verify_model(folder):
+    if not (FsPath(folder) / "detector.safetensors").is_file():
+        raise RepnetError(f"{folder} does not hold a proviot model")
+
+
+def model_kind():
+    """The run-folder kind of a ``repnet proviot train`` model folder (:class:`repnet.storage.RunKind`; built on
+    use: repnet.storage imports torch, which the steady-state monitor never does)."""
     from repnet.storage import RunKind
 
-    def verify(folder):
-        if not (FsPath(folder) / "detector.safetensors").is_file():
-            raise RepnetError(f"{folder} does not hold a proviot model")
-
-    return RunKind("proviot model", "detector.safetensors", MODEL_FILES, verify, "repnet proviot train")
+    return RunKind("proviot model", "detector.safetensors", MODEL_FILES, _verify_model, "repnet proviot train")
 
 
-def save_model(det: Detector, folder, info: dict | None = None, overwrite: bool = False) -> FsPath:
+def save_model(det: Detector, folder, info: dict | None = None, overwrite: bool = False,
+               claimed: bool = False) -> FsPath:
+    """Write the model folder (``claimed``: the caller claimed it already, before training)."""
     from repnet.storage import atomic_write_text, claim_folder, save_tensors, set_run_state
 
-    kind = _run_kind()
-    folder = claim_folder(folder, kind=kind, overwrite=overwrite)
+    kind = model_kind()
+    folder = FsPath(folder) if claimed else claim_folder(folder, kind=kind, overwrite=overwrite)
     state = {k: v.detach().cpu().float().contiguous() for k, v in det.ae.state_dict().items()}
     meta = {"settings": json.dumps(dataclasses.asdict(det.s)), "path_threshold": repr(det.path_threshold),
             "window_threshold": repr(det.window_threshold)}

@@ -72,7 +72,9 @@ def run_one(run: Run) -> tuple[str, str]:
             if changed:
                 return "error", (f"{out} was started with other settings ({', '.join(changed)}); "
                                  "delete it to start over, or use the settings it was started with")
-            train(TrainConfig(**base), resume=str(out))
+            cfg = TrainConfig(**base)
+            cfg.validate()
+            train(cfg, resume=str(out))
             return "resumed", "resumed from its checkpoint"
         train(make_config(run.overrides))
         return "trained", "trained"
@@ -102,12 +104,13 @@ def collect(table: str, root: str | Path, statuses: list[dict] | None = None, se
             write: bool = True, **filters) -> dict:
     """Published vs ours for every (filtered) cell; writes ``summary.json`` / ``summary.md``."""
     from repnet.storage import atomic_write_text
+    from repnet.training.run import read_results
 
     tdir = Path(root) / table
     rows = []
     for c in select(table, **filters):
         res_path = tdir / c.key / "results.json"
-        res = json.loads(res_path.read_text()) if res_path.is_file() else None
+        res = read_results(tdir / c.key) if res_path.is_file() else None
         acc = None if res is None else 100.0 * res["test_accuracy"]
         mem = None if res is None else res.get("analytic_mb")
         rows.append({

@@ -23,6 +23,7 @@ from repnet.config.build import build_model
 from repnet.config.recipes import make_config
 from repnet.config.flags import train_arguments
 from repnet.errors import RepnetError
+from repnet.limits import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MAX_NUM_CLASSES, check_int
 from repnet.storage import read_json
 
 __all__ = ["plan", "measure_peak_mb", "parse_budget", "expected_accuracy", "load_expectations", "format_plan",
@@ -316,10 +317,14 @@ def plan(budget_mb: float, backbone: str, dataset: str, *, methods=None, image_s
             raise RepnetError(f"unknown precision '{p}'; choose from: {', '.join(PRECISIONS)}")
     if any(s < 32 for s in sizes):
         raise RepnetError(f"image sizes must be >= 32, got {min(sizes)}")
+    if any(s > MAX_IMAGE_SIZE for s in sizes):
+        raise RepnetError(f"image sizes must be <= {MAX_IMAGE_SIZE:,d}, got {max(sizes):,d}")
     if top < 1:
         raise RepnetError(f"--top must be >= 1, got {top}")
-    if num_classes is not None and num_classes < 2:
-        raise RepnetError(f"--num-classes must be >= 2, got {num_classes}")
+    if num_classes is not None:
+        check_int("--num-classes", num_classes, 2, MAX_NUM_CLASSES)
+    if effective_batch is not None:
+        check_int("--effective-batch", effective_batch, 1, MAX_BATCH_SIZE)
     n_classes = num_classes or dataset_info(dataset).num_classes
     if not n_classes:
         raise RepnetError(f"dataset '{dataset}' does not name its number of classes: give --num-classes")

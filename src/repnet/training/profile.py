@@ -9,7 +9,7 @@ docs/memory.md.
 from __future__ import annotations
 
 import dataclasses
-import os
+from pathlib import Path
 
 
 PROFILE_KEYS = ("backbone", "method", "image_size", "batch_size", "trainable_params", "total_params",
@@ -80,6 +80,9 @@ def memory_bar_chart(rows: list[dict], path: str, title: str = "") -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from repnet.storage import atomic_write
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)

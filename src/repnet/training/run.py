@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,28 +24,45 @@ from repnet.training import loop
 from repnet.config.schema import SESSION_KEYS, TrainConfig, coerce
 from repnet.config.recipes import make_config, read_yaml, tunes
 from repnet.config.build import build_data, build_model
-from repnet.errors import NonFinite, RepnetError
+from repnet.errors import Interrupted, NonFinite, RepnetError
+from repnet.limits import WARN_LR
 from repnet.training.loop import (all_finite, evaluate, make_loader, make_optimizer, plan_steps,
                                   resolve_device, schedule_of)
 from repnet.training.loop import rng_state, seed_everything, set_rng_state
-from repnet.storage import (RunKind, atomic_write_text, check_resumable, claim_folder, clean_temps, load_checkpoint,
-                            read_safetensors, save_checkpoint, save_tensors, set_run_state, truncate_log)
+from repnet.storage import (RunKind, Spec, atomic_append_text, atomic_write_text, check_fields, check_resumable,
+                            claim_folder, clean_temps, load_checkpoint, missing_root, read_json, read_safetensors,
+                            release_claim, save_checkpoint, save_tensors, set_run_state, truncate_log)
 from repnet.runtime import RunContext, get_runtime
 
-__all__ = ["train", "resume_config", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
+__all__ = ["train", "resume_config", "read_results", "memory_profile", "MEMORY_KEYS", "TrainConfig", "make_config"]
+
+
+#: What a ``repnet train`` checkpoint holds (checked after its checksum: :func:`repnet.storage.check_fields`).
+CHECKPOINT_FIELDS = {
+    "model": Spec(dict, values=torch.Tensor), "optimizer": Spec(dict, fields={"state": dict, "param_groups": list}),
+    "scheduler": dict, "rng": Spec(dict, fields={"torch": torch.Tensor, "numpy": list, "python": tuple}),
+    "backbone_fingerprint": str, "total_steps": Spec(int, low=1),
+    "state": Spec(dict, fields={
+        "epoch": Spec(int, low=0), "batch": Spec(int, low=0), "step": Spec(int, low=0), "images": Spec(int, low=0),
+        "last_val": (float, None), "best_val": (float, None), "best_val_epoch": (int, None),
+        "best_test": (float, None), "best_test_epoch": (int, None), "elapsed": float, "train_time": float,
+        "epoch_stats": Spec(list, items=float)}),
+}
 
 
 #: A ``repnet train`` run folder (``overwrite=True`` replaces exactly these files, once the checkpoint is ours).
 def _verify_run(folder: Path) -> None:
     """Raise unless ``folder/checkpoint.pt`` is a ``repnet train`` checkpoint (checksum and keys)."""
-    ckpt = load_checkpoint(folder / "checkpoint.pt")
-    if not {"model", "optimizer", "scheduler", "total_steps", "state"} <= set(ckpt):
-        raise RepnetError(f"--overwrite: {folder} does not hold a training run (its checkpoint.pt is another kind's); "
-                          "give a new or empty folder")
+    try:
+        load_checkpoint(folder / "checkpoint.pt", fields=CHECKPOINT_FIELDS)
+    except RepnetError as e:
+        raise RepnetError(f"--overwrite: {folder} does not hold a training run ({e}); give a new or empty "
+                          "folder") from None
 
 
 RUN = RunKind("run", "checkpoint.pt", ("config.yaml", "checkpoint.pt", "log.jsonl", "best.safetensors",
-                                                "adapter", "results.json", "tune.json"), _verify_run, "repnet train")
+                                                "adapter", "results.json", "tune.json"), _verify_run, "repnet train",
+              early=("config.yaml",))
 
 
 def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None,
@@ -54,7 +72,21 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
 
     ``on_step(info)`` is called after every optimizer step with ``{"step", "epoch", "loss",
     "model"}`` (a hook for tests and notebooks; raising from it stops the run).
+
+    Bad input found while the run is built (data, weights, options), before its first checkpoint,
+    leaves no run folder behind (:func:`repnet.storage.release_claim`): the same command works once fixed.
     """
+    claims: list = []  # (folder, what its creation created, the run's state once it trains)
+    try:
+        return _train(config, resume, on_step, overwrite, claims)
+    except RepnetError as e:
+        for folder, created, state in claims:  # (not after a step, a non-finite stop or Ctrl-C: those resume)
+            untrained = not isinstance(e, (NonFinite, Interrupted)) and (state or {}).get("step", 0) == 0
+            release_claim(folder, RUN, created, untrained_marker=untrained)
+        raise
+
+
+def _train(config: TrainConfig, resume: str | None, on_step, overwrite: bool, claims: list) -> dict:
     from repnet.backbones import BACKBONES
     from repnet.methods import METHODS
 
@@ -78,15 +110,17 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         clean_temps(run_dir)
         if ckpt_path.is_file() or not (run_dir / "tune.json").is_file():
             check_resumable(run_dir, RUN)
-            ckpt = load_checkpoint(ckpt_path)
+            ckpt = load_checkpoint(ckpt_path, fields=CHECKPOINT_FIELDS)
         # else: stopped while tuning (tune.json holds the finished trials): tuning goes on, then the run starts
     else:
+        claims.append((run_dir, missing_root(run_dir), None))
         claim_folder(run_dir, kind=RUN, overwrite=overwrite)
         cfg.out_dir = str(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     device = resolve_device(cfg.device)
-    if max(cfg.lr, cfg.lr_side) > 1:
-        say(f"warning: lr={cfg.lr:g} / lr_side={cfg.lr_side:g} are far above the recipes' 1e-4 .. 3e-3")
+    if max(cfg.lr, cfg.lr_side) > WARN_LR:  # (shown with --quiet too: it is not progress)
+        print(f"warning: lr={cfg.lr:g} / lr_side={cfg.lr_side:g} are far above the recipes' 1e-4 .. 5e-2",
+              file=sys.stderr)
 
     # ---- data and model (deterministic given the seed)
     train_ds, val_ds, test_ds, num_classes, class_names = build_data(cfg)
@@ -107,6 +141,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
     if trainer is not None:
         scheduler = None
     st = loop.new_state()  # (``elapsed`` = wall time of earlier sessions; this session's is added when saving)
+    claims[:] = [(folder, created, st) for folder, created, _ in claims]
 
     def checkpoint(state: dict) -> None:
         if not all_finite(model):
@@ -128,12 +163,21 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         missing = set(model.trainable_state_keys()) - set(ckpt["model"])
         if missing:
             raise RepnetError(f"cannot resume {run_dir}: checkpoint lacks {sorted(missing)[:3]}")
-        model.load_state_dict(ckpt["model"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
+        own = model.state_dict()
+        wrong = [k for k in model.trainable_state_keys() if tuple(ckpt["model"][k].shape) != tuple(own[k].shape)]
+        if wrong:
+            raise RepnetError(f"cannot resume {run_dir}: its checkpoint's {wrong[0]} has shape "
+                              f"{tuple(ckpt['model'][wrong[0]].shape)}, this model's {tuple(own[wrong[0]].shape)}")
+        try:
+            model.load_state_dict(ckpt["model"], strict=False)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise RepnetError(f"cannot resume {run_dir}: its checkpoint does not fit this run ({first})") from None
         st.update(ckpt["state"])
-        set_rng_state(ckpt["rng"])
         truncate_log(log_path, st["epoch"])
         say(f"resuming {run_dir} at epoch {st['epoch'] + 1}, step {st['step']}/{total_steps}")
         del ckpt
@@ -160,8 +204,7 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
                 state["best_test"], state["best_test_epoch"] = t["accuracy"], rec["epoch"]
                 save_tensors(model.trainable_state_dict(), run_dir / "best.safetensors")
         rec["time_s"] = elapsed_before + time.time() - t_start
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        atomic_append_text(log_path, json.dumps(rec) + "\n")
 
     loop.fit(model, train_ds, cfg, device, optimizer, scheduler=scheduler, state=st, val_ds=val_ds,
              checkpoint=checkpoint, on_step=on_step, on_epoch=on_epoch, step=trainer.step if trainer else None,
@@ -187,6 +230,9 @@ def train(config: TrainConfig, resume: str | None = None, on_step: Callable[[dic
         results["selected_epoch"] = st["best_val_epoch"] if cfg.select_best_on == "val" else st["best_test_epoch"]
         if cfg.select_best_on == "test":
             results["note"] = "test_accuracy is the best epoch ON THE TEST SET (optimistic; the released code's protocol)"
+    if not all_finite(model):
+        raise NonFinite(f"the trained weights are non-finite; nothing was written as the result (last good "
+                        f"checkpoint: {ckpt_path})")
     model.save_pretrained(str(run_dir / "adapter"))
     results.update({
         "method": cfg.method, "backbone": cfg.backbone, "dataset": cfg.dataset, "num_classes": num_classes,
@@ -230,6 +276,18 @@ def run_context(cfg: TrainConfig, say: Callable[[str], None] = print, on_step=No
     return RunContext(build_data=build_data, build_model=build_model, plan_steps=plan_steps,
                       seed_everything=seed_everything, evaluate=evaluate_on, say=say, on_step=on_step,
                       default_dir=_default_run_dir(cfg))
+
+
+#: What a run's ``results.json`` holds that other commands read back (``repnet reproduce --collect``).
+RESULTS_FIELDS = {"test_accuracy": Spec(float, low=0, high=1), "final_test_accuracy": Spec(float, low=0, high=1),
+                  "method": str, "backbone": str, "dataset": str, "config": dict,
+                  "analytic_mb": Spec(float, None, required=False)}
+
+
+def read_results(run_dir: str | Path) -> dict:
+    """The ``results.json`` of a finished run, its structure checked (one line if it is not a run's results)."""
+    path = Path(run_dir) / "results.json"
+    return check_fields(read_json(path, "results"), RESULTS_FIELDS, f"results {path}")
 
 
 def resume_config(run_dir: str | Path, overrides: dict | None = None) -> TrainConfig:

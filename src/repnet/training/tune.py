@@ -19,12 +19,17 @@ from typing import Callable
 import torch
 
 from repnet.errors import NonFinite, RepnetError
-from repnet.storage import atomic_write_text, read_json
+from repnet.storage import Spec, atomic_write_text, check_fields, read_json
 
 #: The values each tunable rate is tried at: the papers' range of ``lr_p`` (1e-4 .. 3e-3) and a step
 #: beyond for the side modules; half a decade around the recipes' head rates for ``lr``.
 GRIDS: dict[str, tuple[float, ...]] = {"lr_side": (3e-4, 1e-3, 3e-3, 1e-2), "lr": (1e-4, 3e-4, 1e-3, 3e-3)}
 STATE_FILE = "tune.json"
+#: What :data:`STATE_FILE` holds, checked when an interrupted tuning resumes.
+STATE_FIELDS = {"key": Spec(str, choices=tuple(GRIDS)), "steps_per_trial": Spec(int, low=1),
+                "trials": Spec(list, items=Spec(dict, fields={"value": Spec(float, low=0), "diverged": bool,
+                                                              "val_accuracy": (float, None),
+                                                              "val_loss": (float, None)}))}
 
 
 def tuned_key(model) -> str:
@@ -38,15 +43,16 @@ def trial_steps(total_steps: int, fraction: float) -> int:
     return max(1, round(fraction * total_steps))
 
 
-def _load_state(path: Path, key: str, steps: int) -> list[dict]:
+def read_state(path: Path, key: str, steps: int) -> list[dict]:
     """Trials an earlier session of this run finished (same rate, same trial length)."""
     if not path.is_file():
         return []
-    prev = read_json(path, "tuning state")
-    if not (isinstance(prev, dict) and prev.get("key") == key and prev.get("steps_per_trial") == steps
-            and isinstance(prev.get("trials"), list)):
+    prev = check_fields(read_json(path, "tuning state"), STATE_FIELDS, f"tuning state {path}")
+    if not (prev["key"] == key and prev["steps_per_trial"] == steps):
         raise RepnetError(f"{path} belongs to another tuning (rate or trial length differ): start a new run")
-    return [t for t in prev["trials"] if isinstance(t, dict) and "value" in t]
+    if any(not t["diverged"] and (t["val_accuracy"] is None or t["val_loss"] is None) for t in prev["trials"]):
+        raise RepnetError(f"tuning state {path} is malformed: a finished trial without its validation figures")
+    return prev["trials"]
 
 
 def choose(trials: list[dict], default: float) -> float:
@@ -81,7 +87,7 @@ def tune(cfg, train_ds, val_ds, num_classes: int, device: torch.device, run_dir:
     default = getattr(cfg, key)
     grid = GRIDS[key]
     path = Path(run_dir) / STATE_FILE if run_dir is not None else None
-    trials = _load_state(path, key, steps) if path is not None else []
+    trials = read_state(path, key, steps) if path is not None else []
     done = {t["value"] for t in trials}
     trial_cfg = dataclasses.replace(cfg, max_steps=steps, checkpoint_every=0, progress=False)
     val_loader = loop.make_loader(val_ds, cfg, device)

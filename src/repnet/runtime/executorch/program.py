@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
+
 import torch
 from torch import nn
 from repnet.errors import RepnetError
@@ -34,12 +36,25 @@ UNSUPPORTED = {
 
 
 def require_executorch():
+    """Import ExecuTorch (one line if it is missing), quietly: its import registers torchao's enums with
+    torch's pytree, which logs a deprecation warning through the ``torch.utils._pytree`` logger (a
+    ``W... _pytree.py:630 ... KernelPreference`` line); that logger is raised to ERROR for the import."""
+    import logging
+
+    log = logging.getLogger("torch.utils._pytree")
+    level = log.level
     try:
-        import executorch  # noqa: F401
-        from executorch.exir import to_edge  # noqa: F401
+        log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import executorch  # noqa: F401
+            from executorch.exir import to_edge  # noqa: F401
+            from executorch.extension.training import get_sgd_optimizer  # noqa: F401
     except ImportError:
         raise RepnetError("training on the ExecuTorch runtime needs the executorch package: bash scripts/setup.sh "
                           "installs it (pip install --no-deps executorch==1.5.1 torchao==0.18.0)") from None
+    finally:
+        log.setLevel(level)
 
 
 class TrainStep(nn.Module):
@@ -192,9 +207,12 @@ def export_training_program(model: nn.Module, batch_size: int, image_size: int, 
             MemoryPlanningPass(alloc_graph_input=False)
         config = ExecutorchBackendConfig(memory_planning_pass={"forward": planning or MemoryPlanningPass(),
                                                                "evaluate": eval_planning})
-        et = to_edge({"forward": ep, "evaluate": _export_evaluation(model, trainable, x)}).to_executorch(config)
+        programs = {"forward": ep, "evaluate": _export_evaluation(model, trainable, x)}
     else:
-        et = to_edge(ep).to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None)
+        programs, config = ep, ExecutorchBackendConfig(memory_planning_pass=planning) if planning else None
+    with warnings.catch_warnings():  # ExecuTorch's memory planning warns per backward op with an unused output
+        warnings.simplefilter("ignore")  # ("Function aten.convolution_backward.out's out2 kwarg value is None")
+        et = to_edge(programs).to_executorch(config)
     if planning:
         rewrites["inplace"] = planning.shared
     plans = {p.name: p for p in et.executorch_program.execution_plan}

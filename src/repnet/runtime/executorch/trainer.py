@@ -8,10 +8,42 @@ gradients it is handed, and ``results()`` adding the runtime's figures to ``resu
 """
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import warnings
+
 import torch
 from torch import nn
 from repnet.errors import RepnetError
 from repnet.runtime.executorch.program import TrainingProgram, require_executorch
+
+
+#: Lines ExecuTorch's runtime prints on stderr from C++ when its threadpool starts (the first step):
+#: ``[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/...`` and the like. They come from ``ET_LOG``
+#: calls in the wheel's threadpool library, whose level is fixed when the wheel is built (no environment
+#: variable or Python call changes it), so they are filtered out of fd 2 around that first step.
+NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
+
+
+def without_native_lines(fn, prefixes: tuple[str, ...]):
+    """Call ``fn()`` with file descriptor 2 captured; afterwards write back to stderr every captured line
+    that does not start with one of ``prefixes`` (a native library's log lines), so nothing else is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            return fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not line.startswith(prefixes)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 class RuntimeTrainer:
@@ -36,7 +68,9 @@ class RuntimeTrainer:
 
             load_kernels()
             set_runtime_threads(torch.get_num_threads())
-        self.module = _load_for_executorch_for_training_from_buffer(program.buffer)
+        with warnings.catch_warnings():  # "ExperimentalWarning: This API is experimental ..."
+            warnings.simplefilter("ignore")
+            self.module = _load_for_executorch_for_training_from_buffer(program.buffer)
         self._make_sgd = lambda params, lr_: get_sgd_optimizer(params, lr_, momentum, 0.0, weight_decay, False)
         groups = model.param_groups(lr, lr_side) if hasattr(model, "param_groups") else \
             [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
@@ -53,7 +87,8 @@ class RuntimeTrainer:
     def step(self, x: torch.Tensor, y: torch.Tensor):
         if x.shape[0] != self.program.batch_size:
             raise RepnetError(f"the ExecuTorch program trains batches of {self.program.batch_size}, got {x.shape[0]}")
-        loss, logits = self.module.forward_backward("forward", (x.contiguous(), y.contiguous()))
+        run = lambda: self.module.forward_backward("forward", (x.contiguous(), y.contiguous()))  # noqa: E731
+        loss, logits = run() if self.steps else without_native_lines(run, NATIVE_NOISE)
         grads = self.module.named_gradients()
         if self.optimizers is None:  # the runtime hands out its parameters after the first call
             named = {k.removeprefix("model."): v for k, v in self.module.named_parameters().items()}
