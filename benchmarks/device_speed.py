@@ -7,6 +7,9 @@ in 8 bits, Rep-Net's modules with GroupNorm), three ways of running one training
 
 * ``kernels``: the training program on repnet's kernels (repnet.runtime.executorch.kernels), on ExecuTorch's
   Python runtime (RuntimeTrainer: forward_backward + the runtime's SGD, momentum 0.9);
+* ``cpp``: the same program (with its metadata) in ``repnet-device``, the C++ trainer (its SGD, momentum
+  0.9): a fresh process per timed step runs two steps and reports its own time of the second (1 thread: no
+  thread pool; 2: the runtime's pool, the machine's cores);
 * ``portable``: the same program with ExecuTorch's portable kernels only (``kernels=False``);
 * ``eager``: repnet's eager engine on the same model (``memory="engine"``, frozen weights in 8 bits),
   a PyTorch step (forward, backward, SGD with momentum 0.9).
@@ -46,7 +49,7 @@ from common import command_line, write_results
 from repnet.runtime.executorch.trainer import RuntimeTrainer
 from repnet.runtime.executorch.program import export_training_program, program_build
 
-MODES = ("kernels", "portable", "eager")
+MODES = ("kernels", "cpp", "portable", "eager")
 
 
 def build(backbone: str, method: str, args, memory: str = "vanilla") -> nn.Module:
@@ -70,6 +73,37 @@ class EagerStep:
         return loss
 
 
+class CppStep:
+    """The C++ trainer (repnet-device) on the kernels' program: one fresh process per call runs 2 steps of the
+    same batch (SGD, momentum 0.9) and reports its own per-step time; the second step is the one timed (the
+    first pays for the page faults of loading). Threads: 1 = no pool, more = the runtime's pool (the machine's
+    cores: the trainer's only other setting)."""
+
+    timed = True
+
+    def __init__(self, model: nn.Module, prog, x, y, tmp: Path, name: str):
+        from repnet.runtime.device import files
+        from repnet.runtime.device.runner import find_binary
+
+        sgd = {"name": "sgd", "momentum": 0.9, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+        meta = files.program_metadata(model, prog, lr=1e-3, lr_side=1e-3, optimizer=sgd, total_steps=2,
+                                      schedule="constant")
+        self.pte, _ = files.write_program(tmp, prog, meta, name=name)
+        self.data = tmp / f"{name}.rpd"
+        files.write_dataset([(x[i], int(y[i])) for i in range(len(x))] * 2, self.data, model.num_classes)
+        self.binary, self.tmp, self.threads, self.calls = find_binary(), tmp, 1, 0
+
+    def step(self, x, y) -> tuple[float, float]:
+        from repnet.runtime.device.runner import run_device
+
+        self.calls += 1
+        events = run_device(["train", "--program", self.pte, "--train", self.data, "--out",
+                             self.tmp / f"cpp-run-{self.calls}", "--epochs", 1, "--max-steps", 2, "--no-checkpoint",
+                             "--no-adapter", "--threads", 1 if self.threads == 1 else 0], binary=self.binary)
+        steps = [e for e in events if e["event"] == "step"]
+        return steps[-1]["step_time_s"], float("nan")  # (the child's CPU time per step is not reported)
+
+
 def set_threads(n: int) -> None:
     from repnet.runtime.executorch.kernels import set_runtime_threads
 
@@ -86,9 +120,13 @@ def time_steps(steppers: dict, x, y, threads: list[int], steps: dict, warmup: in
             for mode, st in steppers.items():
                 if i >= warmup + steps[mode]:
                     continue
-                w, c = time.perf_counter(), time.process_time()
-                st.step(x, y)
-                w, c = time.perf_counter() - w, time.process_time() - c
+                if getattr(st, "timed", False):  # a stepper that times its own step (another process)
+                    st.threads = t
+                    w, c = st.step(x, y)
+                else:
+                    w, c = time.perf_counter(), time.process_time()
+                    st.step(x, y)
+                    w, c = time.perf_counter() - w, time.process_time() - c
                 if i >= warmup:
                     out[(mode, t)]["wall_s"].append(w)
                     out[(mode, t)]["cpu_s"].append(c)
@@ -172,17 +210,20 @@ def bench_row(backbone: str, method: str, args, tmp: Path) -> list[dict]:
     for mode in ("kernels", "portable"):
         model = build(backbone, method, args).eval()
         t = time.time()
-        progs[mode] = export_training_program(model, args.batch_size, args.image_size, kernels=mode == "kernels")
+        progs[mode] = export_training_program(model, args.batch_size, args.image_size, kernels=mode == "kernels",
+                                              evaluate=mode == "kernels" and "cpp" in args.modes)
         export_s[mode] = time.time() - t
         steppers[mode] = RuntimeTrainer(model, progs[mode], lr=1e-3, lr_side=1e-3, momentum=0.9)
         (tmp / f"{mode}.pte").write_bytes(progs[mode].buffer)
+        if mode == "kernels" and "cpp" in args.modes:
+            steppers["cpp"] = CppStep(model, progs[mode], x, y, tmp, f"{backbone}-{method}")
     steppers["eager"] = EagerStep(build(backbone, method, args, memory="engine"))
     steppers = {m: steppers[m] for m in args.modes}
     threads = [int(t) for t in args.threads.split(",")]
     steps = {m: args.portable_steps if m == "portable" else args.steps for m in steppers}
     t = time_steps(steppers, x, y, threads, steps, args.warmup)
     rss = {}
-    for mode in steppers:
+    for mode in (m for m in steppers if m != "cpp"):  # (the C++ trainer's peak RSS: benchmarks/device_memory.py)
         spec = {"mode": mode, "kernels": mode == "kernels", "pte": str(tmp / f"{mode}.pte"), "threads": threads[0],
                 "batch": args.batch_size, "size": args.image_size, "classes": args.num_classes, "backbone": backbone,
                 "method": method}
@@ -195,9 +236,10 @@ def bench_row(backbone: str, method: str, args, tmp: Path) -> list[dict]:
             w, c = t[(mode, th)]["wall_s"], t[(mode, th)]["cpu_s"]
             row[f"{mode}_step_s"] = statistics.median(w)
             row[f"{mode}_step_min_s"] = min(w)
-            row[f"{mode}_step_cpu_s"] = statistics.median(c)
+            if mode != "cpp":
+                row[f"{mode}_step_cpu_s"] = statistics.median(c)
             row[f"{mode}_steps_wall_s"] = w
-            row.update({f"{mode}_{k}": v for k, v in rss[mode].items()})
+            row.update({f"{mode}_{k}": v for k, v in rss.get(mode, {}).items()})
         for mode, prog in progs.items():
             row[f"{mode}_arena_mb"] = prog.arena_bytes / 1e6
             row[f"{mode}_planned_mb"] = prog.planned_bytes / 1e6
@@ -205,6 +247,8 @@ def bench_row(backbone: str, method: str, args, tmp: Path) -> list[dict]:
         if "eager" in steppers and "kernels" in steppers:
             row["kernels_over_eager"] = row["kernels_step_s"] / row["eager_step_s"]
             row["kernels_over_eager_cpu"] = row["kernels_step_cpu_s"] / row["eager_step_cpu_s"]
+        if "eager" in steppers and "cpp" in steppers:
+            row["cpp_over_eager"] = row["cpp_step_s"] / row["eager_step_s"]
         if "portable" in steppers and "kernels" in steppers:
             row["portable_over_kernels"] = row["portable_step_s"] / row["kernels_step_s"]
             if "peak_rss_mb" in rss.get("kernels", {}) and "peak_rss_mb" in rss.get("portable", {}):
@@ -222,6 +266,9 @@ def checks(rows: list[dict]) -> list[dict]:
         if r["threads"] == 1 and "kernels_over_eager" in r:
             out.append({"check": f"{name}: kernels step <= 1.5 x eager", "value": r["kernels_over_eager"],
                         "ok": r["kernels_over_eager"] <= 1.5, "goal_1x": r["kernels_over_eager"] <= 1.0})
+        if r["threads"] == 1 and "cpp_over_eager" in r:
+            out.append({"check": f"{name}: C++ trainer step <= 1.5 x eager", "value": r["cpp_over_eager"],
+                        "ok": r["cpp_over_eager"] <= 1.5, "goal_1x": r["cpp_over_eager"] <= 1.0})
         out.append({"check": f"{name}: arena <= portable + 5 %", "value": r["kernels_arena_over_portable"],
                     "ok": r["kernels_arena_over_portable"] <= 1.05})
         if "kernels_rss_over_portable" in r:
@@ -238,7 +285,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     threads = sorted({r["threads"] for r in rows})
     fig, axes = plt.subplots(1, len(threads), figsize=(6.5 * len(threads), 4.6), squeeze=False)
-    colors = {"kernels": "#2a7", "portable": "#c44", "eager": "#47c"}
+    colors = {"kernels": "#2a7", "cpp": "#8c4", "portable": "#c44", "eager": "#47c"}
     for ax, th in zip(axes[0], threads):
         rs = [r for r in rows if r["threads"] == th]
         modes = [m for m in MODES if f"{m}_step_s" in rs[0]]
@@ -246,7 +293,8 @@ def plot(rows: list[dict], path: Path) -> None:
         for k, m in enumerate(modes):
             xs = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(rs))]
             vals = [r[f"{m}_step_s"] for r in rs]
-            ax.bar(xs, vals, width, label={"kernels": "repnet kernels (runtime)", "portable": "portable program",
+            ax.bar(xs, vals, width, label={"kernels": "repnet kernels (Python runtime)",
+                                            "cpp": "repnet kernels (C++ trainer)", "portable": "portable program",
                                             "eager": "eager engine"}[m], color=colors[m])
             if m == "kernels" and "eager" in modes:
                 for xx, r in zip(xs, rs):
@@ -294,7 +342,8 @@ def main(argv=None) -> int:
                 for r in bench_row(bb, method, args, Path(d)):
                     rows.append(r)
                     msg = "  ".join(f"{m} {r[f'{m}_step_s']:.3f}s" for m in MODES if f"{m}_step_s" in r)
-                    ratio = f"  kernels/eager {r['kernels_over_eager']:.2f}x" if "kernels_over_eager" in r else ""
+                    ratio = "".join(f"  {m}/eager {r[f'{m}_over_eager']:.2f}x" for m in ("kernels", "cpp")
+                                    if f"{m}_over_eager" in r)
                     print(f"[{time.time() - t0:7.1f}s] {bb} {method} {r['threads']}t: {msg}{ratio}  arena "
                           f"{r['kernels_arena_mb']:.1f} MB (portable {r['portable_arena_mb']:.1f})", flush=True)
     doc = {"benchmark": __doc__.splitlines()[0], "command": command_line(argv),
@@ -304,7 +353,8 @@ def main(argv=None) -> int:
            "note": "step times: median wall-clock of the timed steps, interleaved across modes and thread counts "
                    "(min and process CPU time recorded too); peak RSS: a fresh process per mode, two steps at the "
                    "first thread count, VmHWM reset just before loading the program (eager: after building the "
-                   "model); the C++ device trainer (device/) is measured by its own benchmark",
+                   "model); cpp: the C++ trainer's own time of its second step, a fresh process per timed step "
+                   "(its peak RSS: benchmarks/device_memory.py)",
            "torch": torch.__version__, "repnet": repnet.__version__, "total_s": time.time() - t0,
            "rows": rows, "checks": checks(rows)}
     write_results(args.out, doc)

@@ -37,6 +37,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     p.add_argument("--no-profile", action="store_true", help="skip the memory measurements")
+    p.add_argument("--tune", action="store_true", help="every compared method chooses its learning rate on the "
+                   "validation split first (repnet train --tune), instead of the demo's committed rates")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -50,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
                      test_subset=args.test_subset, epochs=args.epochs, batch_size=args.batch_size,
                      memory=args.memory, workers=args.workers, seed=args.seed, device=args.device,
                      data_root=args.data_root, profile_memory=not args.no_profile, progress=not args.quiet,
-                     options=parse_pairs(args.opt, "--opt"))
+                     options=parse_pairs(args.opt, "--opt"), tune=args.tune)
     run_demo(cfg)
     return 0

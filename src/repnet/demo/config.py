@@ -46,6 +46,7 @@ class DemoConfig:
     steps_per_epoch: int | None = None  # tests only
     lrs: dict = field(default_factory=dict)  # method -> (lr, lr_side) overrides
     options: dict = field(default_factory=dict)  # method options, for every compared method that has them
+    tune: bool = False  # every method's learning rate chosen on the validation split (repnet.training.tune)
 
 
 #: (lr, lr_side) per method for the demo's short schedule (3 epochs, batch 32): the best of a
@@ -94,7 +95,7 @@ def method_config(cfg: DemoConfig, spec: str) -> TrainConfig:
         steps_per_epoch=cfg.steps_per_epoch, seed=cfg.seed, device=cfg.device, workers=cfg.workers,
         out_dir=str(Path(cfg.out_dir) / "runs" / spec.replace("@", "_").replace(",", "_").replace("=", "-")),
         profile_memory=cfg.profile_memory,
-        progress=cfg.progress,
+        progress=cfg.progress, tune=cfg.tune,
     )
     tc.validate()
     return tc
