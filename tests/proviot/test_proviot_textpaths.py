@@ -93,3 +93,62 @@ def test_doc2vec_model_folder_round_trips_without_pickle(tmp_path):
     back = load_model(tmp_path / "m")
     paths = read_paths(b)[:5] + [Path(("/usr/bin/python3", "/memfd:x"), ("WRITE",))]
     assert (back.embedder.transform([p.words() for p in paths]) == det.embedder.transform([p.words() for p in paths])).all()
+
+
+# ----------------------------------------------------------------------------- bad model files and settings
+def _model(tmp_path):
+    b = tmp_path / "benign.txt"
+    b.write_text("\n".join(benign_lines()) + "\n")
+    assert main(["proviot", "train", "--paths", str(b), "--out", str(tmp_path / "m"), "--epochs", "5"]) == 0
+    return b
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+BAD_FILES = [("freqdb.json", "garbage"), ("freqdb.json", '{"a": 1}'), ("freqdb.json", DEEP),
+             ("embedder.json", "xx"), ("embedder.json", "[1, 2]"), ("embedder.json", DEEP),
+             ("embedder.json", '{"kind": "hash", "dim": 10000000000}'), ("embedder.json", '{"kind": "hash"}'),
+             ("detector.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}")]
+
+
+@pytest.mark.parametrize("name,content", BAD_FILES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_FILES)])
+def test_a_damaged_model_file_is_one_line(tmp_path, capsys, name, content):
+    import shutil
+
+    b = _model(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "m", bad)
+    (bad / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    capsys.readouterr()
+    assert main(["proviot", "detect", "--model", str(bad), "--paths", str(b)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "1e38"), ("--lr", "nan"), ("--k", "0"), ("--k", "1000000000"),
+                                        ("--epochs", "1000000000"), ("--margin", "nan"), ("--path-quantile", "2")])
+def test_settings_out_of_range_are_one_line_and_leave_no_folder(tmp_path, capsys, flag, value):
+    b = tmp_path / "benign.txt"
+    b.write_text("\n".join(benign_lines()) + "\n")
+    assert main(["proviot", "train", "--paths", str(b), "--out", str(tmp_path / "m"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and not (tmp_path / "m").exists(), err
+
+
+def test_a_trace_nested_too_deeply_is_one_line(tmp_path, capsys):
+    _model(tmp_path)
+    (tmp_path / "deep.json").write_text(DEEP)
+    capsys.readouterr()
+    assert main(["proviot", "detect", "--model", str(tmp_path / "m"), "--trace", str(tmp_path / "deep.json")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: ")
+
+
+def test_training_that_fails_leaves_no_model_folder(tmp_path, capsys):
+    """The model folder is claimed before training (a foreign folder is refused before the work) and released
+    when training fails, so the same command works once the input is fixed."""
+    (tmp_path / "p.txt").write_text("/usr/bin/sh\n")  # a path with no edge
+    assert main(["proviot", "train", "--paths", str(tmp_path / "p.txt"), "--out", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    assert main(["proviot", "train", "--paths", str(tmp_path / "p.txt"), "--out", str(tmp_path / "theirs")]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "theirs" / "notes.txt").read_text() == "mine"

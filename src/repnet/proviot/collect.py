@@ -177,7 +177,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
         raise RepnetError(f"trace {path} not found") from None
     except IsADirectoryError:
         raise RepnetError(f"trace {path} is a folder, not a trace file") from None
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise RepnetError(f"{path} is not a trace (not a repnet proviot trace file: collect one with "
                           "`repnet proviot collect -- CMD`)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

@@ -52,15 +52,22 @@ class DetectorSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if self.k < 1 or self.max_len < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise RepnetError("k, max_len, epochs and batch_size must be >= 1")
-        if not 0 < self.val_fraction < 1:
-            raise RepnetError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not self.margin > 0:
-            raise RepnetError(f"margin must be > 0, got {self.margin}")
-        for q in (self.path_quantile, self.window_quantile):
-            if not 0 < q <= 1:
-                raise RepnetError(f"quantiles must be in (0, 1], got {q}")
+        """Every setting in its range (repnet.limits), else one line."""
+        from repnet.limits import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR, check_int, check_number
+
+        check_int("k", self.k, 1, 10_000)
+        check_int("max_len", self.max_len, 1, 1_000)
+        check_int("dim", self.dim, 2, 1 << 16)
+        check_int("epochs", self.epochs, 1, MAX_EPOCHS)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_number("lr", self.lr, 0, MAX_LR, low_open=True)
+        check_number("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        check_number("margin", self.margin, 0, 1e6, low_open=True)
+        check_number("path_quantile", self.path_quantile, 0, 1, low_open=True)
+        check_number("window_quantile", self.window_quantile, 0, 1, low_open=True)
+        if self.embedding not in ("hash", "doc2vec"):
+            raise RepnetError(f"embedding must be hash or doc2vec, got {self.embedding!r}")
 
 
 def autoencoder(dim: int = 50):
@@ -299,7 +306,7 @@ def _read_common(folder):
                           "`repnet proviot train`)")
     try:
         db = FrequencyDB.from_dict(json.loads((folder / "freqdb.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise RepnetError(f"{folder}/freqdb.json is missing or damaged") from None
     return folder, db
 
@@ -308,7 +315,7 @@ def _settings_from(meta: dict) -> tuple[DetectorSettings, float, float]:
     try:
         s = DetectorSettings(**json.loads(meta["settings"]))
         return s, float(meta["path_threshold"]), float(meta["window_threshold"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise RepnetError("the detector's metadata is damaged (settings / thresholds)") from None
 
 

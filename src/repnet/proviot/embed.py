@@ -188,10 +188,15 @@ def load_embedder(folder):
     folder = FsPath(folder)
     try:
         meta = json.loads((folder / "embedder.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise RepnetError(f"{folder} holds no embedder (embedder.json missing or damaged)") from None
+    if not isinstance(meta, dict):
+        raise RepnetError(f"{folder}/embedder.json is damaged (not an embedder's description)")
     if meta.get("kind") == "hash":
-        return HashEmbedder(int(meta["dim"]))
+        dim = meta.get("dim")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 1 << 16:
+            raise RepnetError(f"{folder}/embedder.json is damaged (dim {dim!r}: a whole number in 1 .. 65536)")
+        return HashEmbedder(dim)
     if meta.get("kind") == "doc2vec":
         try:
             import gensim  # noqa: F401
