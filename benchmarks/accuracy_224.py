@@ -167,6 +167,8 @@ def _update_row(result: dict, spec: str, args, size: int, kept: float) -> None:
     row = {"method": name, "backbone": args.backbone, "dataset": args.dataset, "image_size": size,
            "seeds": accs, "seed_ids": [r["seed"] for r in runs], "mean": statistics.fmean(accs),
            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "kept_mb": kept,
+           "val_mean": (statistics.fmean(r["final_val_accuracy"] for r in runs)
+                        if all(r.get("final_val_accuracy") is not None for r in runs) else None),
            "train_images": runs[-1]["train_images"], "test_images": runs[-1]["test_images"],
            "epochs": args.epochs, "steps": runs[-1]["steps"], "lr": runs[-1]["lr"], "lr_side": runs[-1]["lr_side"],
            "extra": args.set, "tuned": [{"seed": r["seed"], r["tune"]["key"]: r["tune"]["value"]} for r in runs
